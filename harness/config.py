@@ -1,0 +1,265 @@
+"""One typed configuration for a trial: the single source of truth for `harness run`,
+sweep files and MLflow params. YAML files hold only what differs from these defaults.
+
+Every field carries its documentation (`harness run --help-config` prints it). Unknown keys,
+wrong types and out-of-range values raise `ConfigError` with a one-line message naming the
+field; the CLI turns that into exit code 2 before anything is written.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DATASET_TRAIN_SIZES = {"mnist": 60000, "fashionmnist": 60000}
+
+
+class DataConfig(_Section):
+    dataset: Literal["mnist", "fashionmnist"] = Field(
+        "mnist", description="Dataset whose classifier is inverted: mnist or fashionmnist.")
+    train_size: int = Field(
+        1000, ge=10, description="N: size of the class-balanced training subset the classifier "
+        "is trained on (a multiple of the class count, at most the dataset's training split).")
+    subset_seed: int = Field(0, description="Seed that draws the training subset.")
+    root: str | None = Field(
+        None, description="Data folder for torchvision (default: $HARNESS_DATA_ROOT, else "
+        "~/.cache/inversion-harness/data, where torchvision downloads when online).")
+
+    @model_validator(mode="after")
+    def _size_fits(self):
+        limit = DATASET_TRAIN_SIZES[self.dataset]
+        if self.train_size > limit:
+            raise ValueError(f"train_size: {self.train_size} is larger than the {self.dataset} "
+                             f"training split ({limit}); use at most {limit}")
+        if self.train_size % 10:
+            raise ValueError(f"train_size: {self.train_size} is not a multiple of the 10 classes; "
+                             "use a multiple of 10 so the subset is class-balanced")
+        return self
+
+
+class ClassifierConfig(_Section):
+    arch: Literal["cnn", "mlp"] = Field("cnn", description="Classifier family: shallow cnn or mlp.")
+    depth: int = Field(2, ge=1, le=4, description="CNN: conv blocks (1-4); MLP: hidden layers.")
+    pool: Literal["avg", "max"] = Field("avg", description="CNN pooling: avg or max.")
+    width: int = Field(512, ge=8, description="MLP: width of the first hidden layer (halved per layer).")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout after each block / hidden layer.")
+    epochs: int = Field(20, ge=1, description="Pretraining epochs over the training subset.")
+    batch_size: int = Field(100, ge=1, description="Pretraining batch size.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate for pretraining.")
+    weight_decay: float = Field(1e-5, ge=0, description="Adam weight decay for pretraining.")
+    seed: int = Field(0, description="Seed of the classifier's initialisation and batch order.")
+
+
+class GeneratorConfig(_Section):
+    latent_dim: int = Field(100, ge=1, description="Dimension of the latent z.")
+    embed_dim: int = Field(100, ge=1, description="Dimension of the conditioning embedding.")
+    channels: int = Field(128, ge=8, description="Channels of the first transposed conv (halved per stage).")
+    dropout: float = Field(0.3, ge=0, lt=1, description="Dropout2d in the upsampling stages (heavy: 0.1-0.5).")
+    soft_fraction: float = Field(0.5, ge=0, le=1, description="Share of each training batch with "
+                                 "soft (softmax) conditioning; the rest is one-hot.")
+    soft_temperature: float = Field(1.0, gt=0, description="Temperature of the soft conditioning softmax.")
+
+
+class LossConfig(_Section):
+    """Weights of the loss terms (0 = the term is not built and costs nothing) and their options."""
+    ce: float = Field(1.0, ge=0, description="Cross-entropy to the target label.")
+    kl: float = Field(0.0, ge=0, description="KL(c || p): match the conditioning vector.")
+    cos: float = Field(0.0, ge=0, description="Mean cosine similarity of penultimate features (diversity).")
+    ortho: float = Field(0.0, ge=0, description="||F^F^T - I||^2 over feature pairs (diversity).")
+    tv: float = Field(0.0, ge=0, description="Total variation (smoothness).")
+    pixel: float = Field(0.0, ge=0, description="Pixel-range penalty on the pre-Tanh output.")
+    pert: float = Field(0.0, ge=0, description="Perturbation consistency.")
+    conf: float = Field(0.0, ge=0, description="Confidence: 1 - p_y (or entropy).")
+    grad: float = Field(0.0, ge=0, description="Norm of the classifier's parameter gradient.")
+    kkt: float = Field(0.0, ge=0, description="KKT-inspired stationarity loss (Haim et al.).")
+    bn: float = Field(0.0, ge=0, description="BatchNorm-statistics prior (DeepInversion).")
+
+    diversity_scope: Literal["class", "all"] = Field(
+        "class", description="cos/ortho over same-class pairs (class) or over all pairs (all).")
+    pixel_bound: float = Field(1.0, gt=0, description="pixel: penalise pre-Tanh values beyond ±bound.")
+    pert_epsilon: float = Field(0.05, gt=0, description="pert: size of the sign-noise perturbation.")
+    conf_form: Literal["prob", "entropy"] = Field("prob", description="conf: mean(1 - p_y) or entropy of p.")
+    grad_layers: int = Field(0, ge=0, description="grad: last N parameterised layers of θ (0 = all).")
+    kkt_codes_per_class_per_100: float = Field(
+        10.0, gt=0, description="kkt: bank size M = this x classes x N/100 (at least kkt_min_codes).")
+    kkt_min_codes: int = Field(100, ge=1, description="kkt: lower bound on the bank size M.")
+    kkt_layers: int = Field(2, ge=0, description="kkt: last N parameterised layers of θ (0 = all).")
+    kkt_lambda_min: float = Field(0.05, ge=0, description="kkt: λ_min of the λ penalty.")
+    kkt_lambda_weight: float = Field(1.0, ge=0, description="kkt: w_λ, weight of the λ penalty.")
+    kkt_lambda_init: float = Field(0.1, gt=0, description="kkt: initial λ of every code.")
+
+    def weights(self) -> dict[str, float]:
+        from harness.losses import LOSS_TERMS  # the registry defines which fields are weights
+        return {name: getattr(self, name) for name in LOSS_TERMS}
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(30, ge=1, description="Generator epochs (an evaluation after each).")
+    steps_per_epoch: int = Field(100, ge=1, description="Generator steps per epoch.")
+    batch_size: int = Field(64, ge=2, description="Generated images per step.")
+    lr: float = Field(2e-4, gt=0, description="Adam learning rate of the generator.")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 of the generator.")
+    eval_every: int = Field(1, ge=1, description="Evaluate every this many epochs (the last always).")
+
+
+class EvalConfig(_Section):
+    per_class: int = Field(100, ge=2, description="Generated evaluation images per class (hot conditioning).")
+    latent_seed: int = Field(1234, description="Seed of the fixed evaluation latents.")
+    topk: int = Field(10, ge=1, description="Nearest-neighbour prefilter: exact SSIM on this many "
+                      "candidates by correlation and this many by L2 distance.")
+    recon_threshold: float = Field(0.4, gt=0, le=1, description="SSIM at which an image counts as reconstructed.")
+    diversity_pairs: int = Field(300, ge=1, description="Image pairs per class sampled for `diversity`.")
+    collapse_diversity_frac: float = Field(
+        0.25, ge=0, le=1, description="collapsed if diversity < this x ref_heldout_diversity.")
+    collapse_unique_frac: float = Field(0.1, ge=0, le=1, description="collapsed if unique_nn_frac < this.")
+    reference_per_class: int = Field(50, ge=2, description="Held-out images per class for the reference points.")
+
+
+class EvaluatorConfig(_Section):
+    epochs: int = Field(15, ge=1, description="Training epochs of the independent evaluator.")
+    seed: int = Field(0, description="Seed of the evaluator.")
+
+
+class TrialConfig(_Section):
+    name: str = Field("trial", description="Name of the trial (run names, output folders).")
+    seed: int = Field(0, description="Seed of the generator, its latents and the loss terms' noise.")
+    device: str = Field("auto", description="torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores, or the CPUs Ray gives the trial).")
+    cache_dir: str | None = Field(None, description="Classifier/reference cache (default: "
+                                  "$HARNESS_CACHE_DIR, else ~/.cache/inversion-harness).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    fault: Literal["none", "raise_once", "nan"] = Field(
+        "none", description="Test-only fault injection: raise once at epoch 2, or make the loss NaN.")
+
+    @model_validator(mode="after")
+    def _device_ok(self):
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ValueError(f"device: unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        section = _section_at(first["loc"][:-1])
+        allowed = ", ".join(section.model_fields) if section else ""
+        return f"{loc}: unknown key; allowed here: {allowed}"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+        # model validators report at the section level: their message already names the field
+        return f"{loc + '.' if loc else ''}{msg}"
+    return f"{loc}: {msg} (got {first.get('input')!r})"
+
+
+def _section_at(loc) -> type[BaseModel] | None:
+    model: type[BaseModel] = TrialConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """`["loss.kkt=1", "data.dataset=mnist"]` -> nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set loss.kkt=1")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file {str(path)!r} not found; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of settings at the top level")
+    return data
+
+
+def build_config(data: dict | None = None, overrides: list[str] | None = None) -> TrialConfig:
+    merged = deep_merge(data or {}, parse_overrides(overrides))
+    try:
+        return TrialConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """{"loss": {"kkt": 1}} -> {"loss.kkt": 1}: the param names MLflow and sweeps use."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def describe_fields(model: type[BaseModel] = TrialConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) for every field: the config documentation."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, f"{prefix}{name}."))
+        else:
+            rows.append((f"{prefix}{name}", repr(field.get_default(call_default_factory=True)),
+                         field.description or ""))
+    return rows

@@ -1,0 +1,134 @@
+"""Datasets as tensors in [-1, 1] on the trial's device, with seeded class-balanced subsets.
+
+Splits of one dataset (all fixed by seeds, so every trial of a study sees the same images):
+- train subset: N images of the official training split, N/K per class (`subset_seed`);
+- held-out pool: the first half of a fixed permutation of the official test split, used for
+  nearest-test SSIM and the reference points;
+- evaluator pool: the other half of the test split, on which the independent evaluator is
+  trained, so it is disjoint from every training subset and from the held-out images.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+
+from harness.config import ConfigError, DataConfig
+
+NUM_CLASSES = 10
+_TEST_SPLIT_SEED = 20241021  # fixes the held-out / evaluator halves of the test split
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    torchvision_class: type
+    class_names: tuple[str, ...]
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec(torchvision.datasets.MNIST, tuple(str(d) for d in range(10))),
+    "fashionmnist": DatasetSpec(torchvision.datasets.FashionMNIST, (
+        "T-shirt", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Boot")),
+}
+
+
+def data_root(cfg: DataConfig) -> Path:
+    root = cfg.root or os.environ.get("HARNESS_DATA_ROOT") or Path.home() / ".cache" / "inversion-harness" / "data"
+    return Path(root).expanduser()
+
+
+_RAW_CACHE: dict[tuple[str, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def load_split(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole official split as (uint8 images N x 28 x 28, int64 labels), read once per process."""
+    root = data_root(cfg)
+    key = (cfg.dataset, str(root), train)
+    if key not in _RAW_CACHE:
+        spec = DATASETS[cfg.dataset]
+        try:
+            ds = spec.torchvision_class(str(root), train=train, download=True)
+        except Exception as exc:  # no internet and no files: say where we looked
+            raise ConfigError(f"data.root: cannot load {cfg.dataset} from {root} ({exc}); point "
+                              "--set data.root=DIR or HARNESS_DATA_ROOT at a folder holding "
+                              f"{spec.torchvision_class.__name__}/raw") from None
+        _RAW_CACHE[key] = (ds.data.clone(), ds.targets.clone().long())
+    return _RAW_CACHE[key]
+
+
+def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 N x 28 x 28 -> float N x 1 x 28 x 28 in [-1, 1]."""
+    return images_uint8.float().div(127.5).sub(1.0).unsqueeze(1)
+
+
+def balanced_indices(labels: torch.Tensor, per_class: int, generator: torch.Generator,
+                     pool: torch.Tensor | None = None) -> torch.Tensor:
+    """`per_class` random indices of each class (restricted to `pool` if given), sorted."""
+    pool = torch.arange(len(labels)) if pool is None else pool
+    chosen = []
+    for k in range(NUM_CLASSES):
+        members = pool[labels[pool] == k]
+        if len(members) < per_class:
+            raise ConfigError(f"data.train_size: class {k} has only {len(members)} images, fewer "
+                              f"than the {per_class} per class asked; lower data.train_size")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # N x 1 x 28 x 28, [-1, 1]
+    labels: torch.Tensor  # N, int64
+
+    def to(self, device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def of_class(self, k: int) -> torch.Tensor:
+        return self.images[self.labels == k]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def train_subset(cfg: DataConfig) -> tuple[Split, torch.Tensor]:
+    """The class-balanced training subset and its indices into the official training split."""
+    images, labels = load_split(cfg, train=True)
+    if cfg.train_size == len(labels):
+        idx = torch.arange(len(labels))
+    else:
+        gen = torch.Generator().manual_seed(cfg.subset_seed)
+        idx = balanced_indices(labels, cfg.train_size // NUM_CLASSES, gen)
+    return Split(to_unit_range(images[idx]), labels[idx]), idx
+
+
+def _test_halves(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    _, labels = load_split(cfg, train=False)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_TEST_SPLIT_SEED))
+    half = len(labels) // 2
+    return perm[:half], perm[half:]
+
+
+def heldout_set(cfg: DataConfig, per_class: int) -> Split:
+    """Held-out real images, `per_class` per class where the held-out pool has that many."""
+    images, labels = load_split(cfg, train=False)
+    pool, _ = _test_halves(cfg)
+    available = min(int((labels[pool] == k).sum()) for k in range(NUM_CLASSES))
+    idx = balanced_indices(labels, min(per_class, available), torch.Generator().manual_seed(0), pool)
+    return Split(to_unit_range(images[idx]), labels[idx])
+
+
+def evaluator_set(cfg: DataConfig) -> Split:
+    """The half of the test split the independent evaluator trains on."""
+    images, labels = load_split(cfg, train=False)
+    _, pool = _test_halves(cfg)
+    pool = pool.sort().values
+    return Split(to_unit_range(images[pool]), labels[pool])
+
+
+def full_test_set(cfg: DataConfig) -> Split:
+    images, labels = load_split(cfg, train=False)
+    return Split(to_unit_range(images), labels)

@@ -1,0 +1,237 @@
+"""Loss terms of the inversion objective (method.md section 4), one class each, in a registry.
+
+`build_loss_terms` builds a term only when its weight is > 0: a term at weight 0 does not exist,
+costs nothing and is not logged. A term sees the step's `GeneratedBatch` and returns a scalar.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from harness.classifiers import parameterised_layers
+from harness.config import LossConfig
+from harness.data import NUM_CLASSES
+
+
+@dataclass
+class GeneratedBatch:
+    x: torch.Tensor         # B x 1 x 28 x 28 generated images in [-1, 1]
+    pre_tanh: torch.Tensor  # the generator's output before Tanh
+    c: torch.Tensor         # B x K conditioning vectors
+    y: torch.Tensor         # B target labels (argmax c)
+    logits: torch.Tensor    # f(x)
+    features: torch.Tensor  # penultimate features of f(x), B x D
+
+
+def kl_div(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q), batch mean, with 0 log 0 = 0 (so one-hot p is fine)."""
+    return (torch.xlogy(p, p) - p * log_q).sum(1).mean()
+
+
+def pair_mask(y: torch.Tensor, scope: str) -> torch.Tensor:
+    """Off-diagonal pairs, restricted to same-label pairs when scope == 'class'."""
+    off_diag = ~torch.eye(len(y), dtype=torch.bool, device=y.device)
+    return off_diag & (y[:, None] == y[None, :]) if scope == "class" else off_diag
+
+
+def theta_params(model: nn.Module, last_layers: int) -> dict[str, torch.Tensor]:
+    """Detached, grad-requiring copies of the classifier parameters θ of its last `last_layers`
+    Conv/Linear layers (0 = all), keyed for `torch.func.functional_call`."""
+    layers = parameterised_layers(model)
+    chosen = {id(m) for m in (layers[-last_layers:] if last_layers else layers)}
+    theta = {}
+    for mod_name, mod in model.named_modules():
+        if id(mod) in chosen:
+            for p_name, p in mod.named_parameters(recurse=False):
+                theta[f"{mod_name}.{p_name}"] = p.detach().requires_grad_(True)
+    return theta
+
+
+class LossTerm(nn.Module):
+    """A weighted term. Subclasses implement `forward(batch)`; `capture()` wraps the
+    classifier's forward on the batch for terms that need to look inside it."""
+
+    def __init__(self, cfg: LossConfig, classifier: nn.Module, generator: nn.Module, train_size: int,
+                 batch_size: int, seed: int):
+        super().__init__()
+        self.cfg = cfg
+        self.classifier = [classifier]  # a list: not registered as a submodule (not trained)
+
+    @property
+    def f(self) -> nn.Module:
+        return self.classifier[0]
+
+    def capture(self):
+        return contextlib.nullcontext()
+
+
+class CrossEntropy(LossTerm):
+    def forward(self, b: GeneratedBatch):
+        return F.cross_entropy(b.logits, b.y)
+
+
+class KLToConditioning(LossTerm):
+    def forward(self, b: GeneratedBatch):
+        return kl_div(b.c, F.log_softmax(b.logits, 1))
+
+
+class CosineDiversity(LossTerm):
+    def forward(self, b: GeneratedBatch):
+        f = F.normalize(b.features, dim=1)
+        mask = pair_mask(b.y, self.cfg.diversity_scope)
+        if not mask.any():
+            return b.features.new_zeros(())
+        return (f @ f.T)[mask].mean()
+
+
+class Orthogonality(LossTerm):
+    def forward(self, b: GeneratedBatch):
+        # ||F^F^T - I||_F^2 over the chosen pairs: the diagonal of F^F^T - I is 0 after
+        # normalisation, so only the off-diagonal cosines remain; divided by the pair count.
+        f = F.normalize(b.features, dim=1)
+        mask = pair_mask(b.y, self.cfg.diversity_scope)
+        if not mask.any():
+            return b.features.new_zeros(())
+        return (f @ f.T)[mask].pow(2).sum() / mask.sum()
+
+
+class TotalVariation(LossTerm):
+    def forward(self, b: GeneratedBatch):
+        dx = b.x[..., :, 1:] - b.x[..., :, :-1]
+        dy = b.x[..., 1:, :] - b.x[..., :-1, :]
+        return dx.pow(2).mean() + dy.pow(2).mean()
+
+
+class PixelRange(LossTerm):
+    def forward(self, b: GeneratedBatch):
+        bound = self.cfg.pixel_bound
+        v = b.pre_tanh
+        return (F.relu(v - bound).pow(2) + F.relu(-bound - v).pow(2)).mean()
+
+
+class PerturbationConsistency(LossTerm):
+    def forward(self, b: GeneratedBatch):
+        noisy = (b.x + self.cfg.pert_epsilon * torch.randn_like(b.x).sign()).clamp(-1, 1)
+        log_p_noisy = F.log_softmax(self.f(noisy)[0], 1)
+        p = F.softmax(b.logits, 1)
+        return F.nll_loss(log_p_noisy, b.y) + kl_div(b.c, log_p_noisy) + kl_div(p, log_p_noisy)
+
+
+class Confidence(LossTerm):
+    def forward(self, b: GeneratedBatch):
+        p = F.softmax(b.logits, 1)
+        if self.cfg.conf_form == "entropy":
+            return -torch.xlogy(p, p).sum(1).mean()
+        return (1 - p.gather(1, b.y[:, None])).mean()
+
+
+class GradientNorm(LossTerm):
+    """||∇_θ CE(f(x), y)||_2, differentiated through to the generator (double backward)."""
+
+    def forward(self, b: GeneratedBatch):
+        theta = theta_params(self.f, self.cfg.grad_layers)
+        logits, _ = functional_call(self.f, theta, (b.x,))
+        grads = torch.autograd.grad(F.cross_entropy(logits, b.y), list(theta.values()), create_graph=True)
+        return torch.sqrt(sum(g.pow(2).sum() for g in grads) + 1e-12)
+
+
+class KKTStationarity(LossTerm):
+    """‖θ − (M/B) Σ_i λ_i ∇_θ m_i(x_i)‖² / ‖θ‖² + w_λ · mean(relu(λ_min − λ)²) over a fixed
+    bank of M (z, label) codes with learnable λ_i = a_i², a minibatch of the bank per step."""
+
+    def __init__(self, cfg, classifier, generator, train_size, batch_size, seed):
+        super().__init__(cfg, classifier, generator, train_size, batch_size, seed)
+        self.generator = [generator]
+        per_class = max(round(cfg.kkt_codes_per_class_per_100 * train_size / 100),
+                        -(-cfg.kkt_min_codes // NUM_CLASSES))
+        self.num_codes = per_class * NUM_CLASSES
+        self.batch_size = min(batch_size, self.num_codes)
+        gen = torch.Generator().manual_seed(seed + 7919)
+        self.register_buffer("bank_z", torch.randn(self.num_codes, generator.latent_dim, generator=gen))
+        self.register_buffer("bank_y", torch.arange(self.num_codes) % NUM_CLASSES)
+        self.a = nn.Parameter(torch.full((self.num_codes,), cfg.kkt_lambda_init ** 0.5))
+        self._draw = gen
+
+    @property
+    def lam(self) -> torch.Tensor:
+        return self.a.pow(2)
+
+    def forward(self, b: GeneratedBatch):
+        idx = torch.randperm(self.num_codes, generator=self._draw)[:self.batch_size].to(self.a.device)
+        y = self.bank_y[idx]
+        x = self.generator[0](self.bank_z[idx], F.one_hot(y, NUM_CLASSES).float())
+        theta = theta_params(self.f, self.cfg.kkt_layers)
+        logits, _ = functional_call(self.f, theta, (x,))
+        own = logits.gather(1, y[:, None]).squeeze(1)
+        others = logits.masked_fill(F.one_hot(y, NUM_CLASSES).bool(), float("-inf")).max(1).values
+        margins = own - others
+        weighted = (self.lam[idx] * margins).sum() * (self.num_codes / self.batch_size)
+        grads = torch.autograd.grad(weighted, list(theta.values()), create_graph=True)
+        params = list(theta.values())
+        residual = sum((p - g).pow(2).sum() for p, g in zip(params, grads))
+        norm = sum(p.pow(2).sum() for p in params)
+        penalty = F.relu(self.cfg.kkt_lambda_min - self.lam).pow(2).mean()
+        return residual / norm + self.cfg.kkt_lambda_weight * penalty
+
+
+class BatchNormStatistics(LossTerm):
+    """Σ over the classifier's BN layers of ‖μ_batch − μ_running‖² + ‖σ²_batch − σ²_running‖²,
+    on the features entering each BN layer during the forward of the generated batch."""
+
+    def __init__(self, cfg, classifier, generator, train_size, batch_size, seed):
+        super().__init__(cfg, classifier, generator, train_size, batch_size, seed)
+        self.layers = [m for m in classifier.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._inputs: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def capture(self):
+        self._inputs = []
+        hooks = [m.register_forward_pre_hook(lambda _m, args: self._inputs.append(args[0]))
+                 for m in self.layers]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def forward(self, b: GeneratedBatch):
+        total = b.x.new_zeros(())
+        for layer, feats in zip(self.layers, self._inputs):
+            dims = [0] + list(range(2, feats.dim()))
+            mean = feats.mean(dims)
+            var = feats.var(dims, unbiased=False)
+            total = total + (mean - layer.running_mean).pow(2).sum() + (var - layer.running_var).pow(2).sum()
+        return total
+
+
+LOSS_TERMS: dict[str, type[LossTerm]] = {
+    "ce": CrossEntropy,
+    "kl": KLToConditioning,
+    "cos": CosineDiversity,
+    "ortho": Orthogonality,
+    "tv": TotalVariation,
+    "pixel": PixelRange,
+    "pert": PerturbationConsistency,
+    "conf": Confidence,
+    "grad": GradientNorm,
+    "kkt": KKTStationarity,
+    "bn": BatchNormStatistics,
+}
+
+
+def build_loss_terms(cfg: LossConfig, classifier: nn.Module, generator: nn.Module, train_size: int,
+                     batch_size: int, seed: int) -> nn.ModuleDict:
+    """The terms with weight > 0, in registry order. The BN prior needs BatchNorm layers."""
+    terms = nn.ModuleDict()
+    for name, weight in cfg.weights().items():
+        if weight > 0:
+            term = LOSS_TERMS[name](cfg, classifier, generator, train_size, batch_size, seed)
+            if name == "bn" and not term.layers:
+                continue  # a classifier without BatchNorm has no statistics to match
+            terms[name] = term
+    return terms

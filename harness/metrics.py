@@ -1,0 +1,227 @@
+"""Reconstruction metrics (method.md section 5) and the scheduler `score`.
+
+SSIM is torchmetrics' (Gaussian window 11, σ 1.5, data range 2 for pixels in [-1, 1]); the
+Fréchet distance is torchmetrics' with the evaluator's penultimate layer as feature extractor.
+Nearest-neighbour SSIM against many images is prefiltered: for each query, exact SSIM is
+computed only on the `topk` candidates of its class by normalised cross-correlation (structure)
+and the `topk` by L2 distance (luminance), both one matrix product.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from harness.config import EvalConfig
+from harness.data import NUM_CLASSES, Split
+
+DATA_RANGE = 2.0  # pixels live in [-1, 1]
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+_PAD = (SSIM_WINDOW - 1) // 2
+
+METRIC_NAMES = (
+    "ssim_nn_train_mean", "ssim_nn_train_median", "recon_rate", "ssim_nn_test_mean",
+    "memorization_gap", "train_coverage", "target_acc", "evaluator_acc", "diversity",
+    "unique_nn_frac", "collapsed", "fd_eval", "score",
+)
+REFERENCE_NAMES = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim", "ref_heldout_diversity")
+
+
+def paired_ssim(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """SSIM of a[i] with b[i] for every i (both n x 1 x 28 x 28).
+
+    The mean is taken over the valid window positions only (the central 18 x 18 of a 28 x 28
+    image), as in Wang et al.'s reference code and scikit-image. torchmetrics averages over a
+    reflect-padded full-size map instead, which counts the empty borders of MNIST-like images
+    several times and lifts an all-black image from 0.25 to 0.57 nn-SSIM."""
+    if len(a) == 0:
+        return a.new_zeros(0)
+    out = []
+    for i in range(0, len(a), chunk):
+        _, full = structural_similarity_index_measure(
+            a[i:i + chunk], b[i:i + chunk], gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_WINDOW,
+            data_range=DATA_RANGE, reduction="none", return_full_image=True)
+        out.append(full[..., _PAD:-_PAD, _PAD:-_PAD].flatten(1).mean(1))
+    return torch.cat(out)
+
+
+def _candidates(queries: torch.Tensor, refs: torch.Tensor, topk: int) -> torch.Tensor:
+    """Indices (n_q x ≤2k) into refs: top-k by normalised cross-correlation and by L2."""
+    q, r = queries.flatten(1), refs.flatten(1)
+    k = min(topk, len(r))
+    qc = nn.functional.normalize(q - q.mean(1, keepdim=True), dim=1)
+    rc = nn.functional.normalize(r - r.mean(1, keepdim=True), dim=1)
+    by_ncc = (qc @ rc.T).topk(k, dim=1).indices
+    neg_dist = 2 * q @ r.T - r.pow(2).sum(1)[None, :]  # -||q - r||^2 up to a per-row constant
+    by_l2 = neg_dist.topk(k, dim=1).indices
+    return torch.cat([by_ncc, by_l2], 1)
+
+
+@torch.no_grad()
+def nearest_ssim(queries: Split, refs: Split, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query, the highest SSIM against refs of the same class and the index (into refs)
+    of that image. Queries of a class with no refs get SSIM nan and index -1."""
+    best = torch.full((len(queries),), float("nan"))
+    index = torch.full((len(queries),), -1, dtype=torch.long)
+    q_img, r_img = queries.images.float().cpu(), refs.images.float().cpu()
+    q_lab, r_lab = queries.labels.cpu(), refs.labels.cpu()
+    for k in range(NUM_CLASSES):
+        q_idx, r_idx = (q_lab == k).nonzero().squeeze(1), (r_lab == k).nonzero().squeeze(1)
+        if len(q_idx) == 0 or len(r_idx) == 0:
+            continue
+        cand = _candidates(q_img[q_idx], r_img[r_idx], topk)  # n_q x c, local ref indices
+        n_q, n_c = cand.shape
+        scores = paired_ssim(q_img[q_idx].repeat_interleave(n_c, 0), r_img[r_idx][cand.flatten()]).view(n_q, n_c)
+        val, pos = scores.max(1)
+        best[q_idx] = val
+        index[q_idx] = r_idx[cand.gather(1, pos[:, None]).squeeze(1)]
+    return best, index
+
+
+@torch.no_grad()
+def nearest_ssim_bruteforce(queries: Split, refs: Split) -> torch.Tensor:
+    """Exact best same-class SSIM by comparing every pair (slow; for tests and benchmarks)."""
+    best = torch.full((len(queries),), float("nan"))
+    for i in range(len(queries)):
+        same = refs.images[refs.labels == queries.labels[i]]
+        if len(same):
+            best[i] = paired_ssim(queries.images[i:i + 1].expand(len(same), -1, -1, -1), same).max()
+    return best
+
+
+@torch.no_grad()
+def diversity(images: torch.Tensor, labels: torch.Tensor, pairs_per_class: int, seed: int = 0) -> float:
+    """Mean (1 − SSIM) over pairs of distinct images of the same class (sampled, seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    first, second = [], []
+    images, labels = images.float().cpu(), labels.cpu()
+    for k in range(NUM_CLASSES):
+        idx = (labels == k).nonzero().squeeze(1)
+        n = len(idx)
+        if n < 2:
+            continue
+        all_pairs = n * (n - 1) // 2
+        if all_pairs <= pairs_per_class:
+            i, j = torch.triu_indices(n, n, offset=1)
+        else:
+            i = torch.randint(n, (pairs_per_class,), generator=gen)
+            j = (i + torch.randint(1, n, (pairs_per_class,), generator=gen)) % n  # j != i
+        first.append(idx[i])
+        second.append(idx[j])
+    if not first:
+        return 0.0
+    first, second = torch.cat(first), torch.cat(second)
+    return (1 - paired_ssim(images[first], images[second])).mean().item()
+
+
+def compute_score(evaluator_acc: float, ssim_nn_train_mean: float, diversity_value: float,
+                  ref_heldout_diversity: float, collapsed: bool) -> float:
+    """evaluator_acc · ssim_nn_train_mean · min(1, diversity / ref_heldout_diversity); 0 when
+    collapsed or not finite, never negative."""
+    if collapsed or ref_heldout_diversity <= 0:
+        return 0.0
+    value = evaluator_acc * ssim_nn_train_mean * min(1.0, diversity_value / ref_heldout_diversity)
+    return float(value) if math.isfinite(value) and value > 0 else 0.0
+
+
+def is_collapsed(diversity_value: float, unique_nn_frac: float, ref_heldout_diversity: float,
+                 cfg: EvalConfig) -> bool:
+    return bool(diversity_value < cfg.collapse_diversity_frac * ref_heldout_diversity
+                or unique_nn_frac < cfg.collapse_unique_frac)
+
+
+@torch.no_grad()
+def reference_points(train: Split, heldout: Split, cfg: EvalConfig) -> dict[str, float]:
+    """nn-SSIM vs the training subset of real held-out images, of each class's mean image and of
+    an all-black image, and the diversity of real held-out images (the yardsticks of a run)."""
+    per_class = min(cfg.reference_per_class, min(int((heldout.labels == k).sum()) for k in range(NUM_CLASSES)))
+    pick = torch.cat([(heldout.labels == k).nonzero().squeeze(1)[:per_class] for k in range(NUM_CLASSES)])
+    real = Split(heldout.images[pick], heldout.labels[pick])
+    classes = torch.arange(NUM_CLASSES)
+    means = Split(torch.stack([train.of_class(k).mean(0) for k in range(NUM_CLASSES)]), classes)
+    blank = Split(torch.full((NUM_CLASSES, 1, 28, 28), -1.0), classes)
+    return {
+        "ref_heldout_ssim": nearest_ssim(real, train, cfg.topk)[0].mean().item(),
+        "ref_classmean_ssim": nearest_ssim(means, train, cfg.topk)[0].mean().item(),
+        "ref_blank_ssim": nearest_ssim(blank, train, cfg.topk)[0].mean().item(),
+        "ref_heldout_diversity": diversity(real.images, real.labels, cfg.diversity_pairs),
+    }
+
+
+class EvaluatorFeatures(nn.Module):
+    """The evaluator's penultimate layer as a torchmetrics feature extractor."""
+
+    def __init__(self, evaluator: nn.Module):
+        super().__init__()
+        self.evaluator = evaluator
+        self.num_features = evaluator.num_features
+
+    def forward(self, x):
+        return self.evaluator(x)[1]
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    nearest_train_index: torch.Tensor  # per generated image, index into the training subset
+    nearest_train_ssim: torch.Tensor
+    per_train_best_ssim: torch.Tensor  # per training image, best SSIM of any generated image
+
+
+class Evaluator:
+    """Scores generated images against a trial's training subset, held-out set and evaluator.
+    Everything that does not depend on the generated images is prepared once."""
+
+    def __init__(self, cfg: EvalConfig, train: Split, heldout: Split, classifier: nn.Module,
+                 evaluator: nn.Module, references: dict[str, float]):
+        self.cfg, self.train, self.references = cfg, train.to("cpu"), references
+        n_per_class = len(train) // NUM_CLASSES
+        keep = torch.cat([(heldout.labels == k).nonzero().squeeze(1)[:n_per_class] for k in range(NUM_CLASSES)])
+        self.heldout = Split(heldout.images[keep].cpu(), heldout.labels[keep].cpu())
+        self.classifier, self.evaluator = classifier, evaluator
+        self.device = next(evaluator.parameters()).device
+        self.fd = FrechetInceptionDistance(feature=EvaluatorFeatures(evaluator), normalize=True,
+                                           reset_real_features=False).to(self.device)
+        self.fd.set_dtype(torch.float64)
+        for i in range(0, len(train), 1000):
+            self.fd.update(train.images[i:i + 1000].to(self.device), real=True)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
+        cfg, refs = self.cfg, self.references
+        gen = Split(images.detach().float().cpu(), labels.cpu())
+        nn_train, nn_index = nearest_ssim(gen, self.train, cfg.topk)
+        nn_test, _ = nearest_ssim(gen, self.heldout, cfg.topk)
+        per_train, _ = nearest_ssim(self.train, gen, cfg.topk)
+        on_device = images.to(self.device)
+        target_pred = self.classifier(on_device)[0].argmax(1).cpu()
+        eval_pred = self.evaluator(on_device)[0].argmax(1).cpu()
+        div = diversity(gen.images, gen.labels, cfg.diversity_pairs)
+        unique = len(torch.unique(nn_index[nn_index >= 0])) / max(len(gen), 1)
+        self.fd.reset()
+        self.fd.update(on_device, real=False)
+        fd = self.fd.compute().item()
+        collapsed = is_collapsed(div, unique, refs["ref_heldout_diversity"], cfg)
+        m = {
+            "ssim_nn_train_mean": nn_train.nanmean().item(),
+            "ssim_nn_train_median": nn_train.nanmedian().item(),
+            "recon_rate": (nn_train >= cfg.recon_threshold).float().mean().item(),
+            "ssim_nn_test_mean": nn_test.nanmean().item(),
+            "train_coverage": (per_train >= cfg.recon_threshold).float().mean().item(),
+            "target_acc": (target_pred == gen.labels).float().mean().item(),
+            "evaluator_acc": (eval_pred == gen.labels).float().mean().item(),
+            "diversity": div,
+            "unique_nn_frac": unique,
+            "collapsed": float(collapsed),
+            "fd_eval": fd if math.isfinite(fd) else float("nan"),
+        }
+        m["memorization_gap"] = m["ssim_nn_train_mean"] - m["ssim_nn_test_mean"]
+        m["score"] = compute_score(m["evaluator_acc"], m["ssim_nn_train_mean"], div,
+                                   refs["ref_heldout_diversity"], collapsed)
+        m.update(refs)
+        return Evaluation({name: m[name] for name in (*METRIC_NAMES, *REFERENCE_NAMES)},
+                          nn_index, nn_train, per_train.sort(descending=True).values)
