@@ -64,7 +64,7 @@ class ClassifierConfig(_Section):
 class GeneratorConfig(_Section):
     latent_dim: int = Field(100, ge=1, description="Dimension of the latent z.")
     embed_dim: int = Field(100, ge=1, description="Dimension of the conditioning embedding.")
-    channels: int = Field(128, ge=8, description="Channels of the first transposed conv (halved per stage).")
+    channels: int = Field(32, ge=8, description="Channels of the first transposed conv (halved per stage).")
     dropout: float = Field(0.3, ge=0, lt=1, description="Dropout2d in the upsampling stages (heavy: 0.1-0.5).")
     soft_fraction: float = Field(0.5, ge=0, le=1, description="Share of each training batch with "
                                  "soft (softmax) conditioning; the rest is one-hot.")
@@ -95,9 +95,9 @@ class LossConfig(_Section):
         10.0, gt=0, description="kkt: bank size M = this x classes x N/100 (at least kkt_min_codes).")
     kkt_min_codes: int = Field(100, ge=1, description="kkt: lower bound on the bank size M.")
     kkt_layers: int = Field(2, ge=0, description="kkt: last N parameterised layers of θ (0 = all).")
-    kkt_lambda_min: float = Field(0.05, ge=0, description="kkt: λ_min of the λ penalty.")
+    kkt_lambda_min: float = Field(0.001, ge=0, description="kkt: λ_min of the λ penalty.")
     kkt_lambda_weight: float = Field(1.0, ge=0, description="kkt: w_λ, weight of the λ penalty.")
-    kkt_lambda_init: float = Field(0.1, gt=0, description="kkt: initial λ of every code.")
+    kkt_lambda_init: float = Field(0.001, gt=0, description="kkt: initial λ of every code.")
 
     def weights(self) -> dict[str, float]:
         from harness.losses import LOSS_TERMS  # the registry defines which fields are weights

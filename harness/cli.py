@@ -1,0 +1,133 @@
+"""`harness` command line: run one trial; sweeps, ablations and reports build on it."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from harness.config import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, dotted (e.g. --set loss.kkt=1 --set classifier.pool=max)")
+
+
+def format_table(rows: list[tuple[str, str]], headers=("metric", "value")) -> str:
+    width = max(len(headers[0]), *(len(r[0]) for r in rows))
+    lines = [f"| {headers[0]:<{width}} | {headers[1]} |", f"|{'-' * (width + 2)}|{'-' * (len(headers[1]) + 2)}|"]
+    lines += [f"| {k:<{width}} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    from tqdm import tqdm
+
+    from harness.config import build_config, load_yaml
+    from harness.metrics import METRIC_NAMES, REFERENCE_NAMES
+    from harness.trial import Trial
+
+    cfg = build_config(load_yaml(args.config) if args.config else {}, args.overrides)
+    out = Path(args.out or f"runs/{cfg.name}")
+    trial = Trial(cfg)  # data and classifiers load here: input errors surface before any output
+    info = trial.classifier_info
+    print(f"classifier {cfg.classifier.arch} depth {cfg.classifier.depth}"
+          f"{' pool ' + cfg.classifier.pool if cfg.classifier.arch == 'cnn' else ''}: test acc {info['test_acc']:.4f} "
+          f"({'cache hit' if info['cache_hit'] else 'trained'}, key {info['cache_key']}); "
+          f"evaluator held-out acc {trial.evaluator_info['heldout_acc']:.4f}; "
+          f"loss terms: {', '.join(f'{k}={v:g}' for k, v in trial.weights.items())}", flush=True)
+    bar = tqdm(total=cfg.train.epochs, desc="generator", unit="epoch", file=sys.stderr,
+               disable=args.quiet)
+    while not trial.done:
+        row = trial.step()
+        bar.set_postfix(loss=f"{row['loss']:.3f}", nn_ssim=f"{row['ssim_nn_train_mean']:.3f}",
+                        div=f"{row['diversity']:.3f}", score=f"{row['score']:.3f}")
+        bar.update(1)
+    bar.close()
+    paths = trial.write_outputs(out)
+    final = trial.final_metrics()
+    print(format_table([(k, f"{final[k]:.4f}") for k in (*METRIC_NAMES, *REFERENCE_NAMES)]))
+    print(f"outputs in {out}/: {', '.join(p.name for p in paths.values())}")
+    if final.get("nonfinite"):
+        print(f"error: the loss became NaN/inf at epoch {int(final['epoch'])}; training stopped "
+              "(lower train.lr or the loss weights)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from harness.sweep_config import load_sweep
+
+    sweep = load_sweep(args.file, args.overrides, smoke=args.smoke)  # validated before Ray starts
+    from harness.sweep import best_rows, run_sweep, summary_table
+
+    out = Path(args.out or f"runs/{sweep.name}")
+    variants = sweep.variants()
+    print(f"sweep {sweep.name}: {len(variants)} variant(s) x {sweep.budget.num_samples} trials, "
+          f"metric {sweep.metric} ({sweep.mode}), ASHA {'on' if sweep.asha.enabled else 'off'}; output {out}/",
+          flush=True)
+    outcomes = run_sweep(sweep, out, address=args.address, resume=args.resume, mlflow_uri=args.mlflow_uri)
+    print(summary_table(best_rows(outcomes, sweep.metric, sweep.mode), sweep.metric))
+    total = sum(len(o.rows) for o in outcomes)
+    errors = sum(o.errors for o in outcomes)
+    uri = args.mlflow_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    print(f"{total} trials ({errors} failed). MLflow: {uri} (experiment {sweep.name!r}; "
+          f"view with: mlflow ui --backend-store-uri {uri}); Optuna: sqlite:///{(out / 'optuna.db').resolve()}; "
+          f"Ray Tune: {(out / 'ray').resolve()}")
+    return 0
+
+
+def cmd_help_config(_args) -> int:
+    from harness.config import describe_fields
+
+    for name, default, doc in describe_fields():
+        print(f"{name:<38} {default:<14} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="one trial: pretrain/reuse the classifier, invert it, write metrics and images")
+    p.add_argument("--config", help="YAML file with the settings that differ from the defaults")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (default: runs/<name>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="Ray Tune + Optuna + ASHA over a search_spaces/*.yaml file, tracked in MLflow")
+    p.add_argument("file", help="sweep file (search_spaces/*.yaml)")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (default: runs/<sweep name>)")
+    p.add_argument("--address", help="connect to a running Ray cluster (e.g. 10.0.0.1:6379 or auto)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
+    p.add_argument("--smoke", action="store_true", help="tiny budget: 2 trials x 2 epochs x 3 steps")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("config", help="print every setting with its default and documentation")
+    p.set_defaults(func=cmd_help_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

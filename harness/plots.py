@@ -1,0 +1,74 @@
+"""Image grids: generated samples (a row per class) and samples beside their nearest training
+image. Written with matplotlib's Agg backend; no display needed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+from harness.data import NUM_CLASSES  # noqa: E402
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def class_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> torch.Tensor:
+    """The first `per_class` images of each class, class by class (a grid row per class)."""
+    picks = []
+    for k in range(NUM_CLASSES):
+        idx = (labels == k).nonzero().squeeze(1)[:per_class]
+        chosen = images[idx]
+        if len(chosen) < per_class:  # pad a short class with blank (-1) tiles
+            chosen = torch.cat([chosen, -torch.ones(per_class - len(chosen), *images.shape[1:])])
+        picks.append(chosen)
+    return torch.cat(picks)
+
+
+def save_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path, per_class: int = 10,
+              class_names=None, title: str | None = None) -> None:
+    grid = make_grid(_to_unit(class_rows(images, labels, per_class)), nrow=per_class, padding=2, pad_value=0.5)
+    fig, ax = plt.subplots(figsize=(per_class * 0.6 + 1.2, NUM_CLASSES * 0.6 + 0.4), dpi=100)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([2 + 30 * k + 14 for k in range(NUM_CLASSES)])
+    ax.set_yticklabels(class_names or [str(k) for k in range(NUM_CLASSES)], fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_nearest_pairs(images: torch.Tensor, labels: torch.Tensor, nearest_index: torch.Tensor,
+                       nearest_ssim: torch.Tensor, train_images: torch.Tensor, path: str | Path,
+                       per_class: int = 4, class_names=None, title: str | None = None) -> None:
+    """Per class, `per_class` generated images (the best-matching ones) each followed by the
+    nearest training image that nn-SSIM found for it: the evidence of reconstruction."""
+    tiles, captions = [], []
+    for k in range(NUM_CLASSES):
+        idx = (labels == k).nonzero().squeeze(1)
+        order = idx[nearest_ssim[idx].nan_to_num(-1).argsort(descending=True)][:per_class]
+        for i in order.tolist():
+            tiles += [images[i], train_images[nearest_index[i]] if nearest_index[i] >= 0 else -torch.ones_like(images[i])]
+            captions.append(f"{nearest_ssim[i]:.2f}")
+        for _ in range(per_class - len(order)):
+            tiles += [-torch.ones_like(images[0])] * 2
+            captions.append("")
+    grid = make_grid(_to_unit(torch.stack(tiles)), nrow=2 * per_class, padding=2, pad_value=0.5)
+    fig, ax = plt.subplots(figsize=(2 * per_class * 0.6 + 1.2, NUM_CLASSES * 0.6 + 0.6), dpi=100)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([2 + 30 * (2 * j) + 28 for j in range(per_class)])
+    ax.set_xticklabels(["generated | nearest train"] * per_class, fontsize=5)
+    ax.set_yticks([2 + 30 * k + 14 for k in range(NUM_CLASSES)])
+    ax.set_yticklabels(class_names or [str(k) for k in range(NUM_CLASSES)], fontsize=7)
+    ax.set_title(title or "generated (left) vs nearest training image (right), best-matching per class",
+                 fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

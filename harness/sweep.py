@@ -1,0 +1,391 @@
+"""`harness sweep`: Ray Tune runs the trials, Optuna (seeded TPE) picks loss weights, ASHA and a
+collapse/NaN stopper prune, MLflow records every trial. A thin layer over `harness.trial.Trial`.
+
+Output folder DIR (default ./runs/<sweep name>):
+  DIR/ray/<variant>/   Ray Tune storage (experiment state, trial checkpoints) per variant
+  DIR/mlflow.db        MLflow store (unless --mlflow-uri), artifacts under DIR/mlartifacts
+  DIR/optuna.db        the Optuna studies, one per variant, written after each variant
+  DIR/summary.json     best trials of every variant
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.config import ConfigError, build_config, deep_merge, unflatten
+from harness.sweep_config import SweepConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+
+# --------------------------------------------------------------------------------------------
+# The trainable: runs inside a Ray worker.
+# --------------------------------------------------------------------------------------------
+def _write_checkpoint(trial, directory: Path, final: bool) -> None:
+    torch.save(trial.state_dict(), directory / STATE_FILE)
+    trial.write_outputs(directory) if final else None
+
+
+def run_trial(config: dict, base: dict, checkpoint_epochs: list[int], cpus: float) -> None:
+    """Ray Tune function trainable: `config` holds the searched settings (dotted keys)."""
+    from ray import tune
+
+    from harness.trial import Trial
+
+    cfg = build_config(deep_merge(base, unflatten(config)))
+    cfg = cfg.model_copy(update={"threads": max(1, int(cpus))})
+    torch.set_num_threads(cfg.threads)
+    trial = Trial(cfg)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trial.load_state_dict(torch.load(Path(d) / STATE_FILE, weights_only=False))
+    streak = 0
+    for row in trial.history:  # resumed: recompute the collapse streak from the history
+        streak = streak + 1 if row.get("collapsed") else 0
+    while not trial.done:
+        row = trial.step()
+        streak = streak + 1 if row["collapsed"] else 0
+        result = {**row, "collapse_streak": streak, "classifier_cache_key": trial.classifier_info["cache_key"],
+                  "classifier_cache_hit": float(trial.classifier_info["cache_hit"]),
+                  "setup_seconds": trial.setup_seconds, "classifier_test_acc": trial.classifier_info["test_acc"]}
+        if trial.epoch in checkpoint_epochs or trial.done:
+            with tempfile.TemporaryDirectory() as tmp:
+                # every checkpoint carries the images, so a pruned trial still has its grid
+                _write_checkpoint(trial, Path(tmp), final=True)
+                tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+        else:
+            tune.report(result)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver.
+# --------------------------------------------------------------------------------------------
+def init_ray(address: str | None, num_cpus: int | None = None, temp_dir: str | None = None) -> dict:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            kwargs = {"object_store_memory": 150 * 1024 ** 2, "include_dashboard": False, "log_to_driver": False}
+            if num_cpus:
+                kwargs["num_cpus"] = num_cpus
+            if temp_dir:
+                kwargs["_temp_dir"] = temp_dir
+            ray.init(**kwargs)
+    return ray.cluster_resources()
+
+
+def trial_resources(sweep: SweepConfig, cluster: dict) -> dict[str, float]:
+    """CPU/GPU per trial from the file, never asking for a GPU the cluster does not have."""
+    gpus = cluster.get("GPU", 0)
+    r = sweep.resources
+    gpu = (r.gpu_fraction if gpus else 0.0) if r.gpu == "auto" else float(r.gpu)
+    if gpu > 0 and not gpus:
+        raise ConfigError(f"resources.gpu: {gpu} asked for but the Ray cluster has no GPU; use gpu: auto or 0")
+    if r.cpu > cluster.get("CPU", 1):
+        raise ConfigError(f"resources.cpu: {r.cpu} per trial but the cluster has {cluster.get('CPU')}; lower it")
+    return {"cpu": r.cpu, "gpu": gpu}
+
+
+def checkpoint_epochs(sweep: SweepConfig, max_epochs: int) -> list[int]:
+    """Every `checkpoint_every` epochs, plus each ASHA rung (where a trial may be stopped)."""
+    epochs = set(range(sweep.checkpoint_every, max_epochs + 1, sweep.checkpoint_every))
+    if sweep.asha.enabled:
+        rung = sweep.asha.grace_period
+        while rung < max_epochs:
+            epochs.add(int(rung))
+            rung *= sweep.asha.reduction_factor
+    return sorted(epochs | {max_epochs})
+
+
+def clean_searched(config: dict) -> dict:
+    """A trial's searched settings as the trial sees them: `<key>.on` flags folded into 0."""
+    out = {k: v for k, v in config.items() if not k.endswith(".on")}
+    out.update({k[:-3]: 0.0 for k, v in config.items() if k.endswith(".on") and v is False})
+    return out
+
+
+class CollapseNanStopper:
+    """Stop a trial at once when its loss is NaN/inf, or when it has been collapsed for
+    `patience` evaluations in a row past `min_epoch`. (ASHA alone stops neither.)"""
+
+    def __init__(self, patience: int, min_epoch: int):
+        self.patience, self.min_epoch = patience, min_epoch
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if result.get("nonfinite"):
+            return True
+        return result.get("epoch", 0) >= self.min_epoch and result.get("collapse_streak", 0) >= self.patience
+
+    def stop_all(self) -> bool:
+        return False
+
+
+def make_stopper(sweep: SweepConfig):
+    from ray.tune.stopper import Stopper
+
+    class _Stopper(CollapseNanStopper, Stopper):
+        pass
+    return _Stopper(sweep.stop.collapse_patience, sweep.stop.collapse_min_epoch)
+
+
+@dataclass
+class VariantOutcome:
+    variant: str
+    settings: dict
+    rows: list[dict] = field(default_factory=list)  # one per trial: config + last metrics
+    errors: int = 0
+    interrupted: bool = False
+
+
+def persist_optuna(searcher, storage: str, study_name: str) -> None:
+    """Copy the searcher's in-memory Optuna trials into an RDB study (replacing an older copy)."""
+    import optuna
+
+    study = getattr(searcher, "_ot_study", None)
+    if study is None or not study.trials:
+        return
+    try:
+        optuna.delete_study(study_name=study_name, storage=storage)
+    except KeyError:
+        pass
+    target = optuna.create_study(study_name=study_name, storage=storage, directions=study.directions)
+    for t in study.trials:
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                       optuna.trial.TrialState.FAIL):
+            if t.state == optuna.trial.TrialState.COMPLETE and (t.values is None or not all(
+                    math.isfinite(v) for v in t.values)):
+                continue
+            target.add_trial(t)
+
+
+def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path, resources: dict,
+                tracking, phase: str, resume: bool, extra_tags: dict | None = None,
+                fixed_params: list[dict] | None = None) -> VariantOutcome:
+    """Tune one variant: Optuna + ASHA over `sweep.search` (or the `fixed_params` list, one
+    trial each, no search), every trial logged under the parent MLflow run."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from harness.tracking import TAG_PHASE, TAG_VARIANT, MlflowTrialLogger
+
+    base = sweep.trial_base(settings)
+    max_epochs = sweep.epochs(settings)
+    storage = (out_dir / "ray").resolve()
+    exp_name = f"{phase}-{variant}" if phase != "tune" else variant
+    exp_path = storage / exp_name
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, checkpoint_epochs=checkpoint_epochs(sweep, max_epochs),
+                             cpus=resources["cpu"]), resources)
+    parent_id, experiment_id, uri = tracking
+    logger = MlflowTrialLogger(uri, experiment_id, parent_id, base, max_epochs,
+                               tags={TAG_VARIANT: variant, TAG_PHASE: phase, **(extra_tags or {})})
+    searcher = None
+    if resume and tune.Tuner.can_restore(str(exp_path)):
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True,
+                                   resume_unfinished=True, restart_errored=False)
+        previous = tuner.get_results()
+        logger.adopt_existing({r.metrics.get("trial_id") for r in previous if r.metrics} |
+                              _trial_ids_in_state(exp_path))
+        # the restored Tuner keeps its own pickled callbacks: re-attach ours (fresh client)
+        _replace_callbacks(tuner, logger)
+        results = tuner.fit()
+        searcher = _restored_searcher(tuner)
+    else:
+        scheduler = (ASHAScheduler(time_attr="training_iteration", metric=sweep.metric, mode=sweep.mode,
+                                   max_t=max_epochs, grace_period=sweep.asha.grace_period,
+                                   reduction_factor=sweep.asha.reduction_factor)
+                     if sweep.asha.enabled else FIFOScheduler())
+        concurrency = sweep.resources.max_concurrent
+        if fixed_params is not None:
+            param_space = {"__fixed__": tune.grid_search(list(range(len(fixed_params))))}
+            fixed = {i: p for i, p in enumerate(fixed_params)}
+            trainable = tune.with_resources(tune.with_parameters(
+                _run_fixed, base=base, fixed=fixed, checkpoint_epochs=checkpoint_epochs(sweep, max_epochs),
+                cpus=resources["cpu"]), resources)
+            tune_config = tune.TuneConfig(scheduler=scheduler, num_samples=1, reuse_actors=True,
+                                          max_concurrent_trials=concurrency)
+        elif sweep.search:
+            objectives = sweep.objectives or {sweep.metric: sweep.mode}
+            import optuna
+            sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=sweep.tpe_startup_trials,
+                                                 multivariate=len(objectives) == 1)
+            if len(objectives) > 1:
+                sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=sweep.tpe_startup_trials)
+            searcher = OptunaSearch(space=_space_fn(sweep), metric=list(objectives) if len(objectives) > 1 else sweep.metric,
+                                    mode=list(objectives.values()) if len(objectives) > 1 else sweep.mode,
+                                    sampler=sampler, seed=sweep.seed)
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrency or 2 ** 31 - 1)
+            param_space = {}
+            tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=sweep.budget.num_samples,
+                                          reuse_actors=True)
+        else:
+            param_space = {"seed": tune.grid_search([base.get("seed", 0) + i for i in range(sweep.budget.num_samples)])}
+            tune_config = tune.TuneConfig(scheduler=scheduler, num_samples=1, reuse_actors=True,
+                                          max_concurrent_trials=concurrency)
+        run_config = tune.RunConfig(
+            name=exp_name, storage_path=str(storage), callbacks=[logger], stop=make_stopper(sweep),
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0)
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+        results = tuner.fit()
+    outcome = VariantOutcome(variant, settings, interrupted=_interrupted(results))
+    for result in results:
+        if result.error is not None:
+            outcome.errors += 1
+        metrics = dict(result.metrics or {})
+        cfg = clean_searched({k: v for k, v in (result.config or {}).items()})
+        outcome.rows.append({"variant": variant, "trial_id": metrics.get("trial_id"), "config": cfg,
+                             "metrics": metrics, "error": result.error is not None,
+                             "run_id": logger.runs.get(metrics.get("trial_id"))})
+    if searcher is not None:
+        inner = getattr(searcher, "searcher", searcher)
+        persist_optuna(inner, f"sqlite:///{(out_dir / 'optuna.db').resolve()}", f"{sweep.name}/{exp_name}")
+    return outcome
+
+
+def _run_fixed(config: dict, base: dict, fixed: dict, checkpoint_epochs: list[int], cpus: float) -> None:
+    run_trial(fixed[config["__fixed__"]], base, checkpoint_epochs, cpus)
+
+
+def _space_fn(sweep: SweepConfig):
+    """Define-by-run space; 'off' weights are returned as constants so the trial sees 0."""
+    def space(trial):
+        constants = {}
+        for key, d in sweep.search.items():
+            if d.allow_off and not trial.suggest_categorical(f"{key}.on", [True, False]):
+                constants[key] = 0.0
+                continue
+            if d.dist == "choice":
+                trial.suggest_categorical(key, d.values)
+            elif d.dist == "int":
+                trial.suggest_int(key, int(d.low), int(d.high))
+            else:
+                trial.suggest_float(key, d.low, d.high, log=d.dist == "loguniform")
+        return constants or None
+    return space
+
+
+def _trial_ids_in_state(exp_path: Path) -> set[str]:
+    ids = set()
+    for state in exp_path.glob("experiment_state-*.json"):
+        try:
+            text = state.read_text()
+        except OSError:
+            continue
+        import re
+        ids |= set(re.findall(r'\\"trial_id\\": \\"([0-9a-f_]+)\\"', text))
+        ids |= set(re.findall(r'"trial_id": "([0-9a-f_]+)"', text))
+    return ids
+
+
+def _replace_callbacks(tuner, logger) -> None:
+    internal = getattr(tuner, "_local_tuner", None)
+    run_config = getattr(internal, "_run_config", None)
+    if run_config is not None:
+        run_config.callbacks = [logger]
+
+
+def _restored_searcher(tuner):
+    internal = getattr(tuner, "_local_tuner", None)
+    tune_config = getattr(internal, "_tune_config", None)
+    return getattr(tune_config, "search_alg", None)
+
+
+# --------------------------------------------------------------------------------------------
+# A whole sweep: every variant, one MLflow parent run, a summary.
+# --------------------------------------------------------------------------------------------
+class SweepInterrupted(RuntimeError):
+    pass
+
+
+def _interrupted(results) -> bool:
+    """True when Tune returned early (SIGINT): some trial is neither done nor errored."""
+    analysis = getattr(results, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None) or []
+    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+
+
+def open_tracking(sweep_name: str, out_dir: Path, mlflow_uri: str | None, kind: str, params: dict,
+                  resume: bool) -> tuple[str, str, str]:
+    from harness.tracking import client_for, default_tracking_uri, ensure_experiment, start_parent
+
+    uri = mlflow_uri or default_tracking_uri(out_dir)
+    client = client_for(uri)
+    experiment_id = ensure_experiment(client, sweep_name, None if mlflow_uri else out_dir / "mlartifacts")
+    parent = start_parent(client, experiment_id, f"{kind}-{sweep_name}", out_dir, kind, params, resume)
+    return parent, experiment_id, uri
+
+
+def run_sweep(sweep: SweepConfig, out_dir: Path, address: str | None = None, resume: bool = False,
+              mlflow_uri: str | None = None) -> list[VariantOutcome]:
+    from harness.tracking import client_for, finish_open_runs
+
+    out_dir = out_dir.resolve()
+    if not resume and (out_dir / "ray").exists() and any((out_dir / "ray").iterdir()):
+        raise ConfigError(f"--out: {out_dir} already holds a sweep; pass --resume to continue it or "
+                          "choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cluster = init_ray(address)
+    resources = trial_resources(sweep, cluster)
+    tracking = open_tracking(sweep.name, out_dir, mlflow_uri, "sweep", sweep.model_dump(), resume)
+    parent, experiment_id, uri = tracking
+    client = client_for(uri)
+    outcomes = []
+    try:
+        for variant, settings in sweep.variants():
+            outcome = run_variant(sweep, variant, settings, out_dir, resources, tracking, "tune", resume)
+            outcomes.append(outcome)
+            if outcome.interrupted:
+                raise SweepInterrupted(variant)
+    except (KeyboardInterrupt, SweepInterrupted):
+        finish_open_runs(client, experiment_id, parent, "KILLED", "interrupted: resume with --resume")
+        raise KeyboardInterrupt from None
+    except BaseException:
+        finish_open_runs(client, experiment_id, parent, "FAILED", "the sweep driver failed")
+        raise
+    finish_open_runs(client, experiment_id, parent, "FINISHED", "sweep finished")
+    (out_dir / "summary.json").write_text(json.dumps(
+        [{"variant": o.variant, "trials": o.rows} for o in outcomes], indent=1, default=str))
+    return outcomes
+
+
+def best_rows(outcomes: list[VariantOutcome], metric: str, mode: str, top: int = 3) -> list[dict]:
+    """The best `top` finite-metric trials of each variant (NaN-stopped trials never qualify)."""
+    out = []
+    sign = 1 if mode == "max" else -1
+    for o in outcomes:
+        ok = [r for r in o.rows if not r["error"] and not r["metrics"].get("nonfinite")
+              and isinstance(r["metrics"].get(metric), (int, float)) and math.isfinite(r["metrics"][metric])]
+        out += sorted(ok, key=lambda r: -sign * r["metrics"][metric])[:top]
+    return out
+
+
+def summary_table(rows: list[dict], metric: str) -> str:
+    keys = (metric, "ssim_nn_train_mean", "diversity", "evaluator_acc", "collapsed", "epoch")
+    header = ["variant", *keys, "searched settings"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        m = r["metrics"]
+        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in sorted(r["config"].items()) if k != "__fixed__")
+        lines.append("| " + " | ".join([r["variant"], *(f"{m.get(k, float('nan')):.4g}" for k in keys),
+                                        settings or "-"]) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""MLflow tracking of sweeps: one parent run per sweep (or study), one nested child run per trial.
+
+All MLflow calls happen in the driver (a Ray Tune callback), never in trial processes: a SQLite
+store is then written by one process only, and nothing depends on workers reaching the store.
+Child runs are keyed by the Ray trial id, so a resumed sweep reopens a trial's run instead of
+creating a second one; runs of trials that a killed driver lost are deleted on resume.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from harness.config import flatten
+
+log = logging.getLogger(__name__)
+
+TAG_SWEEP_DIR = "harness.sweep_dir"
+TAG_TRIAL_ID = "harness.trial_id"
+TAG_VARIANT = "harness.variant"
+TAG_PHASE = "harness.phase"
+TAG_STOP_REASON = "harness.stop_reason"
+TAG_CLASSIFIER_KEY = "harness.classifier_cache_key"
+TAG_KIND = "harness.kind"
+
+
+def default_tracking_uri(out_dir: Path) -> str:
+    return f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
+
+
+def client_for(uri: str) -> MlflowClient:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_dir: Path | None) -> str:
+    """The experiment's id, created (with artifacts under `artifact_dir` for a local store) if new."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_dir.resolve().as_uri() if artifact_dir is not None else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_parent(client: MlflowClient, experiment_id: str, run_name: str, sweep_dir: Path, kind: str,
+                 params: dict[str, Any], resume: bool) -> str:
+    """The sweep's parent run: reopened on --resume, else new."""
+    sweep_dir = str(sweep_dir.resolve())
+    if resume:
+        found = client.search_runs([experiment_id], f"tags.`{TAG_SWEEP_DIR}` = '{sweep_dir}' "
+                                   f"and tags.`{TAG_KIND}` = '{kind}'", max_results=1,
+                                   order_by=["attributes.start_time DESC"])
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags={TAG_SWEEP_DIR: sweep_dir, TAG_KIND: kind})
+    for key, value in list(flatten(params).items())[:500]:
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    return run.info.run_id
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
+    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)
+
+
+def finish_open_runs(client: MlflowClient, experiment_id: str, parent_id: str, status: str, reason: str) -> None:
+    """End every child still RUNNING (e.g. after an interrupt) and the parent."""
+    for run in child_runs(client, experiment_id, parent_id):
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, TAG_STOP_REASON, reason)
+            client.set_terminated(run.info.run_id, status)
+    client.set_terminated(parent_id, status)
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class MlflowTrialLogger(Callback):
+    """Ray Tune callback: a nested child run per trial with flattened params, every epoch's
+    metrics, tags (variant, phase, classifier cache key, stop reason) and, from the trial's last
+    checkpoint, the image grid, nearest-neighbour pairs, samples and resolved config."""
+
+    SKIP = {"time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
+            "iterations_since_restore", "timesteps_since_restore", "training_iteration", "done", "epoch"}
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_config: dict,
+                 max_epochs: int, tags: dict[str, str] | None = None):
+        self.uri, self.experiment_id, self.parent = tracking_uri, experiment_id, parent_run_id
+        self.base_config, self.max_epochs, self.tags = base_config, max_epochs, tags or {}
+        self.runs: dict[str, str] = {}
+        self.checkpoints: dict[str, Any] = {}
+        self.last: dict[str, dict] = {}
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = client_for(self.uri)
+        return self._client
+
+    def __getstate__(self):  # Tune pickles callbacks into its experiment state
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    def adopt_existing(self, live_trial_ids: set[str]) -> None:
+        """On resume: map trial ids to their runs; delete runs of trials the driver lost."""
+        for run in child_runs(self.client, self.experiment_id, self.parent):
+            trial_id = run.data.tags.get(TAG_TRIAL_ID)
+            if trial_id in live_trial_ids and trial_id not in self.runs:
+                self.runs[trial_id] = run.info.run_id
+            elif trial_id not in live_trial_ids and run.info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, TAG_STOP_REASON, "lost: the driver died before "
+                                    "this trial was saved; Tune resampled it")
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                self.client.delete_run(run.info.run_id)
+
+    def _run_for(self, trial) -> str:
+        if trial.trial_id in self.runs:
+            run_id = self.runs[trial.trial_id]
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        from harness.config import deep_merge, unflatten
+        resolved = deep_merge(self.base_config, unflatten({k: v for k, v in trial.config.items()}))
+        tags = {"mlflow.parentRunId": self.parent, TAG_TRIAL_ID: trial.trial_id, **self.tags}
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.tags.get(TAG_VARIANT, 'trial')}-{trial.trial_id}",
+                                     tags=tags)
+        run_id = run.info.run_id
+        params = flatten(resolved)
+        from mlflow.entities import Param
+        batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(batch), 100):
+            self.client.log_batch(run_id, params=batch[i:i + 100])
+        self.runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_for(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        metrics = {k: v for k, v in _numeric(result).items() if k not in self.SKIP and not k.startswith("config")}
+        from mlflow.entities import Metric
+        import time as _time
+        now = int(_time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(run_id, metrics=batch[i:i + 500])
+        if "classifier_cache_key" in result and trial.trial_id not in self.last:
+            self.client.set_tag(run_id, TAG_CLASSIFIER_KEY, str(result["classifier_cache_key"]))
+        self.last[trial.trial_id] = result
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self.checkpoints[trial.trial_id] = checkpoint
+
+    def _log_final_artifacts(self, trial, run_id: str) -> None:
+        checkpoint = self.checkpoints.get(trial.trial_id) or getattr(trial, "checkpoint", None)
+        if checkpoint is None:
+            return
+        try:
+            with checkpoint.as_directory() as d:
+                for name in ("grid.png", "nearest.png", "samples.pt", "config.yaml", "metrics.json",
+                             "per_train_best_ssim.json"):
+                    if (Path(d) / name).exists():
+                        self.client.log_artifact(run_id, str(Path(d) / name))
+        except Exception as exc:  # an artifact problem must not fail the sweep
+            log.warning("could not log artifacts of %s: %s", trial.trial_id, exc)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        result = self.last.get(trial.trial_id, {})
+        epoch = int(result.get("epoch", 0))
+        if result.get("nonfinite"):
+            status, reason = "KILLED", "stopped: the loss became NaN/inf"
+        elif epoch >= self.max_epochs:
+            status, reason = "FINISHED", "completed the epoch budget"
+        elif result.get("collapse_streak", 0) >= 1 and result.get("collapsed"):
+            status, reason = "KILLED", f"stopped: collapsed at {int(result['collapse_streak'])} evaluations in a row"
+        else:
+            status, reason = "KILLED", f"pruned by ASHA at epoch {epoch}"
+        self._log_final_artifacts(trial, run_id)
+        self.client.set_tag(run_id, TAG_STOP_REASON, reason)
+        self.client.set_terminated(run_id, status)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        self._log_final_artifacts(trial, run_id)
+        self.client.set_tag(run_id, TAG_STOP_REASON, "error: see the Ray trial's error.txt")
+        self.client.set_terminated(run_id, "FAILED")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        self.client.set_tag(run_id, "harness.retried", "true")

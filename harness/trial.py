@@ -1,0 +1,210 @@
+"""One trial: pretrain (or reuse) the classifier, train the generator against it, evaluate.
+
+`Trial` is the whole science of the harness and knows nothing of Ray or MLflow: `harness run`
+drives it in a loop, the Ray Tune trainable drives it and checkpoints `state_dict()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from harness.cache import CacheEntry, cache_dir
+from harness.classifiers import pretrained_classifier, pretrained_evaluator
+from harness.config import TrialConfig
+from harness.data import NUM_CLASSES, DATASETS, heldout_set, train_subset
+from harness.generator import Generator, sample_conditioning
+from harness.losses import GeneratedBatch, build_loss_terms
+from harness.metrics import Evaluation, Evaluator, reference_points
+
+log = logging.getLogger(__name__)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by `fault: raise_once` (tests of retries only)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cached_reference_points(cfg: TrialConfig, train, heldout) -> dict[str, float]:
+    e = cfg.eval
+    spec = {"kind": "reference_points", "version": 1, "data": cfg.data.model_dump(exclude={"root"}),
+            "topk": e.topk, "reference_per_class": e.reference_per_class, "diversity_pairs": e.diversity_pairs}
+    entry = CacheEntry(cache_dir(cfg.cache_dir), "references", spec)
+    payload, _ = entry.get_or_build(lambda: {k: float(v) for k, v in reference_points(train, heldout, e).items()})
+    return payload
+
+
+class Trial:
+    def __init__(self, cfg: TrialConfig):
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        start = time.perf_counter()
+        self.classifier, self.classifier_info = pretrained_classifier(cfg, self.device)
+        self.evaluator_model, self.evaluator_info = pretrained_evaluator(cfg, self.device)
+        self.train_set, _ = train_subset(cfg.data)
+        heldout = heldout_set(cfg.data, cfg.data.train_size // NUM_CLASSES)
+        self.references = cached_reference_points(cfg, self.train_set, heldout)
+        self.evaluator = Evaluator(cfg.eval, self.train_set, heldout, self.classifier, self.evaluator_model,
+                                   self.references)
+        self.setup_seconds = time.perf_counter() - start
+
+        torch.manual_seed(cfg.seed)
+        self.generator = Generator(cfg.generator).to(self.device)
+        self.terms = build_loss_terms(cfg.loss, self.classifier, self.generator, cfg.data.train_size,
+                                      cfg.train.batch_size, cfg.seed).to(self.device)
+        self.weights = {name: getattr(cfg.loss, name) for name in self.terms}
+        t = cfg.train
+        self.optimizer = torch.optim.Adam([*self.generator.parameters(), *self.terms.parameters()],
+                                          lr=t.lr, betas=(t.beta1, 0.999))
+        self.rng = torch.Generator().manual_seed(cfg.seed)
+        eval_rng = torch.Generator().manual_seed(cfg.eval.latent_seed)
+        n_eval = cfg.eval.per_class * NUM_CLASSES
+        self.eval_labels = torch.arange(NUM_CLASSES).repeat_interleave(cfg.eval.per_class)
+        self.eval_z = torch.randn(n_eval, cfg.generator.latent_dim, generator=eval_rng)
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.resumed = False
+        self.last_evaluation: Evaluation | None = None
+
+    # -- training ---------------------------------------------------------------------------
+    def _batch(self) -> GeneratedBatch:
+        b = self.cfg.train.batch_size
+        labels = torch.arange(b) % NUM_CLASSES
+        labels = labels[torch.randperm(b, generator=self.rng)]
+        c = sample_conditioning(labels, self.cfg.generator.soft_fraction, self.cfg.generator.soft_temperature,
+                                self.rng).to(self.device)
+        z = torch.randn(b, self.cfg.generator.latent_dim, generator=self.rng).to(self.device)
+        x, pre = self.generator(z, c, return_pre_tanh=True)
+        with contextlib.ExitStack() as stack:
+            for term in self.terms.values():
+                stack.enter_context(term.capture())
+            logits, feats = self.classifier(x)
+        return GeneratedBatch(x, pre, c, labels.to(self.device), logits, feats)
+
+    def train_epoch(self) -> dict[str, float]:
+        """One epoch of generator steps; returns the mean of each term and of the total loss."""
+        if self.cfg.fault == "raise_once" and self.epoch == 2 and not self.resumed:
+            raise InjectedFault("injected fault (fault: raise_once) at epoch 3")
+        self.generator.train()
+        sums = {name: 0.0 for name in self.terms} | {"loss": 0.0}
+        steps = self.cfg.train.steps_per_epoch
+        for _ in range(steps):
+            batch = self._batch()
+            values = {name: term(batch) for name, term in self.terms.items()}
+            total = sum(self.weights[name] * v for name, v in values.items())
+            if self.cfg.fault == "nan" and self.epoch >= 1:
+                total = total * float("nan")
+            if not torch.isfinite(total):
+                sums = {k: float("nan") for k in sums}
+                break
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            for name, v in values.items():
+                sums[name] += v.item() / steps
+            sums["loss"] += total.item() / steps
+        self.epoch += 1
+        return {f"loss_{k}" if k != "loss" else k: v for k, v in sums.items()}
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_eval_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed evaluation set: hot conditioning, per_class images per class, eval mode."""
+        self.generator.eval()
+        c = torch.nn.functional.one_hot(self.eval_labels, NUM_CLASSES).float().to(self.device)
+        images = torch.cat([self.generator(self.eval_z[i:i + 500].to(self.device), c[i:i + 500])
+                            for i in range(0, len(c), 500)])
+        self.generator.train()
+        return images.cpu(), self.eval_labels.clone()
+
+    def evaluate(self) -> Evaluation:
+        self.last_evaluation = self.evaluator(*self.generate_eval_images())
+        return self.last_evaluation
+
+    def step(self) -> dict[str, float]:
+        """Train one epoch, evaluate when due; the row that is logged and reported."""
+        start = time.perf_counter()
+        row: dict[str, float] = {"epoch": self.epoch + 1}
+        losses = self.train_epoch()
+        row.update(losses)
+        row["nonfinite"] = float(not all(math.isfinite(v) for v in losses.values()))
+        due = self.epoch % self.cfg.train.eval_every == 0 or self.epoch >= self.cfg.train.epochs
+        if row["nonfinite"]:
+            row.update(self.nonfinite_metrics())
+        elif due or self.last_evaluation is None:
+            row.update(self.evaluate().metrics)
+        else:
+            row.update(self.last_evaluation.metrics)
+        row["epoch_seconds"] = time.perf_counter() - start
+        self.history.append(row)
+        return row
+
+    def nonfinite_metrics(self) -> dict[str, float]:
+        """What a run whose loss turned NaN/inf reports: score 0, never best."""
+        base = dict(self.last_evaluation.metrics) if self.last_evaluation else dict(self.references)
+        base.update(score=0.0, collapsed=1.0)
+        return base
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.cfg.train.epochs or bool(self.history and self.history[-1]["nonfinite"])
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.state_dict(), "terms": self.terms.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
+                "torch_rng": torch.get_rng_state(), "epoch": self.epoch, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.terms.load_state_dict(state["terms"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch, self.history = state["epoch"], list(state["history"])
+        self.resumed = True
+
+    # -- outputs -----------------------------------------------------------------------------
+    def final_metrics(self) -> dict[str, float]:
+        return dict(self.history[-1]) if self.history else {}
+
+    def write_outputs(self, out_dir: str | Path) -> dict[str, Path]:
+        """metrics.json, history.json, grid.png, nearest.png, samples.pt, generator.pt, config.yaml."""
+        from harness.plots import save_grid, save_nearest_pairs
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        evaluation = self.last_evaluation or self.evaluate()
+        images, labels = self.generate_eval_images()
+        metrics = {**evaluation.metrics, "epoch": self.epoch,
+                   "classifier_test_acc": self.classifier_info["test_acc"],
+                   "evaluator_heldout_acc": self.evaluator_info["heldout_acc"],
+                   "nonfinite": self.history[-1]["nonfinite"] if self.history else 0.0}
+        paths = {name: out / name for name in ("metrics.json", "history.json", "grid.png", "nearest.png",
+                                                "samples.pt", "generator.pt", "config.yaml",
+                                                "per_train_best_ssim.json")}
+        paths["metrics.json"].write_text(json.dumps(metrics, indent=2))
+        paths["history.json"].write_text(json.dumps(self.history, indent=1))
+        paths["per_train_best_ssim.json"].write_text(json.dumps([round(v, 5) for v in evaluation.per_train_best_ssim.tolist()]))
+        names = DATASETS[self.cfg.data.dataset].class_names
+        save_grid(images, labels, paths["grid.png"], per_class=min(10, self.cfg.eval.per_class), class_names=names)
+        save_nearest_pairs(images, labels, evaluation.nearest_train_index, evaluation.nearest_train_ssim,
+                           self.train_set.images, paths["nearest.png"], class_names=names)
+        torch.save({"images": images, "labels": labels, "nearest_train_index": evaluation.nearest_train_index,
+                    "nearest_train_ssim": evaluation.nearest_train_ssim}, paths["samples.pt"])
+        torch.save(self.generator.state_dict(), paths["generator.pt"])
+        paths["config.yaml"].write_text(yaml.safe_dump(self.cfg.model_dump(), sort_keys=False))
+        return paths

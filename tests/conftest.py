@@ -1,0 +1,48 @@
+"""Test set-up: real MNIST/FashionMNIST from the project's shared data folder (no internet here),
+a fresh classifier cache per test session, and small configurations that still run the real code."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_shared = REPO.parent / "shared" / "datasets"
+if "HARNESS_DATA_ROOT" not in os.environ and _shared.is_dir():
+    os.environ["HARNESS_DATA_ROOT"] = str(_shared)
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """One classifier/evaluator cache shared by every test of the session."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["HARNESS_CACHE_DIR"] = str(path)
+    return path
+
+
+# A trial small enough for a test: 200 training images, 2 classifier epochs, 1 evaluator epoch,
+# 2 generator epochs of 3 steps, 10 evaluation images per class.
+TINY = {
+    "data": {"train_size": 200},
+    "classifier": {"epochs": 2},
+    "evaluator": {"epochs": 1},
+    "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 20},
+    "eval": {"per_class": 10, "topk": 3, "diversity_pairs": 20, "reference_per_class": 10},
+}
+
+
+def tiny_overrides(**extra) -> list[str]:
+    from harness.config import flatten
+
+    return [f"{k}={v}" for k, v in flatten(TINY).items()] + [f"{k}={v}" for k, v in extra.items()]
+
+
+@pytest.fixture
+def tiny_config():
+    from harness.config import build_config
+
+    def make(*overrides: str):
+        return build_config(TINY, list(overrides))
+    return make

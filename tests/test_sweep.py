@@ -1,0 +1,187 @@
+"""The sweep layer on a real Ray head (`ray start --head` on loopback, one per test session) and
+a real MLflow store: SQLite, and a real `mlflow server` over HTTP."""
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO, TINY
+
+pytestmark = pytest.mark.sweep
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address(session_cache, tmp_path_factory):
+    """A real Ray head on loopback for the whole test session."""
+    port = free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=150000000",
+                    "--disable-usage-stats", f"--temp-dir={temp}"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
+    yield address
+    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def write_sweep(path: Path, **changes) -> Path:
+    spec = {
+        "name": changes.pop("name", "t"),
+        "base": {**TINY, "train": {"epochs": 3, "steps_per_epoch": 2, "batch_size": 20}},
+        "search": {"loss.cos": {"dist": "loguniform", "low": 0.01, "high": 1.0, "allow_off": True},
+                   "loss.tv": {"dist": "uniform", "low": 0.0, "high": 0.5}},
+        "budget": {"num_samples": 2},
+        "asha": {"enabled": False},
+        "resources": {"cpu": 1},
+        "checkpoint_every": 1,
+        "tpe_startup_trials": 2,
+    }
+    for key, value in changes.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) and key != "search" else value
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sweep_cmd(file: Path, out: Path, address: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "harness.cli", "sweep", str(file), "--out", str(out), "--address", address, *extra]
+
+
+def children(uri: str, experiment: str) -> tuple[list, object]:
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return kids, parents
+
+
+def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
+    out = tmp_path / "smoke"
+    proc = subprocess.run(sweep_cmd(REPO / "search_spaces" / "smoke.yaml", out, ray_address),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| variant | score |" in proc.stdout
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    kids, parents = children(uri, "smoke")
+    assert len(parents) == 1 and len(kids) == 6
+    assert all(k.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for k in kids)
+    assert {r.info.status for r in kids + parents} <= {"FINISHED", "KILLED"}
+    pruned = [k for k in kids if k.info.status == "KILLED"]
+    assert pruned and all("pruned" in k.data.tags["harness.stop_reason"] or "collapsed" in
+                          k.data.tags["harness.stop_reason"] for k in pruned)
+    client = MlflowClient(tracking_uri=uri)
+    for k in kids:
+        assert "loss.cos" in k.data.params and k.data.params["classifier.pool"] == "avg"
+        assert k.data.tags["harness.classifier_cache_key"]
+        history = client.get_metric_history(k.info.run_id, "score")
+        assert [m.step for m in history] == list(range(1, len(history) + 1))
+        assert "grid.png" in {a.path for a in client.list_artifacts(k.info.run_id)}
+    finished = [k for k in kids if k.info.status == "FINISHED"]
+    assert finished and all(len(client.get_metric_history(k.info.run_id, "score")) == 4 for k in finished)
+    assert any(len(client.get_metric_history(k.info.run_id, "score")) < 4 for k in pruned)
+    study = optuna.load_study(study_name="smoke/all", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert len(study.trials) == 6
+    assert optuna.importance.get_param_importances(study)
+
+
+def test_fault_is_retried_from_checkpoint_and_nan_never_wins(tmp_path, ray_address):
+    file = write_sweep(tmp_path / "f.yaml", name="faults", axes={"fault": ["raise_once", "nan"]},
+                       budget={"num_samples": 1}, base={**TINY, "train": {"epochs": 4, "steps_per_epoch": 2,
+                                                                          "batch_size": 20}})
+    out = tmp_path / "faults"
+    proc = subprocess.run(sweep_cmd(file, out, ray_address), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    kids, _ = children(uri, "faults")
+    by_variant = {k.data.tags["harness.variant"]: k for k in kids}
+    retried = by_variant["fault=raise_once"]
+    assert retried.info.status == "FINISHED" and retried.data.tags.get("harness.retried") == "true"
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(retried.info.run_id, "loss")]
+    assert sorted(set(steps)) == [1, 2, 3, 4]  # resumed after epoch 2, not restarted from 1
+    nan_run = by_variant["fault=nan"]
+    assert nan_run.info.status == "KILLED" and "NaN" in nan_run.data.tags["harness.stop_reason"]
+    assert nan_run.data.metrics["score"] == 0 and nan_run.data.metrics["epoch"] == 2
+    best_lines = [l for l in proc.stdout.splitlines() if l.startswith("| fault=")]
+    assert best_lines and all("fault=nan" not in l for l in best_lines)
+
+
+def test_logs_to_a_real_mlflow_server_over_http(tmp_path, ray_address):
+    port = free_port()
+    server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "server-artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                MlflowClient(uri).search_experiments()
+                break
+            except Exception:
+                time.sleep(0.5)
+        file = write_sweep(tmp_path / "s.yaml", name="remote")
+        proc = subprocess.run(sweep_cmd(file, tmp_path / "remote", ray_address, "--mlflow-uri", uri),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        kids, parents = children(uri, "remote")
+        assert len(kids) == 2 and len(parents) == 1
+        assert all(k.info.status == "FINISHED" for k in kids)
+        local = MlflowClient(uri).download_artifacts(kids[0].info.run_id, "grid.png", str(tmp_path))
+        assert Path(local).stat().st_size > 0
+        assert not (tmp_path / "remote" / "mlflow.db").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _wait_for_progress(out: Path, min_checkpoints: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(list((out / "ray").glob("*/*/checkpoint_*"))) >= min_checkpoints:
+            return
+        time.sleep(0.5)
+    raise AssertionError("the sweep made no progress")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_killed_sweep_resumes_to_exactly_num_samples(tmp_path, ray_address, sig):
+    file = write_sweep(tmp_path / "r.yaml", name="resume", budget={"num_samples": 4},
+                       base={**TINY, "train": {"epochs": 6, "steps_per_epoch": 3, "batch_size": 20}},
+                       resources={"cpu": 1, "max_concurrent": 2})
+    out = tmp_path / "resume"
+    driver = subprocess.Popen(sweep_cmd(file, out, ray_address), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    _wait_for_progress(out, 2, timeout=300)
+    driver.send_signal(sig)
+    _, err = driver.communicate(timeout=300)
+    assert driver.returncode != 0
+    if sig == signal.SIGINT:
+        kids, parents = children(f"sqlite:///{out / 'mlflow.db'}", "resume")
+        assert not [r for r in kids + parents if r.info.status == "RUNNING"], "interrupt left runs RUNNING"
+    time.sleep(2)  # let Ray reap the dead driver's trial actors
+    proc = subprocess.run(sweep_cmd(file, out, ray_address, "--resume"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kids, parents = children(f"sqlite:///{out / 'mlflow.db'}", "resume")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(kids) == 4, [(k.data.tags.get("harness.trial_id"), k.info.status) for k in kids]
+    assert len({k.data.tags["harness.trial_id"] for k in kids}) == 4
+    assert all(k.info.status == "FINISHED" for k in kids)
+    assert "4 trials (0 failed)" in proc.stdout

@@ -1,0 +1,89 @@
+"""The real entry point and the Trial on real MNIST at a tiny budget."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness.classifiers import pretrained_classifier
+from harness.metrics import METRIC_NAMES, REFERENCE_NAMES
+from harness.trial import Trial
+from tests.conftest import tiny_overrides
+
+
+def test_harness_run_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--quiet", "--out", str(out),
+                           *[a for o in tiny_overrides(**{"loss.bn": 0.1, "loss.cos": 0.2}) for a in ("--set", o)]],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ssim_nn_train_mean" in proc.stdout and "ref_blank_ssim" in proc.stdout
+    for name in ("metrics.json", "history.json", "grid.png", "nearest.png", "samples.pt", "generator.pt",
+                 "config.yaml", "per_train_best_ssim.json"):
+        assert (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(METRIC_NAMES) | set(REFERENCE_NAMES) <= set(metrics)
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 2 and {"loss_ce", "loss_bn", "loss_cos"} <= set(history[0])
+    samples = torch.load(out / "samples.pt", weights_only=True)
+    assert samples["images"].shape == (100, 1, 28, 28) and samples["labels"].shape == (100,)
+    assert samples["images"].min() >= -1 and samples["images"].max() <= 1
+
+
+def test_same_config_gives_the_same_metrics(tiny_config):
+    cfg = tiny_config("loss.cos=0.2", "loss.pert=1")
+    runs = []
+    for _ in range(2):
+        trial = Trial(cfg)
+        while not trial.done:
+            trial.step()
+        runs.append(trial.final_metrics())
+    for key in ("loss", "ssim_nn_train_mean", "diversity", "score", "fd_eval"):
+        assert runs[0][key] == pytest.approx(runs[1][key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize("overrides", [
+    ("loss.ce=1",),
+    ("loss.kkt=1", "classifier.pool=max"),
+    ("loss.kl=1", "loss.cos=0.1", "loss.ortho=0.1", "loss.tv=0.1", "loss.pixel=0.1", "loss.pert=1",
+     "loss.conf=0.1", "loss.grad=0.1", "loss.kkt=1", "loss.bn=0.1"),
+    ("classifier.arch=mlp", "loss.bn=0.1", "loss.kkt=1"),
+])
+def test_loss_combinations_run_and_log_each_term(tiny_config, overrides):
+    cfg = tiny_config(*overrides)
+    trial = Trial(cfg)
+    row = trial.step()
+    for name, weight in cfg.loss.weights().items():
+        assert (f"loss_{name}" in row) == (weight > 0), name
+    assert row["nonfinite"] == 0 and 0 <= row["score"] < 1
+
+
+def test_classifier_cache_hit_skips_training(tiny_config):
+    cfg = tiny_config("classifier.seed=99")
+    _, first = pretrained_classifier(cfg, torch.device("cpu"))
+    _, second = pretrained_classifier(cfg, torch.device("cpu"))
+    assert (first["cache_hit"], second["cache_hit"]) == (False, True)
+    assert first["cache_key"] == second["cache_key"] and second["test_acc"] == first["test_acc"]
+
+
+def test_nan_loss_stops_with_score_zero(tiny_config):
+    trial = Trial(tiny_config("fault=nan", "train.epochs=5"))
+    while not trial.done:
+        row = trial.step()
+    assert trial.epoch == 2 and row["nonfinite"] == 1 and row["score"] == 0
+
+
+def test_checkpoint_round_trip_resumes_identically(tiny_config):
+    cfg = tiny_config("loss.kkt=1", "train.epochs=3")
+    straight = Trial(cfg)
+    while not straight.done:
+        straight.step()
+    first = Trial(cfg)
+    first.step()
+    state = first.state_dict()
+    resumed = Trial(cfg)
+    resumed.load_state_dict(state)
+    while not resumed.done:
+        resumed.step()
+    assert resumed.final_metrics()["loss"] == pytest.approx(straight.final_metrics()["loss"], rel=1e-6)
