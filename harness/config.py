@@ -115,8 +115,12 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     per_class: int = Field(100, ge=2, description="Generated evaluation images per class (hot conditioning).")
-    latent_seed: int = Field(1234, description="Seed of the fixed evaluation latents.")
-    topk: int = Field(10, ge=1, description="Nearest-neighbour prefilter: exact SSIM on this many "
+    latent_seed: int = Field(1234, description="Seed of the fixed evaluation latents (and dropout masks).")
+    sample_dropout: bool = Field(
+        True, description="Keep the generator's Dropout2d active when sampling the evaluation set "
+        "(BatchNorm stays in eval mode): the heavy dropout is this generator's main source of "
+        "diversity; false = plain eval mode, where only z varies the images.")
+    topk: int = Field(15, ge=1, description="Nearest-neighbour prefilter: exact SSIM on this many "
                       "candidates by correlation and this many by L2 distance.")
     recon_threshold: float = Field(0.4, gt=0, le=1, description="SSIM at which an image counts as reconstructed.")
     diversity_pairs: int = Field(300, ge=1, description="Image pairs per class sampled for `diversity`.")

@@ -4,7 +4,7 @@ SSIM is pytorch_msssim's (Gaussian window 11, σ 1.5, data range 2 for pixels in
 Fréchet distance is torchmetrics' with the evaluator's penultimate layer as feature extractor.
 Nearest-neighbour SSIM against many images is prefiltered: for each query, exact SSIM is
 computed only on the `topk` candidates of its class by normalised cross-correlation (structure)
-and the `topk` by L2 distance (luminance), both one matrix product.
+by L2 distance (luminance) and by L2 over the image centre, each one matrix product.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from harness.data import NUM_CLASSES, Split
 
 DATA_RANGE = 2.0  # pixels live in [-1, 1]
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+_CENTRE = (SSIM_WINDOW - 1) // 2  # border that no valid window is centred in
 
 METRIC_NAMES = (
     "ssim_nn_train_mean", "ssim_nn_train_median", "recon_rate", "ssim_nn_test_mean",
@@ -45,21 +46,27 @@ def paired_ssim(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Te
 
 
 def _candidates(queries: torch.Tensor, refs: torch.Tensor, topk: int) -> torch.Tensor:
-    """Indices (n_q x ≤2k) into refs: top-k by normalised cross-correlation and by L2."""
+    """Indices (n_q x <= 3k) into refs: the top-k by normalised cross-correlation (structure), by
+    L2 distance (luminance) and by L2 distance over the central region that SSIM's valid
+    windows weight most (for near-empty queries, where correlation is undefined)."""
+    k = min(topk, len(refs))
+
+    def by_l2(q, r):
+        return (2 * q @ r.T - r.pow(2).sum(1)[None, :]).topk(k, dim=1).indices  # -||q-r||^2 + const
+
     q, r = queries.flatten(1), refs.flatten(1)
-    k = min(topk, len(r))
     qc = nn.functional.normalize(q - q.mean(1, keepdim=True), dim=1)
     rc = nn.functional.normalize(r - r.mean(1, keepdim=True), dim=1)
-    by_ncc = (qc @ rc.T).topk(k, dim=1).indices
-    neg_dist = 2 * q @ r.T - r.pow(2).sum(1)[None, :]  # -||q - r||^2 up to a per-row constant
-    by_l2 = neg_dist.topk(k, dim=1).indices
-    return torch.cat([by_ncc, by_l2], 1)
+    centre = slice(_CENTRE, -_CENTRE)
+    return torch.cat([(qc @ rc.T).topk(k, dim=1).indices, by_l2(q, r),
+                      by_l2(queries[..., centre, centre].flatten(1), refs[..., centre, centre].flatten(1))], 1)
 
 
 @torch.no_grad()
-def nearest_ssim(queries: Split, refs: Split, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_ssim(queries: Split, refs: Split, topk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query, the highest SSIM against refs of the same class and the index (into refs)
-    of that image. Queries of a class with no refs get SSIM nan and index -1."""
+    of that image; `topk=None` compares with every same-class ref (exact). Queries of a class
+    with no refs get SSIM nan and index -1."""
     best = torch.full((len(queries),), float("nan"))
     index = torch.full((len(queries),), -1, dtype=torch.long)
     q_img, r_img = queries.images.float().cpu(), refs.images.float().cpu()
@@ -68,7 +75,10 @@ def nearest_ssim(queries: Split, refs: Split, topk: int) -> tuple[torch.Tensor, 
         q_idx, r_idx = (q_lab == k).nonzero().squeeze(1), (r_lab == k).nonzero().squeeze(1)
         if len(q_idx) == 0 or len(r_idx) == 0:
             continue
-        cand = _candidates(q_img[q_idx], r_img[r_idx], topk)  # n_q x c, local ref indices
+        if topk is None:
+            cand = torch.arange(len(r_idx)).expand(len(q_idx), -1)
+        else:
+            cand = _candidates(q_img[q_idx], r_img[r_idx], topk)  # n_q x c, local ref indices
         n_q, n_c = cand.shape
         scores = paired_ssim(q_img[q_idx].repeat_interleave(n_c, 0), r_img[r_idx][cand.flatten()]).view(n_q, n_c)
         val, pos = scores.max(1)
@@ -141,8 +151,9 @@ def reference_points(train: Split, heldout: Split, cfg: EvalConfig) -> dict[str,
     blank = Split(torch.full((NUM_CLASSES, 1, 28, 28), -1.0), classes)
     return {
         "ref_heldout_ssim": nearest_ssim(real, train, cfg.topk)[0].mean().item(),
-        "ref_classmean_ssim": nearest_ssim(means, train, cfg.topk)[0].mean().item(),
-        "ref_blank_ssim": nearest_ssim(blank, train, cfg.topk)[0].mean().item(),
+        # one image per class: compare exhaustively (a flat image defeats the correlation prefilter)
+        "ref_classmean_ssim": nearest_ssim(means, train, None)[0].mean().item(),
+        "ref_blank_ssim": nearest_ssim(blank, train, None)[0].mean().item(),
         "ref_heldout_diversity": diversity(real.images, real.labels, cfg.diversity_pairs),
     }
 

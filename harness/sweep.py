@@ -42,7 +42,7 @@ def run_trial(config: dict, base: dict, checkpoint_epochs: list[int], cpus: floa
 
     from harness.trial import Trial
 
-    cfg = build_config(deep_merge(base, unflatten(config)))
+    cfg = build_config(deep_merge(base, unflatten(clean_searched(config))))
     cfg = cfg.model_copy(update={"threads": max(1, int(cpus))})
     torch.set_num_threads(cfg.threads)
     trial = Trial(cfg)
@@ -77,6 +77,8 @@ def init_ray(address: str | None, num_cpus: int | None = None, temp_dir: str | N
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # checkpoints at every ASHA rung can be frequent in tiny sweeps; the warning is noise there
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -229,7 +231,7 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
                                                  multivariate=len(objectives) == 1)
             if len(objectives) > 1:
                 sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=sweep.tpe_startup_trials)
-            searcher = OptunaSearch(space=_space_fn(sweep), metric=list(objectives) if len(objectives) > 1 else sweep.metric,
+            searcher = OptunaSearch(space=DefineByRunSpace(sweep.search), metric=list(objectives) if len(objectives) > 1 else sweep.metric,
                                     mode=list(objectives.values()) if len(objectives) > 1 else sweep.mode,
                                     sampler=sampler, seed=sweep.seed)
             searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrency or 2 ** 31 - 1)
@@ -265,11 +267,16 @@ def _run_fixed(config: dict, base: dict, fixed: dict, checkpoint_epochs: list[in
     run_trial(fixed[config["__fixed__"]], base, checkpoint_epochs, cpus)
 
 
-def _space_fn(sweep: SweepConfig):
-    """Define-by-run space; 'off' weights are returned as constants so the trial sees 0."""
-    def space(trial):
+class DefineByRunSpace:
+    """Optuna define-by-run space (picklable: Tune saves the searcher with the experiment).
+    A weight with `allow_off` first draws `<key>.on`; when off it is returned as constant 0."""
+
+    def __init__(self, search: dict):
+        self.search = search
+
+    def __call__(self, trial):
         constants = {}
-        for key, d in sweep.search.items():
+        for key, d in self.search.items():
             if d.allow_off and not trial.suggest_categorical(f"{key}.on", [True, False]):
                 constants[key] = 0.0
                 continue
@@ -280,7 +287,6 @@ def _space_fn(sweep: SweepConfig):
             else:
                 trial.suggest_float(key, d.low, d.high, log=d.dist == "loguniform")
         return constants or None
-    return space
 
 
 def _trial_ids_in_state(exp_path: Path) -> set[str]:

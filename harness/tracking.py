@@ -135,8 +135,9 @@ class MlflowTrialLogger(Callback):
             if self.client.get_run(run_id).info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
             return run_id
-        from harness.config import deep_merge, unflatten
-        resolved = deep_merge(self.base_config, unflatten({k: v for k, v in trial.config.items()}))
+        from harness.config import build_config, deep_merge, unflatten
+        from harness.sweep import clean_searched
+        resolved = build_config(deep_merge(self.base_config, unflatten(clean_searched(trial.config)))).model_dump()
         tags = {"mlflow.parentRunId": self.parent, TAG_TRIAL_ID: trial.trial_id, **self.tags}
         run = self.client.create_run(self.experiment_id, run_name=f"{self.tags.get(TAG_VARIANT, 'trial')}-{trial.trial_id}",
                                      tags=tags)

@@ -38,7 +38,7 @@ def resolve_device(name: str) -> torch.device:
 
 def cached_reference_points(cfg: TrialConfig, train, heldout) -> dict[str, float]:
     e = cfg.eval
-    spec = {"kind": "reference_points", "version": 1, "data": cfg.data.model_dump(exclude={"root"}),
+    spec = {"kind": "reference_points", "version": 2, "data": cfg.data.model_dump(exclude={"root"}),
             "topk": e.topk, "reference_per_class": e.reference_per_class, "diversity_pairs": e.diversity_pairs}
     entry = CacheEntry(cache_dir(cfg.cache_dir), "references", spec)
     payload, _ = entry.get_or_build(lambda: {k: float(v) for k, v in reference_points(train, heldout, e).items()})
@@ -122,11 +122,18 @@ class Trial:
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def generate_eval_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fixed evaluation set: hot conditioning, per_class images per class, eval mode."""
+        """The fixed evaluation set: hot conditioning, per_class images per class, BatchNorm in
+        eval mode, dropout masks (if eval.sample_dropout) from the fixed evaluation seed."""
         self.generator.eval()
+        if self.cfg.eval.sample_dropout:
+            for m in self.generator.modules():
+                if isinstance(m, torch.nn.Dropout2d):
+                    m.train()
         c = torch.nn.functional.one_hot(self.eval_labels, NUM_CLASSES).float().to(self.device)
-        images = torch.cat([self.generator(self.eval_z[i:i + 500].to(self.device), c[i:i + 500])
-                            for i in range(0, len(c), 500)])
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.eval.latent_seed)
+            images = torch.cat([self.generator(self.eval_z[i:i + 500].to(self.device), c[i:i + 500])
+                                for i in range(0, len(c), 500)])
         self.generator.train()
         return images.cpu(), self.eval_labels.clone()
 
