@@ -81,6 +81,41 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from harness.sweep_config import load_sweep
+
+    sweep = load_sweep(args.file, args.overrides, smoke=args.smoke)
+    from harness.study import run_ablation
+    from harness.sweep import best_rows, summary_table
+
+    out = Path(args.out or f"runs/{sweep.name}")
+    seeds = list(range(args.seeds))
+    print(f"study {sweep.name}: {len(sweep.variants())} variant(s), each tuned with {sweep.budget.num_samples} "
+          f"trials, then confirmed over seeds {seeds}; output {out}/", flush=True)
+    outcomes = run_ablation(sweep, out, seeds, address=args.address, resume=args.resume, mlflow_uri=args.mlflow_uri)
+    confirmed = [phases["confirm"] for phases in outcomes.values() if "confirm" in phases]
+    print(summary_table(best_rows(confirmed, sweep.metric, sweep.mode, top=len(seeds)), sweep.metric))
+    uri = args.mlflow_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    print(f"MLflow: {uri} (experiment {sweep.name!r}). Report: harness report --experiment {sweep.name} "
+          f"--mlflow-uri {uri}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from harness.report import compare_runs
+
+    print(compare_runs(args.run_ids, args.mlflow_uri))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from harness.report import write_report
+
+    path = write_report(args.experiment, args.mlflow_uri, Path(args.out) if args.out else None)
+    print(f"report written to {path}")
+    return 0
+
+
 def cmd_help_config(_args) -> int:
     from harness.config import describe_fields
 
@@ -109,6 +144,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny budget: 2 trials x 2 epochs x 3 steps")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("ablate", help="per-variant tuning with equal budgets, then the best weights over seeds")
+    p.add_argument("file", help="sweep file with axes (search_spaces/*.yaml)")
+    _add_config_args(p)
+    p.add_argument("--seeds", type=int, default=3, help="confirmation seeds per variant (default 3)")
+    p.add_argument("--out", help="output folder (default: runs/<name>)")
+    p.add_argument("--address", help="connect to a running Ray cluster")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study in --out")
+    p.add_argument("--smoke", action="store_true", help="tiny budget")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("report", help="tables and figures of a study, read from MLflow")
+    p.add_argument("--experiment", required=True, help="MLflow experiment (= the study's name)")
+    p.add_argument("--mlflow-uri", required=True, help="tracking URI, e.g. sqlite:///runs/pooling/mlflow.db")
+    p.add_argument("--out", help="output folder (default: reports/<experiment>)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="side-by-side configs and metrics of MLflow runs")
+    p.add_argument("run_ids", nargs="+", help="MLflow run ids")
+    p.add_argument("--mlflow-uri", required=True, help="tracking URI")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("config", help="print every setting with its default and documentation")
     p.set_defaults(func=cmd_help_config)

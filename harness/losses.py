@@ -157,6 +157,12 @@ class KKTStationarity(LossTerm):
         self.a = nn.Parameter(torch.full((self.num_codes,), cfg.kkt_lambda_init ** 0.5))
         self._draw = gen
 
+    def get_extra_state(self):  # the minibatch draw is part of a checkpoint (exact resume)
+        return {"draw": self._draw.get_state()}
+
+    def set_extra_state(self, state):
+        self._draw.set_state(state["draw"])
+
     @property
     def lam(self) -> torch.Tensor:
         return self.a.pow(2)

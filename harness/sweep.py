@@ -248,7 +248,8 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
         results = tuner.fit()
-    outcome = VariantOutcome(variant, settings, interrupted=_interrupted(results))
+    expected = len(fixed_params) if fixed_params is not None else sweep.budget.num_samples
+    outcome = VariantOutcome(variant, settings, interrupted=_interrupted(results, logger, expected))
     for result in results:
         if result.error is not None:
             outcome.errors += 1
@@ -322,11 +323,11 @@ class SweepInterrupted(RuntimeError):
     pass
 
 
-def _interrupted(results) -> bool:
-    """True when Tune returned early (SIGINT): some trial is neither done nor errored."""
-    analysis = getattr(results, "_experiment_analysis", None)
-    trials = getattr(analysis, "trials", None) or []
-    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+def _interrupted(results, logger, expected: int) -> bool:
+    """True when Tune returned early (SIGINT): fewer trials than asked for, or a trial that
+    neither completed nor errored. (Tune marks interrupted trials TERMINATED in the ResultGrid.)"""
+    ids = [(r.metrics or {}).get("trial_id") for r in results]
+    return len(ids) < expected or any(i not in logger.ended for i in ids)
 
 
 def open_tracking(sweep_name: str, out_dir: Path, mlflow_uri: str | None, kind: str, params: dict,
@@ -337,6 +338,9 @@ def open_tracking(sweep_name: str, out_dir: Path, mlflow_uri: str | None, kind: 
     client = client_for(uri)
     experiment_id = ensure_experiment(client, sweep_name, None if mlflow_uri else out_dir / "mlartifacts")
     parent = start_parent(client, experiment_id, f"{kind}-{sweep_name}", out_dir, kind, params, resume)
+    import shlex
+    import sys
+    client.set_tag(parent, "harness.command", "harness " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     return parent, experiment_id, uri
 
 

@@ -70,6 +70,22 @@ class StopConfig(_Section):
     collapse_min_epoch: int = Field(2, ge=1, description="... but not before this epoch")
 
 
+class ClaimConfig(_Section):
+    """The study's claim, as a test: `greater` beats `lesser` on `metric` (confidence intervals
+    over seeds separate), or `greater` lies above the `reference` metric's value."""
+    statement: str = Field(description="the claim in words")
+    metric: str = Field("ssim_nn_train_mean", description="metric that decides it (higher = more leakage)")
+    greater: str = Field(description="variant expected to be higher, e.g. pool=avg")
+    lesser: str | None = Field(None, description="variant expected to be lower, e.g. pool=max")
+    reference: str | None = Field(None, description="or: reference metric to beat, e.g. ref_blank_ssim")
+
+    @model_validator(mode="after")
+    def _one_comparison(self):
+        if (self.lesser is None) == (self.reference is None):
+            raise ValueError("give exactly one of lesser (a variant) or reference (a ref_* metric)")
+        return self
+
+
 class SweepConfig(_Section):
     name: str = Field(description="sweep name: MLflow experiment, output folder, Optuna study prefix")
     description: str = Field("", description="what this sweep is for")
@@ -87,6 +103,7 @@ class SweepConfig(_Section):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     stop: StopConfig = Field(default_factory=StopConfig)
+    claim: ClaimConfig | None = Field(None, description="what the study tests (harness report)")
     checkpoint_every: int = Field(5, ge=1, description="checkpoint the generator every this many epochs")
     max_failures: int = Field(1, ge=0, description="retries of a failing trial, from its last checkpoint")
 
@@ -95,6 +112,11 @@ class SweepConfig(_Section):
         for key, values in self.axes.items():
             if not values:
                 raise ValueError(f"axes.{key}: give at least one value")
+        if self.claim:
+            names = [name for name, _ in self.variants()]
+            for side in (self.claim.greater, self.claim.lesser):
+                if side is not None and side not in names:
+                    raise ValueError(f"claim: {side!r} is not a variant; variants are {', '.join(names)}")
         return self
 
     # -- derived -----------------------------------------------------------------------------

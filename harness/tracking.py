@@ -95,7 +95,7 @@ class MlflowTrialLogger(Callback):
     checkpoint, the image grid, nearest-neighbour pairs, samples and resolved config."""
 
     SKIP = {"time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
-            "iterations_since_restore", "timesteps_since_restore", "training_iteration", "done", "epoch"}
+            "iterations_since_restore", "timesteps_since_restore", "training_iteration", "done"}
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_config: dict,
                  max_epochs: int, tags: dict[str, str] | None = None):
@@ -104,6 +104,8 @@ class MlflowTrialLogger(Callback):
         self.runs: dict[str, str] = {}
         self.checkpoints: dict[str, Any] = {}
         self.last: dict[str, dict] = {}
+        self.ended: set[str] = set()  # trials that completed or errored (not merely interrupted)
+        self.logged_epoch: dict[str, int] = {}  # a trial resumed from an older checkpoint repeats epochs
         self._client: MlflowClient | None = None
 
     @property
@@ -123,6 +125,10 @@ class MlflowTrialLogger(Callback):
             trial_id = run.data.tags.get(TAG_TRIAL_ID)
             if trial_id in live_trial_ids and trial_id not in self.runs:
                 self.runs[trial_id] = run.info.run_id
+                self.logged_epoch[trial_id] = int(run.data.metrics.get("epoch", 0))
+                reason = run.data.tags.get(TAG_STOP_REASON, "")
+                if run.info.status != "RUNNING" and not reason.startswith("interrupted"):
+                    self.ended.add(trial_id)
             elif trial_id not in live_trial_ids and run.info.status == "RUNNING":
                 self.client.set_tag(run.info.run_id, TAG_STOP_REASON, "lost: the driver died before "
                                     "this trial was saved; Tune resampled it")
@@ -156,6 +162,10 @@ class MlflowTrialLogger(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        self.last[trial.trial_id] = result
+        if step <= self.logged_epoch.get(trial.trial_id, 0):
+            return  # replayed from a checkpoint: the same epoch (same RNG state) is logged already
+        self.logged_epoch[trial.trial_id] = step
         metrics = {k: v for k, v in _numeric(result).items() if k not in self.SKIP and not k.startswith("config")}
         from mlflow.entities import Metric
         import time as _time
@@ -163,9 +173,8 @@ class MlflowTrialLogger(Callback):
         batch = [Metric(k, v, now, step) for k, v in metrics.items()]
         for i in range(0, len(batch), 500):
             self.client.log_batch(run_id, metrics=batch[i:i + 500])
-        if "classifier_cache_key" in result and trial.trial_id not in self.last:
+        if "classifier_cache_key" in result and step == 1:
             self.client.set_tag(run_id, TAG_CLASSIFIER_KEY, str(result["classifier_cache_key"]))
-        self.last[trial.trial_id] = result
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         self.checkpoints[trial.trial_id] = checkpoint
@@ -198,12 +207,14 @@ class MlflowTrialLogger(Callback):
         self._log_final_artifacts(trial, run_id)
         self.client.set_tag(run_id, TAG_STOP_REASON, reason)
         self.client.set_terminated(run_id, status)
+        self.ended.add(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         self._log_final_artifacts(trial, run_id)
         self.client.set_tag(run_id, TAG_STOP_REASON, "error: see the Ray trial's error.txt")
         self.client.set_terminated(run_id, "FAILED")
+        self.ended.add(trial.trial_id)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)

@@ -1,0 +1,332 @@
+"""`harness report` and `harness compare`: read a study from MLflow (runs, metric histories,
+artifacts) and turn it into a Markdown report with PNG figures that test the study's claim."""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from harness.config import ConfigError  # noqa: E402
+from harness.study import mean_ci  # noqa: E402
+from harness.tracking import TAG_KIND, TAG_PHASE, TAG_STOP_REASON, TAG_VARIANT, child_runs, client_for  # noqa: E402
+
+TABLE_METRICS = ("score", "ssim_nn_train_mean", "ssim_nn_test_mean", "memorization_gap", "diversity",
+                 "evaluator_acc", "train_coverage", "collapsed", "fd_eval")
+REFERENCES = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim")
+
+
+def _fmt(mean: float, low: float, high: float) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {(high - low) / 2:.3f}"
+
+
+def load_study(experiment: str, uri: str):
+    """(client, parent run, children) of the newest study (or sweep) in `experiment`."""
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"--experiment: no experiment named {experiment!r} in {uri}; "
+                          "check the name (= the study's name) and --mlflow-uri")
+    parents = [r for r in client.search_runs([exp.experiment_id], max_results=1000,
+                                             order_by=["attributes.start_time DESC"])
+               if TAG_KIND in r.data.tags]
+    if not parents:
+        raise ConfigError(f"--experiment: {experiment!r} holds no study or sweep runs; run `harness ablate` first")
+    studies = [p for p in parents if p.data.tags[TAG_KIND] == "study"] or parents
+    parent = studies[0]
+    children = child_runs(client, exp.experiment_id, parent.info.run_id)
+    if not children:
+        raise ConfigError(f"--experiment: the newest study in {experiment!r} has no trial runs")
+    return client, parent, children
+
+
+def claim_verdict(params: dict, stats: dict[str, dict[str, tuple]], refs: dict[str, float]) -> str:
+    """supported / not supported / inconclusive for the study's claim, with the numbers."""
+    metric = params.get("claim.metric")
+    if not metric or metric == "None":
+        return "No claim is attached to this study (add `claim:` to its sweep file)."
+    greater, lesser, reference = params.get("claim.greater"), params.get("claim.lesser"), params.get("claim.reference")
+    statement = params.get("claim.statement", "")
+    if greater not in stats:
+        return f"**inconclusive**: {statement}: variant {greater} has no confirmed runs."
+    g = stats[greater][metric]
+    if lesser and lesser != "None":
+        if lesser not in stats:
+            return f"**inconclusive**: {statement}: variant {lesser} has no confirmed runs."
+        l_ = stats[lesser][metric]
+        numbers = (f"{metric}: {greater} {_fmt(*g)} vs {lesser} {_fmt(*l_)} (mean ± 95% CI half-width over seeds)")
+        if g[1] > l_[2]:
+            return f"**supported**: {statement}. {numbers}; the intervals separate."
+        if l_[1] > g[2]:
+            return f"**not supported** (the opposite holds): {statement}. {numbers}; the intervals separate the other way."
+        return f"**inconclusive**: {statement}. {numbers}; the intervals overlap."
+    ref_value = refs.get(reference, float("nan"))
+    numbers = f"{metric} of {greater}: {_fmt(*g)} vs {reference} = {ref_value:.3f}"
+    if g[1] > ref_value:
+        return f"**supported**: {statement}. {numbers}; the interval lies above the reference."
+    if g[2] < ref_value:
+        return f"**not supported**: {statement}. {numbers}; the interval lies below the reference."
+    return f"**inconclusive**: {statement}. {numbers}; the interval contains the reference."
+
+
+def _artifact(client, run_id: str, name: str, into: Path) -> Path | None:
+    try:
+        return Path(client.download_artifacts(run_id, name, str(into)))
+    except Exception:
+        return None
+
+
+def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path:
+    client, parent, children = load_study(experiment, uri)
+    out = out_dir or Path("reports") / experiment
+    params = parent.data.params
+    by_phase: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for run in children:
+        by_phase[run.data.tags.get(TAG_PHASE, "tune")][run.data.tags.get(TAG_VARIANT, "all")].append(run)
+    tuned = by_phase.get("tune", {})
+    confirmed = by_phase.get("confirm", {})
+    basis = confirmed or {v: [r for r in runs if r.info.status == "FINISHED"] for v, runs in tuned.items()}
+    variants = sorted(set(tuned) | set(confirmed))
+    out.mkdir(parents=True, exist_ok=True)
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+
+    stats = {v: {m: mean_ci([r.data.metrics.get(m, float("nan")) for r in basis.get(v, [])])
+                 for m in TABLE_METRICS} for v in variants}
+    refs = {}
+    for name in REFERENCES + ("ref_heldout_diversity",):
+        values = [r.data.metrics[name] for r in children if name in r.data.metrics]
+        refs[name] = sum(values) / len(values) if values else float("nan")
+    lines = [f"# Study `{experiment}`", "", params.get("description", ""), ""]
+    command = parent.data.tags.get("harness.command")
+    if command:
+        lines += ["Made with:", "", "```bash", command, f"harness report --experiment {experiment} --mlflow-uri {uri}",
+                  "```", ""]
+    lines += ["## Verdict", "", claim_verdict(params, stats, refs), ""]
+    n_seeds = {v: len(basis.get(v, [])) for v in variants}
+    lines += [f"## Variants ({'confirmation runs over seeds' if confirmed else 'finished tuning trials (no confirmation phase)'})",
+              "", "Mean ± 95% confidence half-width (Student t) over " +
+              ", ".join(f"{v}: n={n}" for v, n in n_seeds.items()) + ".", ""]
+    lines.append("| variant | " + " | ".join(TABLE_METRICS) + " |")
+    lines.append("|---|" + "---|" * len(TABLE_METRICS))
+    for v in variants:
+        lines.append(f"| {v} | " + " | ".join(_fmt(*stats[v][m]) for m in TABLE_METRICS) + " |")
+    lines += ["", "Reference points (same metric code, real data): " +
+              ", ".join(f"{k} = {val:.3f}" for k, val in refs.items()), ""]
+    lines += tuning_section(tuned, params)
+    lines += ["## Figures", ""]
+    for title, name in (("Best generator of each variant (top) and its nearest training images (bottom)",
+                         grids_figure(client, basis, variants, figures)),
+                        ("Sorted per-training-image best SSIM (Haim et al.'s view)",
+                         coverage_figure(client, basis, variants, figures)),
+                        ("Score vs epoch of every tuning trial (dashed: stopped early)",
+                         score_curves_figure(client, tuned, variants, figures)),
+                        ("Collapse rate per variant", collapse_figure(tuned, confirmed, variants, figures)),
+                        ("Loss-weight importance (Optuna, per variant)",
+                         importance_figure(client, parent, variants, figures, params))):
+        if name:
+            lines += [f"### {title}", "", f"![{title}](figures/{name})", ""]
+    report = out / "README.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def tuning_section(tuned: dict[str, list], params: dict) -> list[str]:
+    lines = ["## Tuning", "", "| variant | trials | finished | pruned/stopped | failed | best score | best settings |",
+             "|---|---|---|---|---|---|---|"]
+    searched = [k.removeprefix("search.").removesuffix(".dist") for k in params if k.startswith("search.") and k.endswith(".dist")]
+    for v, runs in sorted(tuned.items()):
+        status = defaultdict(int)
+        for r in runs:
+            status[r.info.status] += 1
+        ok = [r for r in runs if math.isfinite(r.data.metrics.get("score", float("nan")))
+              and not r.data.metrics.get("nonfinite")]
+        best = max(ok, key=lambda r: r.data.metrics["score"], default=None)
+        settings = ", ".join(f"{k}={float(best.data.params[k]):.3g}" for k in searched if best and k in best.data.params)
+        lines.append(f"| {v} | {len(runs)} | {status['FINISHED']} | {status['KILLED']} | {status['FAILED']} | "
+                     f"{best.data.metrics['score']:.3f} | {settings} |" if best else
+                     f"| {v} | {len(runs)} | {status['FINISHED']} | {status['KILLED']} | {status['FAILED']} | n/a | - |")
+    reasons = defaultdict(int)
+    for runs in tuned.values():
+        for r in runs:
+            if r.info.status != "FINISHED":
+                reasons[r.data.tags.get(TAG_STOP_REASON, "?").split(" at ")[0]] += 1
+    if reasons:
+        lines += ["", "Stopped early: " + ", ".join(f"{k}: {n}" for k, n in sorted(reasons.items()))]
+    return lines + [""]
+
+
+def _best(runs):
+    return max(runs, key=lambda r: r.data.metrics.get("score", -1), default=None)
+
+
+def grids_figure(client, basis, variants, figures: Path) -> str | None:
+    panels = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            best = _best(basis.get(v, []))
+            if best is None:
+                continue
+            grid = _artifact(client, best.info.run_id, "grid.png", Path(tmp) / f"{v}-g")
+            near = _artifact(client, best.info.run_id, "nearest.png", Path(tmp) / f"{v}-n")
+            if grid and near:
+                panels.append((v, best.data.metrics.get("score", float("nan")), plt.imread(grid), plt.imread(near)))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 8.5), squeeze=False)
+    for j, (v, score, grid, near) in enumerate(panels):
+        axes[0, j].imshow(grid)
+        axes[0, j].set_title(f"{v} (score {score:.3f})", fontsize=9)
+        axes[1, j].imshow(near)
+        for ax in axes[:, j]:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(figures / "grids.png", dpi=110)
+    plt.close(fig)
+    return "grids.png"
+
+
+def coverage_figure(client, basis, variants, figures: Path) -> str | None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, v in enumerate(variants):
+            for k, run in enumerate(basis.get(v, [])):
+                path = _artifact(client, run.info.run_id, "per_train_best_ssim.json", Path(tmp) / run.info.run_id)
+                if path is None:
+                    continue
+                curve = json.loads(path.read_text())
+                ax.plot(range(len(curve)), curve, color=f"C{i}", alpha=0.8, label=v if k == 0 else None)
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.axhline(0.4, color="grey", ls=":", lw=1, label="reconstruction bar 0.4")
+    ax.set_xlabel("training images, sorted")
+    ax.set_ylabel("best SSIM of any generated image")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "per_train_best_ssim.png", dpi=110)
+    plt.close(fig)
+    return "per_train_best_ssim.png"
+
+
+def score_curves_figure(client, tuned, variants, figures: Path) -> str | None:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    drawn = False
+    for i, v in enumerate(variants):
+        for k, run in enumerate(tuned.get(v, [])):
+            history = client.get_metric_history(run.info.run_id, "score")
+            if not history:
+                continue
+            steps, values = zip(*sorted((m.step, m.value) for m in history))
+            ax.plot(steps, values, color=f"C{i}", ls="-" if run.info.status == "FINISHED" else "--",
+                    alpha=0.7, lw=1, label=v if k == 0 else None)
+            if run.info.status != "FINISHED":
+                ax.plot(steps[-1], values[-1], "x", color=f"C{i}", ms=5)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("score")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "score_vs_epoch.png", dpi=110)
+    plt.close(fig)
+    return "score_vs_epoch.png"
+
+
+def collapse_figure(tuned, confirmed, variants, figures: Path) -> str | None:
+    def rate(runs):
+        vals = [r.data.metrics.get("collapsed") for r in runs if "collapsed" in r.data.metrics]
+        return sum(vals) / len(vals) if vals else float("nan")
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(variants), 3.5))
+    x = range(len(variants))
+    ax.bar([i - 0.2 for i in x], [rate(tuned.get(v, [])) for v in variants], 0.4, label="tuning trials")
+    if confirmed:
+        ax.bar([i + 0.2 for i in x], [rate(confirmed.get(v, [])) for v in variants], 0.4, label="confirmation runs")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(variants, fontsize=8, rotation=15)
+    ax.set_ylabel("collapsed at the end")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "collapse_rate.png", dpi=110)
+    plt.close(fig)
+    return "collapse_rate.png"
+
+
+def importance_figure(client, parent, variants, figures: Path, params: dict) -> str | None:
+    import optuna
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = _artifact(client, parent.info.run_id, "optuna.db", Path(tmp))
+        if db is None:
+            return None
+        storage = f"sqlite:///{db}"
+        results = {}
+        for v in variants:
+            try:
+                study = optuna.load_study(study_name=f"{params.get('name', '')}/{v}", storage=storage)
+                if len(study.directions) == 1:
+                    results[v] = optuna.importance.get_param_importances(study)
+                else:
+                    pareto_figure(study, v, figures)
+            except Exception:
+                continue
+    if not results:
+        return None
+    keys = sorted({k for imp in results.values() for k in imp})
+    fig, ax = plt.subplots(figsize=(6.5, 0.4 * len(keys) + 1.5))
+    height = 0.8 / len(results)
+    for i, (v, imp) in enumerate(results.items()):
+        ax.barh([j + i * height for j in range(len(keys))], [imp.get(k, 0) for k in keys], height, label=v)
+    ax.set_yticks([j + 0.4 - height / 2 for j in range(len(keys))])
+    ax.set_yticklabels(keys, fontsize=8)
+    ax.set_xlabel("importance (fANOVA) for the score")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "importance.png", dpi=110)
+    plt.close(fig)
+    return "importance.png"
+
+
+def pareto_figure(study, variant: str, figures: Path) -> None:
+    import optuna
+
+    ax = optuna.visualization.matplotlib.plot_pareto_front(study)
+    ax.figure.savefig(figures / f"pareto-{variant}.png", dpi=110)
+    plt.close(ax.figure)
+
+
+def compare_runs(run_ids: list[str], uri: str) -> str:
+    """A Markdown table: the params that differ between the runs, then every metric."""
+    client = client_for(uri)
+    runs = []
+    for run_id in run_ids:
+        try:
+            runs.append(client.get_run(run_id))
+        except Exception:
+            raise ConfigError(f"run_ids: no run {run_id!r} in {uri}") from None
+    names = [r.info.run_name or r.info.run_id[:8] for r in runs]
+    params = sorted({k for r in runs for k in r.data.params})
+    differing = [k for k in params if len({r.data.params.get(k) for r in runs}) > 1]
+    metrics = sorted({k for r in runs for k in r.data.metrics})
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(runs)]
+    lines += [f"| {k} | " + " | ".join(str(r.data.params.get(k, "-")) for r in runs) + " |" for k in differing]
+    lines.append("| **status** | " + " | ".join(r.info.status for r in runs) + " |")
+    for k in metrics:
+        lines.append(f"| {k} | " + " | ".join(f"{r.data.metrics[k]:.4g}" if k in r.data.metrics else "-"
+                                              for r in runs) + " |")
+    return "\n".join(lines)
