@@ -17,6 +17,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one setting, dotted (e.g. --set loss.kkt=1 --set classifier.pool=max)")
 
 
+def _add_sweep_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (default: runs/<name>)")
+    p.add_argument("--address", help="connect to a running Ray cluster (e.g. 10.0.0.1:6379 or auto)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--smoke", action="store_true", help="tiny budget: 2 trials x 2 epochs x 3 steps")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+
+
 def format_table(rows: list[tuple[str, str]], headers=("metric", "value")) -> str:
     width = max(len(headers[0]), *(len(r[0]) for r in rows))
     lines = [f"| {headers[0]:<{width}} | {headers[1]} |", f"|{'-' * (width + 2)}|{'-' * (len(headers[1]) + 2)}|"]
@@ -137,23 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="Ray Tune + Optuna + ASHA over a search_spaces/*.yaml file, tracked in MLflow")
     p.add_argument("file", help="sweep file (search_spaces/*.yaml)")
-    _add_config_args(p)
-    p.add_argument("--out", help="output folder (default: runs/<sweep name>)")
-    p.add_argument("--address", help="connect to a running Ray cluster (e.g. 10.0.0.1:6379 or auto)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
-    p.add_argument("--smoke", action="store_true", help="tiny budget: 2 trials x 2 epochs x 3 steps")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    _add_sweep_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("ablate", help="per-variant tuning with equal budgets, then the best weights over seeds")
     p.add_argument("file", help="sweep file with axes (search_spaces/*.yaml)")
-    _add_config_args(p)
+    _add_sweep_args(p)
     p.add_argument("--seeds", type=int, default=3, help="confirmation seeds per variant (default 3)")
-    p.add_argument("--out", help="output folder (default: runs/<name>)")
-    p.add_argument("--address", help="connect to a running Ray cluster")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted study in --out")
-    p.add_argument("--smoke", action="store_true", help="tiny budget")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("report", help="tables and figures of a study, read from MLflow")

@@ -166,6 +166,13 @@ def tuning_section(tuned: dict[str, list], params: dict) -> list[str]:
     return lines + [""]
 
 
+def _save(fig, figures: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(figures / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def _best(runs):
     return max(runs, key=lambda r: r.data.metrics.get("score", -1), default=None)
 
@@ -190,10 +197,7 @@ def grids_figure(client, basis, variants, figures: Path) -> str | None:
         axes[1, j].imshow(near)
         for ax in axes[:, j]:
             ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(figures / "grids.png", dpi=110)
-    plt.close(fig)
-    return "grids.png"
+    return _save(fig, figures, "grids.png")
 
 
 def coverage_figure(client, basis, variants, figures: Path) -> str | None:
@@ -215,10 +219,7 @@ def coverage_figure(client, basis, variants, figures: Path) -> str | None:
     ax.set_xlabel("training images, sorted")
     ax.set_ylabel("best SSIM of any generated image")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(figures / "per_train_best_ssim.png", dpi=110)
-    plt.close(fig)
-    return "per_train_best_ssim.png"
+    return _save(fig, figures, "per_train_best_ssim.png")
 
 
 def score_curves_figure(client, tuned, variants, figures: Path) -> str | None:
@@ -241,10 +242,7 @@ def score_curves_figure(client, tuned, variants, figures: Path) -> str | None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("score")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(figures / "score_vs_epoch.png", dpi=110)
-    plt.close(fig)
-    return "score_vs_epoch.png"
+    return _save(fig, figures, "score_vs_epoch.png")
 
 
 def collapse_figure(tuned, confirmed, variants, figures: Path) -> str | None:
@@ -261,10 +259,7 @@ def collapse_figure(tuned, confirmed, variants, figures: Path) -> str | None:
     ax.set_ylabel("collapsed at the end")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(figures / "collapse_rate.png", dpi=110)
-    plt.close(fig)
-    return "collapse_rate.png"
+    return _save(fig, figures, "collapse_rate.png")
 
 
 def importance_figure(client, parent, variants, figures: Path, params: dict) -> str | None:
@@ -296,10 +291,7 @@ def importance_figure(client, parent, variants, figures: Path, params: dict) -> 
     ax.set_yticklabels(keys, fontsize=8)
     ax.set_xlabel("importance (fANOVA) for the score")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(figures / "importance.png", dpi=110)
-    plt.close(fig)
-    return "importance.png"
+    return _save(fig, figures, "importance.png")
 
 
 def pareto_figure(study, variant: str, figures: Path) -> None:

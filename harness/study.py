@@ -9,8 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from harness.sweep import (SweepInterrupted, VariantOutcome, best_rows, init_ray, open_tracking, run_variant,
-                           trial_resources)
+from harness.sweep import SweepInterrupted, VariantOutcome, best_rows, closing_runs, run_variant, start_driver
 from harness.sweep_config import AshaConfig, StopConfig, SweepConfig
 
 TAG_SEED = "harness.seed"
@@ -24,23 +23,13 @@ def confirm_settings(best_config: dict, seed: int) -> dict:
 
 def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: str | None = None,
                  resume: bool = False, mlflow_uri: str | None = None) -> dict[str, dict[str, VariantOutcome]]:
-    from harness.config import ConfigError
-    from harness.tracking import client_for, finish_open_runs
-
     out_dir = out_dir.resolve()
-    if not resume and (out_dir / "ray").exists() and any((out_dir / "ray").iterdir()):
-        raise ConfigError(f"--out: {out_dir} already holds a study; pass --resume to continue it or "
-                          "choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resources = trial_resources(sweep, init_ray(address))
-    params = {**sweep.model_dump(), "seeds": seeds}
-    tracking = open_tracking(sweep.name, out_dir, mlflow_uri, "study", params, resume)
-    parent, experiment_id, uri = tracking
-    client = client_for(uri)
+    resources, tracking = start_driver(sweep, out_dir, address, resume, mlflow_uri, "study",
+                                       {**sweep.model_dump(), "seeds": seeds})
     confirm_sweep = sweep.model_copy(update={"asha": AshaConfig(enabled=False),
                                              "stop": StopConfig(collapse_patience=10 ** 6)})
     outcomes: dict[str, dict[str, VariantOutcome]] = {}
-    try:
+    with closing_runs(tracking, "study") as client:
         for variant, settings in sweep.variants():
             tuned = run_variant(sweep, variant, settings, out_dir, resources, tracking, "tune", resume)
             outcomes[variant] = {"tune": tuned}
@@ -55,15 +44,8 @@ def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: s
             outcomes[variant]["confirm"] = confirmed
             if confirmed.interrupted:
                 raise SweepInterrupted(variant)
-    except (KeyboardInterrupt, SweepInterrupted):
-        finish_open_runs(client, experiment_id, parent, "KILLED", "interrupted: resume with --resume")
-        raise KeyboardInterrupt from None
-    except BaseException:
-        finish_open_runs(client, experiment_id, parent, "FAILED", "the study driver failed")
-        raise
-    if (out_dir / "optuna.db").exists():
-        client.log_artifact(parent, str(out_dir / "optuna.db"))
-    finish_open_runs(client, experiment_id, parent, "FINISHED", "study finished")
+        if (out_dir / "optuna.db").exists():
+            client.log_artifact(tracking[0], str(out_dir / "optuna.db"))
     (out_dir / "summary.json").write_text(json.dumps(
         {v: {phase: o.rows for phase, o in phases.items()} for v, phases in outcomes.items()}, indent=1, default=str))
     return outcomes

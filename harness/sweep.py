@@ -9,6 +9,7 @@ Output folder DIR (default ./runs/<sweep name>):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,7 +17,6 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -344,34 +344,48 @@ def open_tracking(sweep_name: str, out_dir: Path, mlflow_uri: str | None, kind: 
     return parent, experiment_id, uri
 
 
-def run_sweep(sweep: SweepConfig, out_dir: Path, address: str | None = None, resume: bool = False,
-              mlflow_uri: str | None = None) -> list[VariantOutcome]:
-    from harness.tracking import client_for, finish_open_runs
-
-    out_dir = out_dir.resolve()
+def start_driver(sweep: SweepConfig, out_dir: Path, address: str | None, resume: bool, mlflow_uri: str | None,
+                 kind: str, params: dict) -> tuple[dict, tuple[str, str, str]]:
+    """Check the output folder, start/connect Ray, open the MLflow parent run:
+    (resources per trial, (parent run id, experiment id, tracking URI))."""
     if not resume and (out_dir / "ray").exists() and any((out_dir / "ray").iterdir()):
-        raise ConfigError(f"--out: {out_dir} already holds a sweep; pass --resume to continue it or "
+        raise ConfigError(f"--out: {out_dir} already holds a {kind}; pass --resume to continue it or "
                           "choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    cluster = init_ray(address)
-    resources = trial_resources(sweep, cluster)
-    tracking = open_tracking(sweep.name, out_dir, mlflow_uri, "sweep", sweep.model_dump(), resume)
+    resources = trial_resources(sweep, init_ray(address))
+    return resources, open_tracking(sweep.name, out_dir, mlflow_uri, kind, params, resume)
+
+
+@contextlib.contextmanager
+def closing_runs(tracking: tuple[str, str, str], kind: str):
+    """End the parent and every child still RUNNING however the driver leaves: FINISHED,
+    KILLED on interrupt (then exit as KeyboardInterrupt), FAILED on an error."""
+    from harness.tracking import client_for, finish_open_runs
+
     parent, experiment_id, uri = tracking
     client = client_for(uri)
-    outcomes = []
     try:
+        yield client
+    except (KeyboardInterrupt, SweepInterrupted):
+        finish_open_runs(client, experiment_id, parent, "KILLED", "interrupted: resume with --resume")
+        raise KeyboardInterrupt from None
+    except BaseException:
+        finish_open_runs(client, experiment_id, parent, "FAILED", f"the {kind} driver failed")
+        raise
+    finish_open_runs(client, experiment_id, parent, "FINISHED", f"{kind} finished")
+
+
+def run_sweep(sweep: SweepConfig, out_dir: Path, address: str | None = None, resume: bool = False,
+              mlflow_uri: str | None = None) -> list[VariantOutcome]:
+    out_dir = out_dir.resolve()
+    resources, tracking = start_driver(sweep, out_dir, address, resume, mlflow_uri, "sweep", sweep.model_dump())
+    outcomes = []
+    with closing_runs(tracking, "sweep"):
         for variant, settings in sweep.variants():
             outcome = run_variant(sweep, variant, settings, out_dir, resources, tracking, "tune", resume)
             outcomes.append(outcome)
             if outcome.interrupted:
                 raise SweepInterrupted(variant)
-    except (KeyboardInterrupt, SweepInterrupted):
-        finish_open_runs(client, experiment_id, parent, "KILLED", "interrupted: resume with --resume")
-        raise KeyboardInterrupt from None
-    except BaseException:
-        finish_open_runs(client, experiment_id, parent, "FAILED", "the sweep driver failed")
-        raise
-    finish_open_runs(client, experiment_id, parent, "FINISHED", "sweep finished")
     (out_dir / "summary.json").write_text(json.dumps(
         [{"variant": o.variant, "trials": o.rows} for o in outcomes], indent=1, default=str))
     return outcomes

@@ -13,8 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 

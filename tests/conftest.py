@@ -1,6 +1,8 @@
 """Test set-up: real MNIST/FashionMNIST from the project's shared data folder (no internet here),
 a fresh classifier cache per test session, and small configurations that still run the real code."""
 import os
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,26 @@ def tiny_config():
     def make(*overrides: str):
         return build_config(TINY, list(overrides))
     return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address(session_cache, tmp_path_factory):
+    """A real Ray head on loopback for the whole test session."""
+    port = free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=150000000",
+                    "--disable-usage-stats", f"--temp-dir={temp}"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
+    yield address
+    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+

@@ -1,44 +1,19 @@
 """The sweep layer on a real Ray head (`ray start --head` on loopback, one per test session) and
 a real MLflow store: SQLite, and a real `mlflow server` over HTTP."""
-import os
 import signal
-import socket
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import mlflow
 import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, free_port
 
 pytestmark = pytest.mark.sweep
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def ray_address(session_cache, tmp_path_factory):
-    """A real Ray head on loopback for the whole test session."""
-    port = free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=150000000",
-                    "--disable-usage-stats", f"--temp-dir={temp}"],
-                   check=True, env=env, capture_output=True, timeout=120)
-    address = f"127.0.0.1:{port}"
-    yield address
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def write_sweep(path: Path, **changes) -> Path:
@@ -162,31 +137,37 @@ def _wait_for_progress(out: Path, min_checkpoints: int, timeout: float) -> None:
     raise AssertionError("the sweep made no progress")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_killed_sweep_resumes_to_exactly_num_samples(tmp_path, ray_address, sig):
+def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, ray_address):
     file = write_sweep(tmp_path / "r.yaml", name="resume", budget={"num_samples": 4},
                        base={**TINY, "train": {"epochs": 6, "steps_per_epoch": 3, "batch_size": 20}},
                        resources={"cpu": 1, "max_concurrent": 2})
     out = tmp_path / "resume"
-    driver = subprocess.Popen(sweep_cmd(file, out, ray_address), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    # 1. Ctrl-C: the driver ends its runs as KILLED and exits non-zero
+    driver = subprocess.Popen(sweep_cmd(file, out, ray_address), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_progress(out, 2, timeout=300)
-    driver.send_signal(sig)
-    _, err = driver.communicate(timeout=300)
-    assert driver.returncode != 0
-    if sig == signal.SIGINT:
-        kids, parents = children(f"sqlite:///{out / 'mlflow.db'}", "resume")
-        assert not [r for r in kids + parents if r.info.status == "RUNNING"], "interrupt left runs RUNNING"
+    driver.send_signal(signal.SIGINT)
+    driver.communicate(timeout=300)
+    assert driver.returncode == 130
+    kids, parents = children(uri, "resume")
+    assert kids and not [r for r in kids + parents if r.info.status == "RUNNING"], "interrupt left runs RUNNING"
+    # 2. resume, then SIGKILL the driver mid-run: nothing can clean up
+    done_before = len(list((out / "ray").glob("*/*/checkpoint_*")))
+    driver = subprocess.Popen(sweep_cmd(file, out, ray_address, "--resume"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    _wait_for_progress(out, done_before + 2, timeout=300)
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate(timeout=60)
     time.sleep(2)  # let Ray reap the dead driver's trial actors
-    proc = subprocess.run(sweep_cmd(file, out, ray_address, "--resume"), capture_output=True, text=True,
-                          timeout=600)
+    # 3. resume to the end
+    proc = subprocess.run(sweep_cmd(file, out, ray_address, "--resume"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    kids, parents = children(f"sqlite:///{out / 'mlflow.db'}", "resume")
+    kids, parents = children(uri, "resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(kids) == 4, [(k.data.tags.get("harness.trial_id"), k.info.status) for k in kids]
     assert len({k.data.tags["harness.trial_id"] for k in kids}) == 4
     assert all(k.info.status == "FINISHED" for k in kids)
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = MlflowClient(uri)
     for k in kids:  # each epoch logged once, also for trials replayed from a checkpoint
         assert [m.step for m in client.get_metric_history(k.info.run_id, "loss")] == list(range(1, 7))
     assert "4 trials (0 failed)" in proc.stdout

@@ -1,0 +1,104 @@
+"""A tiny real study (`harness ablate` on the session's Ray head), then `harness report` and
+`harness compare` on its MLflow store."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from harness.report import TABLE_METRICS, _fmt
+from harness.study import mean_ci
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.sweep
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, ray_address):
+    tmp = tmp_path_factory.mktemp("study")
+    spec = {
+        "name": "tiny_pooling",
+        "description": "two pooling variants at a tiny budget",
+        "base": {**TINY, "train": {"epochs": 3, "steps_per_epoch": 2, "batch_size": 20}},
+        "axes": {"classifier.pool": ["avg", "max"]},
+        # a trial that draws raise_once fails (max_failures 0): the store then holds a FAILED run
+        "search": {"loss.tv": {"dist": "uniform", "low": 0.0, "high": 0.5},
+                   "fault": {"dist": "choice", "values": ["none", "raise_once"]}},
+        "budget": {"num_samples": 4},
+        "asha": {"grace_period": 1, "reduction_factor": 2},
+        "stop": {"collapse_patience": 100},
+        "max_failures": 0,
+        "resources": {"cpu": 1},
+        "tpe_startup_trials": 4,
+        "claim": {"statement": "avg leaks more than max", "metric": "ssim_nn_train_mean",
+                  "greater": "pool=avg", "lesser": "pool=max"},
+    }
+    file = tmp / "tiny.yaml"
+    file.write_text(yaml.safe_dump(spec))
+    out = tmp / "run"
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "ablate", str(file), "--seeds", "2", "--out", str(out),
+                           "--address", ray_address], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return f"sqlite:///{out / 'mlflow.db'}", tmp
+
+
+def test_study_tracks_both_phases(study):
+    uri, _ = study
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny_pooling")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    phases = {(r.data.tags["harness.variant"], r.data.tags["harness.phase"]) for r in kids}
+    assert phases == {("pool=avg", "tune"), ("pool=max", "tune"), ("pool=avg", "confirm"), ("pool=max", "confirm")}
+    statuses = {r.info.status for r in kids}
+    assert "FAILED" in statuses and "KILLED" in statuses and "RUNNING" not in statuses
+    confirm = [r for r in kids if r.data.tags["harness.phase"] == "confirm"]
+    assert len(confirm) == 4 and {r.data.params["seed"] for r in confirm} == {"0", "1"}
+
+
+def test_report_tables_match_mlflow(study):
+    uri, tmp = study
+    out = tmp / "report"
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "report", "--experiment", "tiny_pooling",
+                           "--mlflow-uri", uri, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "README.md").read_text()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny_pooling")
+    for variant in ("pool=avg", "pool=max"):
+        runs = client.search_runs([exp.experiment_id], f"tags.`harness.variant` = '{variant}' and "
+                                  "tags.`harness.phase` = 'confirm'")
+        expected = [_fmt(*mean_ci([r.data.metrics[m] for r in runs])) for m in TABLE_METRICS]
+        assert f"| {variant} | " + " | ".join(expected) + " |" in text
+    assert any(word in text for word in ("**supported**", "**not supported**", "**inconclusive**"))
+    for figure in ("grids.png", "per_train_best_ssim.png", "score_vs_epoch.png", "collapse_rate.png"):
+        assert (out / "figures" / figure).stat().st_size > 0, figure
+
+
+def test_compare_lists_differing_params(study):
+    uri, _ = study
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny_pooling")
+    runs = client.search_runs([exp.experiment_id], "tags.`harness.phase` = 'confirm'", max_results=2)
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "compare", *[r.info.run_id for r in runs],
+                           "--mlflow-uri", uri], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| seed |" in proc.stdout and "| ssim_nn_train_mean |" in proc.stdout
+
+
+@pytest.mark.parametrize("experiment", ["no_such_study"])
+def test_report_on_missing_experiment_exits_2(study, experiment):
+    uri, tmp = study
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "report", "--experiment", experiment,
+                           "--mlflow-uri", uri, "--out", str(tmp / "x")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no experiment named" in proc.stderr
+    assert not (tmp / "x").exists()
+
+
+def test_report_on_empty_experiment_exits_2(study):
+    uri, tmp = study
+    MlflowClient(uri).create_experiment("empty_one")
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "report", "--experiment", "empty_one",
+                           "--mlflow-uri", uri], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "holds no study" in proc.stderr
