@@ -77,13 +77,15 @@ class LossConfig(_Section):
     kl: float = Field(0.0, ge=0, description="KL(c || p): match the conditioning vector.")
     cos: float = Field(0.0, ge=0, description="Mean cosine similarity of penultimate features (diversity).")
     ortho: float = Field(0.0, ge=0, description="||F^F^T - I||^2 over feature pairs (diversity).")
-    tv: float = Field(0.0, ge=0, description="Total variation (smoothness).")
+    ms: float = Field(0.0, ge=0, description="Mode seeking: pixel distance / latent distance of "
+                      "same-class pairs, inverted (pixel-space diversity; not in the study's list).")
+    tv: float = Field(0.3, ge=0, description="Total variation (smoothness).")
     pixel: float = Field(0.0, ge=0, description="Pixel-range penalty on the pre-Tanh output.")
     pert: float = Field(0.0, ge=0, description="Perturbation consistency.")
     conf: float = Field(0.0, ge=0, description="Confidence: 1 - p_y (or entropy).")
     grad: float = Field(0.0, ge=0, description="Norm of the classifier's parameter gradient.")
     kkt: float = Field(0.0, ge=0, description="KKT-inspired stationarity loss (Haim et al.).")
-    bn: float = Field(0.0, ge=0, description="BatchNorm-statistics prior (DeepInversion).")
+    bn: float = Field(0.1, ge=0, description="BatchNorm-statistics prior (DeepInversion).")
 
     diversity_scope: Literal["class", "all"] = Field(
         "class", description="cos/ortho over same-class pairs (class) or over all pairs (all).")
@@ -105,12 +107,13 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(30, ge=1, description="Generator epochs (an evaluation after each).")
+    epochs: int = Field(20, ge=1, description="Generator epochs.")
     steps_per_epoch: int = Field(100, ge=1, description="Generator steps per epoch.")
     batch_size: int = Field(64, ge=2, description="Generated images per step.")
-    lr: float = Field(2e-4, gt=0, description="Adam learning rate of the generator.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the generator.")
     beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 of the generator.")
-    eval_every: int = Field(1, ge=1, description="Evaluate every this many epochs (the last always).")
+    eval_every: int = Field(2, ge=1, description="Evaluate every this many epochs (the last always); "
+                            "epochs in between report the last evaluation.")
 
 
 class EvalConfig(_Section):

@@ -26,6 +26,7 @@ class GeneratedBatch:
     y: torch.Tensor         # B target labels (argmax c)
     logits: torch.Tensor    # f(x)
     features: torch.Tensor  # penultimate features of f(x), B x D
+    z: torch.Tensor | None = None  # the latents that made x
 
 
 def kl_div(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -98,6 +99,21 @@ class Orthogonality(LossTerm):
         if not mask.any():
             return b.features.new_zeros(())
         return (f @ f.T)[mask].pow(2).sum() / mask.sum()
+
+
+class ModeSeeking(LossTerm):
+    """Pixel-space diversity (Mao et al. 2019, mode-seeking GAN): for same-label pairs,
+    1 / (mean |x_i − x_j| / mean |z_i − z_j| + ε). The feature-space terms (cos, ortho) can be
+    satisfied by imperceptible pixel changes; this one needs images that differ."""
+
+    def forward(self, b: GeneratedBatch):
+        mask = pair_mask(b.y, "class")
+        if not mask.any() or b.z is None:
+            return b.x.new_zeros(())
+        i, j = mask.nonzero(as_tuple=True)
+        dx = (b.x[i] - b.x[j]).abs().flatten(1).mean(1)
+        dz = (b.z[i] - b.z[j]).abs().mean(1)
+        return 1.0 / ((dx / dz).mean() + 1e-5)
 
 
 class TotalVariation(LossTerm):
@@ -220,6 +236,7 @@ LOSS_TERMS: dict[str, type[LossTerm]] = {
     "kl": KLToConditioning,
     "cos": CosineDiversity,
     "ortho": Orthogonality,
+    "ms": ModeSeeking,
     "tv": TotalVariation,
     "pixel": PixelRange,
     "pert": PerturbationConsistency,

@@ -92,7 +92,7 @@ class Trial:
             for term in self.terms.values():
                 stack.enter_context(term.capture())
             logits, feats = self.classifier(x)
-        return GeneratedBatch(x, pre, c, labels.to(self.device), logits, feats)
+        return GeneratedBatch(x, pre, c, labels.to(self.device), logits, feats, z)
 
     def train_epoch(self) -> dict[str, float]:
         """One epoch of generator steps; returns the mean of each term and of the total loss."""

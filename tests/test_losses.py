@@ -32,14 +32,14 @@ def term(name, classifier=None, **options):
     return LOSS_TERMS[name](cfg, classifier, Generator(GeneratorConfig()), 1000, 8, 0)
 
 
-def batch(x=None, logits=None, features=None, y=None, c=None, pre_tanh=None):
+def batch(x=None, logits=None, features=None, y=None, c=None, pre_tanh=None, z=None):
     b = 4
     x = torch.zeros(b, 1, 28, 28) if x is None else x
     y = torch.zeros(len(x), dtype=torch.long) if y is None else y
     c = nn.functional.one_hot(y, K).float() if c is None else c
     logits = torch.zeros(len(x), K) if logits is None else logits
     features = torch.ones(len(x), 3) if features is None else features
-    return GeneratedBatch(x, x if pre_tanh is None else pre_tanh, c, y, logits, features)
+    return GeneratedBatch(x, x if pre_tanh is None else pre_tanh, c, y, logits, features, z)
 
 
 def test_ce_of_uniform_logits_is_log_k():
@@ -71,6 +71,14 @@ def test_ortho_squares_cosines():
     b = batch(features=feats, y=torch.tensor([0, 0]), x=torch.zeros(2, 1, 28, 28))
     assert term("cos")(b).item() == pytest.approx(2 ** -0.5)
     assert term("ortho")(b).item() == pytest.approx(0.5)
+
+
+def test_mode_seeking_is_inverse_pixel_over_latent_distance():
+    x = torch.stack([torch.zeros(1, 28, 28), torch.ones(1, 28, 28), torch.full((1, 28, 28), 5.0)])
+    z = torch.stack([torch.zeros(100), torch.full((100,), 2.0), torch.zeros(100)])
+    # only the first two share a label: |dx| = 1, |dz| = 2 -> 1 / 0.5
+    b = batch(x=x, z=z, y=torch.tensor([0, 0, 1]))
+    assert term("ms")(b).item() == pytest.approx(2.0, rel=1e-4)
 
 
 def test_tv_of_vertical_stripes():
