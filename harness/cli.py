@@ -34,13 +34,14 @@ def format_table(rows: list[tuple[str, str]], headers=("metric", "value")) -> st
 
 
 def cmd_run(args) -> int:
+    from harness.config import build_config, load_yaml
+
+    cfg = build_config(load_yaml(args.config) if args.config else {}, args.overrides)  # before heavy imports
     from tqdm import tqdm
 
-    from harness.config import build_config, load_yaml
     from harness.metrics import METRIC_NAMES, REFERENCE_NAMES
     from harness.trial import Trial
 
-    cfg = build_config(load_yaml(args.config) if args.config else {}, args.overrides)
     out = Path(args.out or f"runs/{cfg.name}")
     trial = Trial(cfg)  # data and classifiers load here: input errors surface before any output
     info = trial.classifier_info

@@ -149,10 +149,10 @@ def tuning_section(tuned: dict[str, list], params: dict) -> list[str]:
         status = defaultdict(int)
         for r in runs:
             status[r.info.status] += 1
-        ok = [r for r in runs if math.isfinite(r.data.metrics.get("score", float("nan")))
-              and not r.data.metrics.get("nonfinite")]
+        ok = [r for r in runs if r.info.status != "FAILED" and not r.data.metrics.get("nonfinite")
+              and math.isfinite(r.data.metrics.get("score", float("nan")))]
         best = max(ok, key=lambda r: r.data.metrics["score"], default=None)
-        settings = ", ".join(f"{k}={float(best.data.params[k]):.3g}" for k in searched if best and k in best.data.params)
+        settings = ", ".join(f"{k}={_short(best.data.params[k])}" for k in searched if best and k in best.data.params)
         lines.append(f"| {v} | {len(runs)} | {status['FINISHED']} | {status['KILLED']} | {status['FAILED']} | "
                      f"{best.data.metrics['score']:.3f} | {settings} |" if best else
                      f"| {v} | {len(runs)} | {status['FINISHED']} | {status['KILLED']} | {status['FAILED']} | n/a | - |")
@@ -171,6 +171,13 @@ def _save(fig, figures: Path, name: str) -> str:
     fig.savefig(figures / name, dpi=110)
     plt.close(fig)
     return name
+
+
+def _short(value: str) -> str:
+    try:
+        return f"{float(value):.3g}"
+    except ValueError:
+        return value
 
 
 def _best(runs):

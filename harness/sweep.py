@@ -197,8 +197,9 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
         tune.with_parameters(run_trial, base=base, checkpoint_epochs=checkpoint_epochs(sweep, max_epochs),
                              cpus=resources["cpu"]), resources)
     parent_id, experiment_id, uri = tracking
+    fixed = dict(enumerate(fixed_params)) if fixed_params is not None else None
     logger = MlflowTrialLogger(uri, experiment_id, parent_id, base, max_epochs,
-                               tags={TAG_VARIANT: variant, TAG_PHASE: phase, **(extra_tags or {})})
+                               tags={TAG_VARIANT: variant, TAG_PHASE: phase, **(extra_tags or {})}, fixed=fixed)
     searcher = None
     if resume and tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True,
@@ -218,7 +219,6 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
         concurrency = sweep.resources.max_concurrent
         if fixed_params is not None:
             param_space = {"__fixed__": tune.grid_search(list(range(len(fixed_params))))}
-            fixed = {i: p for i, p in enumerate(fixed_params)}
             trainable = tune.with_resources(tune.with_parameters(
                 _run_fixed, base=base, fixed=fixed, checkpoint_epochs=checkpoint_epochs(sweep, max_epochs),
                 cpus=resources["cpu"]), resources)
@@ -254,7 +254,7 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
         if result.error is not None:
             outcome.errors += 1
         metrics = dict(result.metrics or {})
-        cfg = clean_searched({k: v for k, v in (result.config or {}).items()})
+        cfg = logger.settings_of(result.config or {})
         outcome.rows.append({"variant": variant, "trial_id": metrics.get("trial_id"), "config": cfg,
                              "metrics": metrics, "error": result.error is not None,
                              "run_id": logger.runs.get(metrics.get("trial_id"))})

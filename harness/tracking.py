@@ -96,9 +96,10 @@ class MlflowTrialLogger(Callback):
             "iterations_since_restore", "timesteps_since_restore", "training_iteration", "done"}
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_config: dict,
-                 max_epochs: int, tags: dict[str, str] | None = None):
+                 max_epochs: int, tags: dict[str, str] | None = None, fixed: dict[int, dict] | None = None):
         self.uri, self.experiment_id, self.parent = tracking_uri, experiment_id, parent_run_id
         self.base_config, self.max_epochs, self.tags = base_config, max_epochs, tags or {}
+        self.fixed = fixed or {}  # grid index -> settings, for trials of a fixed list (no search)
         self.runs: dict[str, str] = {}
         self.checkpoints: dict[str, Any] = {}
         self.last: dict[str, dict] = {}
@@ -140,8 +141,7 @@ class MlflowTrialLogger(Callback):
                 self.client.update_run(run_id, status="RUNNING")
             return run_id
         from harness.config import build_config, deep_merge, unflatten
-        from harness.sweep import clean_searched
-        resolved = build_config(deep_merge(self.base_config, unflatten(clean_searched(trial.config)))).model_dump()
+        resolved = build_config(deep_merge(self.base_config, unflatten(self.settings_of(trial.config)))).model_dump()
         tags = {"mlflow.parentRunId": self.parent, TAG_TRIAL_ID: trial.trial_id, **self.tags}
         run = self.client.create_run(self.experiment_id, run_name=f"{self.tags.get(TAG_VARIANT, 'trial')}-{trial.trial_id}",
                                      tags=tags)
@@ -153,6 +153,11 @@ class MlflowTrialLogger(Callback):
             self.client.log_batch(run_id, params=batch[i:i + 100])
         self.runs[trial.trial_id] = run_id
         return run_id
+
+    def settings_of(self, config: dict) -> dict:
+        """The dotted settings a trial runs with (searched values, or its fixed list entry)."""
+        from harness.sweep import clean_searched
+        return self.fixed[config["__fixed__"]] if "__fixed__" in config else clean_searched(config)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
@@ -192,8 +197,9 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
-        result = self.last.get(trial.trial_id, {})
-        epoch = int(result.get("epoch", 0))
+        # a trial that finished just before a driver died gets no result in this session
+        result = self.last.get(trial.trial_id) or getattr(trial, "last_result", None) or {}
+        epoch = max(int(result.get("epoch", 0)), self.logged_epoch.get(trial.trial_id, 0))
         if result.get("nonfinite"):
             status, reason = "KILLED", "stopped: the loss became NaN/inf"
         elif epoch >= self.max_epochs:

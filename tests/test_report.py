@@ -20,17 +20,19 @@ def study(tmp_path_factory, ray_address):
     spec = {
         "name": "tiny_pooling",
         "description": "two pooling variants at a tiny budget",
-        "base": {**TINY, "train": {"epochs": 3, "steps_per_epoch": 2, "batch_size": 20}},
+        "base": {**TINY, "train": {"epochs": 4, "steps_per_epoch": 2, "batch_size": 20}},
         "axes": {"classifier.pool": ["avg", "max"]},
-        # a trial that draws raise_once fails (max_failures 0): the store then holds a FAILED run
+        # a trial that draws raise_once fails (max_failures 0): the store then holds FAILED runs
         "search": {"loss.tv": {"dist": "uniform", "low": 0.0, "high": 0.5},
                    "fault": {"dist": "choice", "values": ["none", "raise_once"]}},
-        "budget": {"num_samples": 4},
+        "budget": {"num_samples": 2},
         "asha": {"grace_period": 1, "reduction_factor": 2},
-        "stop": {"collapse_patience": 100},
+        # tiny generators are collapsed: the stopper ends every surviving tuning trial at epoch 3 of 4,
+        # so the store also holds KILLED (stopped early) runs, deterministically
+        "stop": {"collapse_patience": 1, "collapse_min_epoch": 3},
         "max_failures": 0,
         "resources": {"cpu": 1},
-        "tpe_startup_trials": 4,
+        "tpe_startup_trials": 2,
         "claim": {"statement": "avg leaks more than max", "metric": "ssim_nn_train_mean",
                   "greater": "pool=avg", "lesser": "pool=max"},
     }

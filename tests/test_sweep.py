@@ -50,13 +50,14 @@ def children(uri: str, experiment: str) -> tuple[list, object]:
 
 def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     out = tmp_path / "smoke"
-    proc = subprocess.run(sweep_cmd(REPO / "search_spaces" / "smoke.yaml", out, ray_address),
+    proc = subprocess.run(sweep_cmd(REPO / "search_spaces" / "smoke.yaml", out, ray_address,
+                                    "--set", "budget.num_samples=5"),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| variant | score |" in proc.stdout
     uri = f"sqlite:///{out / 'mlflow.db'}"
     kids, parents = children(uri, "smoke")
-    assert len(parents) == 1 and len(kids) == 6
+    assert len(parents) == 1 and len(kids) == 5
     assert all(k.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for k in kids)
     assert {r.info.status for r in kids + parents} <= {"FINISHED", "KILLED"}
     pruned = [k for k in kids if k.info.status == "KILLED"]
@@ -74,7 +75,7 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     assert finished and all(len(client.get_metric_history(k.info.run_id, "score")) == epochs for k in finished)
     assert all(len(client.get_metric_history(k.info.run_id, "score")) < epochs for k in pruned)
     study = optuna.load_study(study_name="smoke/all", storage=f"sqlite:///{out / 'optuna.db'}")
-    assert len(study.trials) == 6
+    assert len(study.trials) == 5
     assert optuna.importance.get_param_importances(study)
 
 
