@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 import pytest
+
+from harness.cli import main
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -62,9 +64,7 @@ def test_study_tracks_both_phases(study):
 def test_report_tables_match_mlflow(study):
     uri, tmp = study
     out = tmp / "report"
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "report", "--experiment", "tiny_pooling",
-                           "--mlflow-uri", uri, "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["report", "--experiment", "tiny_pooling", "--mlflow-uri", uri, "--out", str(out)]) == 0
     text = (out / "README.md").read_text()
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("tiny_pooling")
@@ -78,29 +78,26 @@ def test_report_tables_match_mlflow(study):
         assert (out / "figures" / figure).stat().st_size > 0, figure
 
 
-def test_compare_lists_differing_params(study):
+def test_compare_lists_differing_params(study, capsys):
     uri, _ = study
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("tiny_pooling")
     runs = client.search_runs([exp.experiment_id], "tags.`harness.phase` = 'confirm'", max_results=2)
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "compare", *[r.info.run_id for r in runs],
-                           "--mlflow-uri", uri], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "| seed |" in proc.stdout and "| ssim_nn_train_mean |" in proc.stdout
+    assert main(["compare", *[r.info.run_id for r in runs], "--mlflow-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    assert "| seed |" in printed and "| ssim_nn_train_mean |" in printed
 
 
 @pytest.mark.parametrize("experiment", ["no_such_study"])
-def test_report_on_missing_experiment_exits_2(study, experiment):
+def test_report_on_missing_experiment_exits_2(study, experiment, capsys):
     uri, tmp = study
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "report", "--experiment", experiment,
-                           "--mlflow-uri", uri, "--out", str(tmp / "x")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "no experiment named" in proc.stderr
+    assert main(["report", "--experiment", experiment, "--mlflow-uri", uri, "--out", str(tmp / "x")]) == 2
+    assert "no experiment named" in capsys.readouterr().err
     assert not (tmp / "x").exists()
 
 
-def test_report_on_empty_experiment_exits_2(study):
-    uri, tmp = study
+def test_report_on_empty_experiment_exits_2(study, capsys):
+    uri, _ = study
     MlflowClient(uri).create_experiment("empty_one")
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "report", "--experiment", "empty_one",
-                           "--mlflow-uri", uri], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "holds no study" in proc.stderr
+    assert main(["report", "--experiment", "empty_one", "--mlflow-uri", uri]) == 2
+    assert "holds no study" in capsys.readouterr().err
