@@ -12,9 +12,6 @@ from pathlib import Path
 from harness.sweep import SweepInterrupted, VariantOutcome, best_rows, closing_runs, run_variant, start_driver
 from harness.sweep_config import AshaConfig, StopConfig, SweepConfig
 
-TAG_SEED = "harness.seed"
-
-
 def confirm_settings(best_config: dict, seed: int) -> dict:
     """The tuned weights with the seed of both the generator and the classifier set to `seed`:
     the confirmation measures the variant, not one lucky classifier."""

@@ -31,9 +31,10 @@ STATE_FILE = "state.pt"
 # --------------------------------------------------------------------------------------------
 # The trainable: runs inside a Ray worker.
 # --------------------------------------------------------------------------------------------
-def _write_checkpoint(trial, directory: Path, final: bool) -> None:
+def _write_checkpoint(trial, directory: Path) -> None:
+    """Resumable state plus the images and metrics (so a pruned trial still has its grid)."""
     torch.save(trial.state_dict(), directory / STATE_FILE)
-    trial.write_outputs(directory) if final else None
+    trial.write_outputs(directory)
 
 
 def run_trial(config: dict, base: dict, checkpoint_epochs: list[int], cpus: float) -> None:
@@ -61,8 +62,7 @@ def run_trial(config: dict, base: dict, checkpoint_epochs: list[int], cpus: floa
                   "setup_seconds": trial.setup_seconds, "classifier_test_acc": trial.classifier_info["test_acc"]}
         if trial.epoch in checkpoint_epochs or trial.done:
             with tempfile.TemporaryDirectory() as tmp:
-                # every checkpoint carries the images, so a pruned trial still has its grid
-                _write_checkpoint(trial, Path(tmp), final=True)
+                _write_checkpoint(trial, Path(tmp))
                 tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
         else:
             tune.report(result)
@@ -177,7 +177,7 @@ def persist_optuna(searcher, storage: str, study_name: str) -> None:
 
 
 def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path, resources: dict,
-                tracking, phase: str, resume: bool, extra_tags: dict | None = None,
+                tracking, phase: str, resume: bool,
                 fixed_params: list[dict] | None = None) -> VariantOutcome:
     """Tune one variant: Optuna + ASHA over `sweep.search` (or the `fixed_params` list, one
     trial each, no search), every trial logged under the parent MLflow run."""
@@ -199,7 +199,7 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
     parent_id, experiment_id, uri = tracking
     fixed = dict(enumerate(fixed_params)) if fixed_params is not None else None
     logger = MlflowTrialLogger(uri, experiment_id, parent_id, base, max_epochs,
-                               tags={TAG_VARIANT: variant, TAG_PHASE: phase, **(extra_tags or {})}, fixed=fixed)
+                               tags={TAG_VARIANT: variant, TAG_PHASE: phase}, fixed=fixed)
     searcher = None
     if resume and tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True,
@@ -229,8 +229,6 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
             import optuna
             sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=sweep.tpe_startup_trials,
                                                  multivariate=len(objectives) == 1)
-            if len(objectives) > 1:
-                sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=sweep.tpe_startup_trials)
             searcher = OptunaSearch(space=DefineByRunSpace(sweep.search), metric=list(objectives) if len(objectives) > 1 else sweep.metric,
                                     mode=list(objectives.values()) if len(objectives) > 1 else sweep.mode,
                                     sampler=sampler, seed=sweep.seed)
