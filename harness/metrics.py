@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from pytorch_msssim import ssim
+from pytorch_msssim.ssim import _fspecial_gauss_1d
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from harness.config import EvalConfig
@@ -62,28 +63,75 @@ def _candidates(queries: torch.Tensor, refs: torch.Tensor, topk: int) -> torch.T
                       by_l2(queries[..., centre, centre].flatten(1), refs[..., centre, centre].flatten(1))], 1)
 
 
+def _band(g: torch.Tensor, size: int) -> torch.Tensor:
+    """(size - len(g) + 1) x size matrix whose product with a signal is its valid convolution with g."""
+    out = torch.zeros(size - len(g) + 1, size, dtype=g.dtype, device=g.device)
+    for r in range(len(out)):
+        out[r, r:r + len(g)] = g
+    return out
+
+
+class SSIMStats:
+    """The per-image parts of SSIM, computed once per image: μ = G∗x and G∗x² over the valid
+    window positions. Then a pair (x, y) costs one filter of x·y and elementwise arithmetic
+    instead of five filters. The filter is pytorch_msssim's separable Gaussian written as two
+    matrix products with a banded matrix (Gᵥ x Gₕᵀ), bit-identical to its convolutions on CPU and
+    an order of magnitude faster on one-channel 28 x 28 images; the formula is
+    `pytorch_msssim.ssim`'s (equal to it to 1e-6, see tests)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images.float().flatten(0, 1)  # n x H x W
+        g = _fspecial_gauss_1d(SSIM_WINDOW, SSIM_SIGMA).flatten().to(self.images)
+        h, w = self.images.shape[-2:]
+        self.band_h, self.band_w = _band(g, h), _band(g, w)
+        self.mu = self.filter(self.images)
+        self.sq = self.filter(self.images * self.images)
+
+    def filter(self, x: torch.Tensor) -> torch.Tensor:
+        return self.band_h @ x @ self.band_w.T
+
+    def pairs(self, i: torch.Tensor, other: "SSIMStats", j: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """SSIM of self.images[i[n]] with other.images[j[n]] for every n."""
+        c1, c2 = (0.01 * DATA_RANGE) ** 2, (0.03 * DATA_RANGE) ** 2
+        out = []
+        for s in range(0, len(i), chunk):
+            a, b = i[s:s + chunk], j[s:s + chunk]
+            mu1, mu2 = self.mu[a], other.mu[b]
+            mu1_sq, mu2_sq, mu12 = mu1 * mu1, mu2 * mu2, mu1 * mu2
+            s12 = self.filter(self.images[a] * other.images[b]) - mu12
+            cs = (2 * s12 + c2) / (self.sq[a] - mu1_sq + other.sq[b] - mu2_sq + c2)
+            out.append((((2 * mu12 + c1) / (mu1_sq + mu2_sq + c1)) * cs).flatten(1).mean(1))
+        return torch.cat(out) if out else self.images.new_zeros(0)
+
+
 @torch.no_grad()
 def nearest_ssim(queries: Split, refs: Split, topk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query, the highest SSIM against refs of the same class and the index (into refs)
     of that image; `topk=None` compares with every same-class ref (exact). Queries of a class
-    with no refs get SSIM nan and index -1."""
+    with no refs get SSIM nan and index -1. A candidate found by more than one prefilter is
+    scored once; ties go to the lowest ref index."""
     best = torch.full((len(queries),), float("nan"))
     index = torch.full((len(queries),), -1, dtype=torch.long)
     q_img, r_img = queries.images.float().cpu(), refs.images.float().cpu()
     q_lab, r_lab = queries.labels.cpu(), refs.labels.cpu()
+    q_stats, r_stats = SSIMStats(q_img), SSIMStats(r_img)
     for k in range(NUM_CLASSES):
         q_idx, r_idx = (q_lab == k).nonzero().squeeze(1), (r_lab == k).nonzero().squeeze(1)
-        if len(q_idx) == 0 or len(r_idx) == 0:
+        n_q, n_r = len(q_idx), len(r_idx)
+        if n_q == 0 or n_r == 0:
             continue
         if topk is None:
-            cand = torch.arange(len(r_idx)).expand(len(q_idx), -1)
+            cand = torch.arange(n_r).expand(n_q, -1)
         else:
             cand = _candidates(q_img[q_idx], r_img[r_idx], topk)  # n_q x c, local ref indices
-        n_q, n_c = cand.shape
-        scores = paired_ssim(q_img[q_idx].repeat_interleave(n_c, 0), r_img[r_idx][cand.flatten()]).view(n_q, n_c)
-        val, pos = scores.max(1)
-        best[q_idx] = val
-        index[q_idx] = r_idx[cand.gather(1, pos[:, None]).squeeze(1)]
+        key = torch.unique(torch.arange(n_q)[:, None] * n_r + cand)  # distinct (query, ref) pairs, sorted
+        qi, ri = key // n_r, key % n_r
+        scores = q_stats.pairs(q_idx[qi], r_stats, r_idx[ri])
+        top = torch.full((n_q,), float("-inf")).scatter_reduce(0, qi, scores, "amax")
+        hit = scores == top[qi]
+        first = torch.full((n_q,), n_r).scatter_reduce(0, qi[hit], ri[hit], "amin")
+        best[q_idx] = top
+        index[q_idx] = r_idx[first]
     return best, index
 
 

@@ -7,8 +7,8 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from harness.config import DataConfig, EvalConfig
 from harness.data import Split, heldout_set, train_subset
-from harness.metrics import (compute_score, diversity, is_collapsed, nearest_ssim, nearest_ssim_bruteforce,
-                             paired_ssim, reference_points)
+from harness.metrics import (SSIMStats, compute_score, diversity, is_collapsed, nearest_ssim,
+                             nearest_ssim_bruteforce, paired_ssim, reference_points)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_prefilter_finds_the_brute_force_maximum(mnist):
     queries = Split(torch.cat([held.images, means]), torch.cat([held.labels, torch.arange(10)]))
     fast, index = nearest_ssim(queries, train, topk=15)
     exact = nearest_ssim_bruteforce(queries, train)
-    assert torch.equal(fast, exact)
+    assert torch.allclose(fast, exact, atol=1e-5)
     # the returned index is a same-class training image achieving that SSIM
     assert (train.labels[index] == queries.labels).all()
     assert torch.allclose(paired_ssim(queries.images, train.images[index]), fast, atol=1e-5)
@@ -46,7 +46,17 @@ def test_prefilter_finds_the_brute_force_maximum(mnist):
 def test_exhaustive_search_matches_brute_force_on_blank_images(mnist):
     train, _ = mnist
     blank = Split(-torch.ones(10, 1, 28, 28), torch.arange(10))
-    assert torch.equal(nearest_ssim(blank, train, topk=None)[0], nearest_ssim_bruteforce(blank, train))
+    assert torch.allclose(nearest_ssim(blank, train, topk=None)[0], nearest_ssim_bruteforce(blank, train), atol=1e-5)
+
+
+def test_cached_statistics_ssim_equals_the_library(mnist):
+    # nearest_ssim filters each image once (SSIMStats) and each pair once: same numbers as
+    # pytorch_msssim's five filters per pair
+    train, held = mnist
+    n = min(len(train), len(held))
+    i = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    fast = SSIMStats(held.images).pairs(i, SSIMStats(train.images), i.flip(0))
+    assert torch.allclose(fast, paired_ssim(held.images[i], train.images[i.flip(0)]), atol=1e-5)
 
 
 def test_prefilter_on_unstructured_noise_is_close_not_exact(mnist):

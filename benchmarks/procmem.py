@@ -1,0 +1,53 @@
+"""Peak memory of a process tree, sampled in a background thread (psutil, installed with Ray)."""
+from __future__ import annotations
+
+import os
+import threading
+
+import psutil
+
+
+class PeakMemory:
+    """Samples every `interval` s the RSS of `pid` and all its descendants (a local Ray instance's
+    raylet and workers are descendants of the driver). Records the largest single process RSS
+    whose command line matches `match` (None: any), and the largest total PSS of the tree (PSS
+    shares mapped libraries between processes instead of counting them in each)."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.5, match: str | None = None):
+        self.root = psutil.Process(pid or os.getpid())
+        self.interval, self.match = interval, match
+        self.peak_process_rss = 0
+        self.peak_total_pss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        total = 0
+        for p in procs:
+            try:
+                info = p.memory_full_info()
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            total += getattr(info, "pss", info.rss)
+            if self.match is None or self.match in cmd:
+                self.peak_process_rss = max(self.peak_process_rss, info.rss)
+        self.peak_total_pss = max(self.peak_total_pss, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "PeakMemory":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()

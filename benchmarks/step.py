@@ -1,0 +1,85 @@
+"""Benchmark 2: the cost of one generator step per loss term.
+
+A CE-only step first (the baseline), then CE plus each other term at weight 1, each timed over the
+same number of steps on the default trial (MNIST, N = 1000, 2-block avg-pool CNN, batch 64), so
+the price of `kkt`, `grad` and `pert` is visible. Also the achieved FLOP/s of the CE-only step
+(FLOPs counted by torch's FlopCounterMode) against the matmul rate measured in the same run.
+
+    python benchmarks/step.py [--steps 30] [--device cpu|cuda] [--set key=value ...]
+"""
+from __future__ import annotations
+
+import time
+
+from common import matmul_flops, parser, report, resolve_device, sync
+
+TERMS = ["kl", "cos", "ortho", "ms", "tv", "pixel", "pert", "conf", "grad", "kkt", "bn"]
+
+
+def time_steps(trial, steps: int, device) -> float:
+    """Seconds per step, after one warm-up step."""
+    trial.cfg.train.steps_per_epoch = 1
+    trial.train_epoch()
+    trial.cfg.train.steps_per_epoch = steps
+    sync(device)
+    start = time.perf_counter()
+    trial.train_epoch()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def step_flops(trial) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        batch = trial._batch()
+        total = sum(trial.weights[n] * t(batch) for n, t in trial.terms.items())
+        total.backward()
+    trial.optimizer.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def main(argv=None):
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--terms", default=",".join(TERMS), help="comma-separated terms to add to CE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+
+    from harness.config import build_config
+    from harness.trial import Trial
+
+    device = resolve_device(args.device)
+    base = {"device": str(device), "loss": {"ce": 1.0, "tv": 0.0, "bn": 0.0}}
+    overrides = list(args.overrides)
+    steps = args.steps
+    if args.tiny:
+        overrides += ["data.train_size=200", "classifier.epochs=1", "evaluator.epochs=1", "eval.per_class=10",
+                      "eval.reference_per_class=10", "eval.diversity_pairs=20", "train.batch_size=16"]
+        steps = 2
+    terms = [t for t in args.terms.split(",") if t]
+    rows, figures = [], {"steps": steps, "per_term": {}}
+    baseline = None
+    for term in ["ce", *terms]:
+        cfg = build_config(base, overrides + ([f"loss.{term}=1"] if term != "ce" else []))
+        trial = Trial(cfg)
+        seconds = time_steps(trial, steps, device)
+        if term == "ce":
+            baseline = seconds
+            flops = step_flops(trial)
+        label = "ce only" if term == "ce" else f"ce + {term}"
+        rows.append([label, seconds * 1e3, seconds / baseline])
+        figures["per_term"][term] = {"ms_per_step": seconds * 1e3, "vs_ce": seconds / baseline}
+    mm = matmul_flops(device, seconds=0.5 if args.tiny else 2.0)
+    achieved = flops / baseline
+    figures.update(ce_step_gflop=flops / 1e9, ce_gflops=achieved / 1e9, matmul_gflops=mm / 1e9,
+                   matmul_share=achieved / mm, batch=cfg.train.batch_size)
+    report(f"Generator step cost per loss term (batch {cfg.train.batch_size}, {steps} steps each, {device})",
+           ["loss terms", "ms / step", "x CE-only"], rows,
+           [f"CE-only step: {flops / 1e9:.3f} GFLOP -> {achieved / 1e9:.1f} GFLOP/s achieved, "
+            f"{100 * achieved / mm:.1f}% of the fp32 matmul rate measured in this run ({mm / 1e9:.0f} GFLOP/s)."],
+           figures, args.json)
+
+
+if __name__ == "__main__":
+    main()
