@@ -4,7 +4,9 @@ The same 8 trials (fixed configs: seeds 0-7 of one loss setting; no search, no p
 (a) in this process one after another, each with the torch threads one trial gets in the sweep,
     `harness.trial.Trial` stepped to the end and its outputs written (what `harness run` does);
 (b) by the sweep layer (`harness.sweep.run_sweep`: Ray Tune, `reuse_actors`, checkpoints, MLflow
-    child runs, images as artifacts) with 2 concurrent trials of 1 CPU each.
+    child runs, images as artifacts) with 2 concurrent trials of 1 CPU each; on a machine with a
+    GPU every trial runs on it and the C concurrent trials share it (1/C GPU each), so
+    `--concurrency 4` measures 4 trials sharing one GPU against 1 trial alone on it.
 Reported: trial-epochs per second of each, the overhead ratio = (b) wall / ((a) time / 2), also
 without Ray's start-up, the share of a trial's time its classifier cache hit costs, and peak
 memory: of the in-process trials (ru_maxrss) and, during (b), of the largest Ray worker and of the
@@ -39,7 +41,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--train-size", type=int, default=500)
     p.add_argument("--per-class", type=int, default=30)
-    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=2, help="concurrent trials in (b)")
+    p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (= torch threads) per trial")
     p.add_argument("--address", default=None, help="run on this Ray cluster (default: a local Ray)")
     args = p.parse_args(argv)
     if args.tiny:
@@ -56,13 +59,13 @@ def main(argv=None):
     # warm the caches first (classifier, evaluator, reference points): both arms then hit them
     Trial(build_config(deep_merge(base, {"train": {"epochs": 1}})))
 
-    # (a) in-process, sequential, 1 thread per trial (what each trial gets in the sweep)
+    # (a) in-process, sequential, with the threads each trial gets in the sweep (and the GPU, if any)
     cache_seconds, trial_seconds = [], []
     start_a = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.trials):
             t0 = time.perf_counter()
-            trial = Trial(build_config(deep_merge(base, {"seed": seed, "threads": 1})))
+            trial = Trial(build_config(deep_merge(base, {"seed": seed, "threads": args.cpus_per_trial})))
             while not trial.done:
                 trial.step()
             trial.write_outputs(Path(tmp) / str(seed))
@@ -76,14 +79,17 @@ def main(argv=None):
     from harness.sweep import init_ray, run_sweep
     from harness.sweep_config import SweepConfig
 
+    import torch
+
+    gpu = 1.0 / args.concurrency if torch.cuda.is_available() else 0.0  # C trials share one GPU
     sweep = SweepConfig.model_validate({
         "name": "bench-overhead", "base": deep_merge(base, {"seed": 0}),
         "asha": {"enabled": False}, "budget": {"num_samples": args.trials},
-        "resources": {"cpu": 1, "max_concurrent": args.concurrency},
+        "resources": {"cpu": args.cpus_per_trial, "gpu": gpu, "max_concurrent": args.concurrency},
         "stop": {"collapse_patience": 10 ** 6}, "checkpoint_every": args.epochs})
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        init_ray(args.address, num_cpus=args.concurrency)
+        init_ray(args.address, num_cpus=args.concurrency * args.cpus_per_trial)
         ray_start = time.perf_counter() - t0
         with PeakMemory(match="ray::") as mem:
             t1 = time.perf_counter()
@@ -98,11 +104,12 @@ def main(argv=None):
     trial_epochs = args.trials * args.epochs
     ideal = time_a / args.concurrency
     rows = [
-        ["(a) in-process, sequential, 1 thread", time_a, trial_epochs / time_a, "-"],
-        [f"(b) harness sweep, {args.concurrency} concurrent x 1 CPU", time_b, trial_epochs / time_b, time_b / ideal],
+        [f"(a) in-process, sequential, {args.cpus_per_trial} thread(s)", time_a, trial_epochs / time_a, "-"],
+        [f"(b) harness sweep, {args.concurrency} concurrent x {args.cpus_per_trial} CPU"
+         + (f" + {gpu:.2g} GPU" if gpu else ""), time_b, trial_epochs / time_b, time_b / ideal],
         ["(b) + Ray start-up", time_b + ray_start, trial_epochs / (time_b + ray_start), (time_b + ray_start) / ideal],
     ]
-    figures = {"trials": args.trials, "epochs": args.epochs, "steps": args.steps, "time_a_s": time_a,
+    figures = {"throughput_b_vs_a": time_a / time_b, "gpu_per_trial": gpu, "trials": args.trials, "epochs": args.epochs, "steps": args.steps, "time_a_s": time_a,
                "time_b_s": time_b, "ray_start_s": ray_start, "overhead_ratio": time_b / ideal,
                "overhead_ratio_with_ray_start": (time_b + ray_start) / ideal, "finished_b": finished,
                "trial_seconds_a": trial_seconds, "cache_hit_seconds": cache_seconds,
@@ -113,7 +120,8 @@ def main(argv=None):
     report(f"Sweep overhead: {args.trials} fixed trials x {args.epochs} epochs x {args.steps} steps "
            f"(N = {args.train_size}, batch 64)",
            ["arm", "wall s", "trial-epochs / s", "overhead ratio"], rows,
-           [f"overhead ratio = (b) wall / ((a) / {args.concurrency}); {finished}/{args.trials} sweep trials ran all "
+           [f"overhead ratio = (b) wall / ((a) / {args.concurrency}); throughput of (b) = {time_a / time_b:.2f}x (a)'s; "
+            f"{finished}/{args.trials} sweep trials ran all "
             f"{args.epochs} epochs (no pruning).",
             f"classifier cache hit: {1e3 * sum(cache_seconds) / len(cache_seconds):.0f} ms on average, at most "
             f"{100 * max(cache_share):.2f}% of a trial's time (mean trial {sum(trial_seconds) / len(trial_seconds):.1f} s).",

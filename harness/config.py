@@ -65,7 +65,7 @@ class GeneratorConfig(_Section):
     latent_dim: int = Field(100, ge=1, description="Dimension of the latent z.")
     embed_dim: int = Field(100, ge=1, description="Dimension of the conditioning embedding.")
     channels: int = Field(32, ge=8, description="Channels of the first transposed conv (halved per stage).")
-    dropout: float = Field(0.3, ge=0, lt=1, description="Dropout2d in the upsampling stages (heavy: 0.1-0.5).")
+    dropout: float = Field(0.5, ge=0, lt=1, description="Dropout2d in the upsampling stages (heavy: 0.1-0.5; 0.5 is the first default that was not collapsed, see README).")
     soft_fraction: float = Field(0.5, ge=0, le=1, description="Share of each training batch with "
                                  "soft (softmax) conditioning; the rest is one-hot.")
     soft_temperature: float = Field(1.0, gt=0, description="Temperature of the soft conditioning softmax.")
