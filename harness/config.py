@@ -114,6 +114,10 @@ class TrainConfig(_Section):
     beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 of the generator.")
     eval_every: int = Field(2, ge=1, description="Evaluate every this many epochs (the last always); "
                             "epochs in between report the last evaluation.")
+    amp: bool = Field(False, description="bfloat16 autocast for the generator step's forward passes and loss "
+                      "terms (a GPU switch; off by default: on a CPU it does not pay).")
+    compile: bool = Field(False, description="torch.compile the generator (a GPU switch; off by default: the "
+                          "compile time does not pay back on a CPU-sized run).")
 
 
 class EvalConfig(_Section):

@@ -63,6 +63,7 @@ class Trial:
 
         torch.manual_seed(cfg.seed)
         self.generator = Generator(cfg.generator).to(self.device)
+        self.generator_step = torch.compile(self.generator) if cfg.train.compile else self.generator
         self.terms = build_loss_terms(cfg.loss, self.classifier, self.generator, cfg.data.train_size,
                                       cfg.train.batch_size, cfg.seed).to(self.device)
         self.weights = {name: getattr(cfg.loss, name) for name in self.terms}
@@ -87,7 +88,7 @@ class Trial:
         c = sample_conditioning(labels, self.cfg.generator.soft_fraction, self.cfg.generator.soft_temperature,
                                 self.rng).to(self.device)
         z = torch.randn(b, self.cfg.generator.latent_dim, generator=self.rng).to(self.device)
-        x, pre = self.generator(z, c, return_pre_tanh=True)
+        x, pre = self.generator_step(z, c, return_pre_tanh=True)
         with contextlib.ExitStack() as stack:
             for term in self.terms.values():
                 stack.enter_context(term.capture())
@@ -102,9 +103,10 @@ class Trial:
         sums = {name: 0.0 for name in self.terms} | {"loss": 0.0}
         steps = self.cfg.train.steps_per_epoch
         for _ in range(steps):
-            batch = self._batch()
-            values = {name: term(batch) for name, term in self.terms.items()}
-            total = sum(self.weights[name] * v for name, v in values.items())
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.amp):
+                batch = self._batch()
+                values = {name: term(batch).float() for name, term in self.terms.items()}
+                total = sum(self.weights[name] * v for name, v in values.items())
             if self.cfg.fault == "nan" and self.epoch >= 1:
                 total = total * float("nan")
             if not torch.isfinite(total):

@@ -49,6 +49,9 @@ def test_same_config_gives_the_same_metrics(tiny_config):
     ("loss.kl=1", "loss.cos=0.1", "loss.ortho=0.1", "loss.tv=0.1", "loss.pixel=0.1", "loss.pert=1",
      "loss.conf=0.1", "loss.grad=0.1", "loss.kkt=1", "loss.bn=0.1"),
     ("classifier.arch=mlp", "loss.bn=0.1", "loss.kkt=1"),
+    # the GPU switch bfloat16 autocast (runs on a CPU too), with every term
+    ("train.amp=true", "loss.kl=1", "loss.cos=0.1", "loss.ortho=0.1", "loss.ms=0.1", "loss.pixel=0.1",
+     "loss.pert=1", "loss.conf=0.1", "loss.grad=0.1", "loss.kkt=1"),
 ])
 def test_loss_combinations_run_and_log_each_term(tiny_config, overrides):
     cfg = tiny_config(*overrides)
