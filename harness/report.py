@@ -79,6 +79,25 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, tuple]], refs: dict[s
     return f"**inconclusive**: {statement}. {numbers}; the interval contains the reference."
 
 
+def yardstick(stats: dict[str, dict[str, tuple]], refs: dict[str, float]) -> str:
+    """Where each variant's mean nn-SSIM sits among the reference points: a verdict between two
+    variants that both lie below the all-black image compares failures, and should say so."""
+    blank, mean_img = refs.get("ref_blank_ssim", float("nan")), refs.get("ref_classmean_ssim", float("nan"))
+    parts = []
+    for v, st in stats.items():
+        value = st["ssim_nn_train_mean"][0]
+        where = ("below the all-black image" if value < blank else
+                 "above the all-black image, below the class-mean image" if value < mean_img else
+                 "above the class-mean image")
+        parts.append(f"{v} {value:.3f} ({where})")
+    line = (f"Against the reference points (all-black {blank:.3f}, class mean {mean_img:.3f}, held-out real "
+            f"{refs.get('ref_heldout_ssim', float('nan')):.3f}), mean ssim_nn_train_mean: " + "; ".join(parts) + ".")
+    if stats and all(st["ssim_nn_train_mean"][0] < blank for st in stats.values()):
+        line += (" No variant beats the all-black image: at this budget the inversions are not "
+                 "training-like, and the verdict compares failures.")
+    return line
+
+
 def _artifact(client, run_id: str, name: str, into: Path) -> Path | None:
     try:
         return Path(client.download_artifacts(run_id, name, str(into)))
@@ -112,7 +131,7 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
     if command:
         lines += ["Made with:", "", "```bash", command, f"harness report --experiment {experiment} --mlflow-uri {uri}",
                   "```", ""]
-    lines += ["## Verdict", "", claim_verdict(params, stats, refs), ""]
+    lines += ["## Verdict", "", claim_verdict(params, stats, refs), "", yardstick(stats, refs), ""]
     n_seeds = {v: len(basis.get(v, [])) for v in variants}
     lines += [f"## Variants ({'confirmation runs over seeds' if confirmed else 'finished tuning trials (no confirmation phase)'})",
               "", "Mean ± 95% confidence half-width (Student t) over " +

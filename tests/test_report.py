@@ -74,6 +74,8 @@ def test_report_tables_match_mlflow(study):
         expected = [_fmt(*mean_ci([r.data.metrics[m] for r in runs])) for m in TABLE_METRICS]
         assert f"| {variant} | " + " | ".join(expected) + " |" in text
     assert any(word in text for word in ("**supported**", "**not supported**", "**inconclusive**"))
+    # each variant is placed against the reference points (tiny generators lie below the blank image)
+    assert "Against the reference points" in text and "pool=avg" in text.split("Against the reference points")[1]
     for figure in ("grids.png", "per_train_best_ssim.png", "score_vs_epoch.png", "collapse_rate.png"):
         assert (out / "figures" / figure).stat().st_size > 0, figure
 
