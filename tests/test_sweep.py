@@ -79,28 +79,9 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     assert optuna.importance.get_param_importances(study)
 
 
-def test_fault_is_retried_from_checkpoint_and_nan_never_wins(tmp_path, ray_address):
-    file = write_sweep(tmp_path / "f.yaml", name="faults", axes={"fault": ["raise_once", "nan"]},
-                       budget={"num_samples": 1}, base={**TINY, "train": {"epochs": 4, "steps_per_epoch": 2,
-                                                                          "batch_size": 20}})
-    out = tmp_path / "faults"
-    proc = subprocess.run(sweep_cmd(file, out, ray_address), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    uri = f"sqlite:///{out / 'mlflow.db'}"
-    kids, _ = children(uri, "faults")
-    by_variant = {k.data.tags["harness.variant"]: k for k in kids}
-    retried = by_variant["fault=raise_once"]
-    assert retried.info.status == "FINISHED" and retried.data.tags.get("harness.retried") == "true"
-    steps = [m.step for m in MlflowClient(uri).get_metric_history(retried.info.run_id, "loss")]
-    assert sorted(set(steps)) == [1, 2, 3, 4]  # resumed after epoch 2, not restarted from 1
-    nan_run = by_variant["fault=nan"]
-    assert nan_run.info.status == "KILLED" and "NaN" in nan_run.data.tags["harness.stop_reason"]
-    assert nan_run.data.metrics["score"] == 0 and nan_run.data.metrics["epoch"] == 2
-    best_lines = [l for l in proc.stdout.splitlines() if l.startswith("| fault=")]
-    assert best_lines and all("fault=nan" not in l for l in best_lines)
-
-
-def test_logs_to_a_real_mlflow_server_over_http(tmp_path, ray_address):
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback (SQLite backend, proxied artifacts)."""
     port = free_port()
     server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--artifacts-destination", str(tmp_path / "server-artifacts"),
@@ -114,19 +95,36 @@ def test_logs_to_a_real_mlflow_server_over_http(tmp_path, ray_address):
                 break
             except Exception:
                 time.sleep(0.5)
-        file = write_sweep(tmp_path / "s.yaml", name="remote", budget={"num_samples": 1})
-        proc = subprocess.run(sweep_cmd(file, tmp_path / "remote", ray_address, "--mlflow-uri", uri),
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        kids, parents = children(uri, "remote")
-        assert len(kids) == 1 and len(parents) == 1
-        assert all(k.info.status == "FINISHED" for k in kids)
-        local = MlflowClient(uri).download_artifacts(kids[0].info.run_id, "grid.png", str(tmp_path))
-        assert Path(local).stat().st_size > 0
-        assert not (tmp_path / "remote" / "mlflow.db").exists()
+        yield uri
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_faults_retried_and_nan_never_wins_logged_to_a_real_mlflow_server(tmp_path, ray_address, mlflow_server):
+    file = write_sweep(tmp_path / "f.yaml", name="faults", axes={"fault": ["raise_once", "nan"]},
+                       budget={"num_samples": 1}, base={**TINY, "train": {"epochs": 4, "steps_per_epoch": 2,
+                                                                          "batch_size": 20}})
+    out = tmp_path / "faults"
+    uri = mlflow_server
+    proc = subprocess.run(sweep_cmd(file, out, ray_address, "--mlflow-uri", uri), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kids, parents = children(uri, "faults")
+    assert len(kids) == 2 and len(parents) == 1
+    assert not (out / "mlflow.db").exists()  # everything went to the server, over HTTP
+    by_variant = {k.data.tags["harness.variant"]: k for k in kids}
+    retried = by_variant["fault=raise_once"]
+    assert retried.info.status == "FINISHED" and retried.data.tags.get("harness.retried") == "true"
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(retried.info.run_id, "loss")]
+    assert sorted(set(steps)) == [1, 2, 3, 4]  # resumed after epoch 2, not restarted from 1
+    local = MlflowClient(uri).download_artifacts(retried.info.run_id, "grid.png", str(tmp_path))
+    assert Path(local).stat().st_size > 0
+    nan_run = by_variant["fault=nan"]
+    assert nan_run.info.status == "KILLED" and "NaN" in nan_run.data.tags["harness.stop_reason"]
+    assert nan_run.data.metrics["score"] == 0 and nan_run.data.metrics["epoch"] == 2
+    best_lines = [l for l in proc.stdout.splitlines() if l.startswith("| fault=")]
+    assert best_lines and all("fault=nan" not in l for l in best_lines)
 
 
 def _wait_for_progress(out: Path, min_checkpoints: int, timeout: float) -> None:
