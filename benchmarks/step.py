@@ -16,9 +16,9 @@ from common import matmul_flops, parser, report, resolve_device, sync
 TERMS = ["kl", "cos", "ortho", "ms", "tv", "pixel", "pert", "conf", "grad", "kkt", "bn"]
 
 
-def time_steps(trial, steps: int, device) -> float:
-    """Seconds per step, after one warm-up step."""
-    trial.cfg.train.steps_per_epoch = 1
+def time_steps(trial, steps: int, device, warmup: int = 5) -> float:
+    """Seconds per step, after `warmup` steps (allocator and kernel caches settle)."""
+    trial.cfg.train.steps_per_epoch = warmup
     trial.train_epoch()
     trial.cfg.train.steps_per_epoch = steps
     sync(device)
@@ -57,13 +57,14 @@ def main(argv=None):
         overrides += ["data.train_size=200", "classifier.epochs=1", "evaluator.epochs=1", "eval.per_class=10",
                       "eval.reference_per_class=10", "eval.diversity_pairs=20", "train.batch_size=16"]
         steps = 2
+    warmup = 1 if args.tiny else 5
     terms = [t for t in args.terms.split(",") if t]
     rows, figures = [], {"steps": steps, "per_term": {}}
     baseline = None
     for term in ["ce", *terms]:
         cfg = build_config(base, overrides + ([f"loss.{term}=1"] if term != "ce" else []))
         trial = Trial(cfg)
-        seconds = time_steps(trial, steps, device)
+        seconds = time_steps(trial, steps, device, warmup)
         if term == "ce":
             baseline = seconds
             flops = step_flops(trial)
