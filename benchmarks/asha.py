@@ -59,7 +59,7 @@ def main(argv=None):
     p.add_argument("--address", default=None, help="run on this Ray cluster (default: a local Ray)")
     args = p.parse_args(argv)
     if args.tiny:
-        args.trials, args.epochs, args.steps, args.per_class = 3, 2, 2, 5
+        args.trials, args.epochs, args.steps, args.per_class = 2, 2, 2, 5
     args.startup = args.startup or args.trials
 
     from harness.sweep import init_ray, run_sweep

@@ -40,6 +40,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--large", action="store_true", help="also one trial at N = 60,000 (pretrains its classifier once)")
+    p.add_argument("--no-sweep", action="store_true", help="only the single trial (sweep_overhead.py also samples "
+                   "a 2-concurrent sweep's memory)")
     args = p.parse_args(argv)
     short = [f"train.epochs={args.epochs}", f"train.steps_per_epoch={args.steps}"]
     trials = [("one trial, default (N = 1,000)", short)]
@@ -60,6 +62,10 @@ def main(argv=None):
             rss, secs = child_peak_rss(cmd)
             rows.append([name, rss / 2 ** 20, "-", secs])
             figures[name] = {"peak_rss_mb": rss / 2 ** 20, "seconds": secs}
+        if args.no_sweep:
+            report("Peak memory", ["what", "peak RSS of one trial process, MB", "-", "seconds"], rows, [], figures,
+                   args.json)
+            return
         cmd = HARNESS + ["sweep", "search_spaces/smoke.yaml", "--out", f"{tmp}/sweep"] + \
             [a for s in sweep_sets for a in ("--set", s)]
         start = time.perf_counter()

@@ -11,11 +11,14 @@ class PeakMemory:
     """Samples every `interval` s the RSS of `pid` and all its descendants (a local Ray instance's
     raylet and workers are descendants of the driver). Records the largest single process RSS
     whose command line matches `match` (None: any), and the largest total PSS of the tree (PSS
-    shares mapped libraries between processes instead of counting them in each)."""
+    shares mapped libraries between processes instead of counting them in each). With
+    `system_wide`, processes matching `match` anywhere on the machine count too (the workers of a
+    Ray cluster started elsewhere)."""
 
-    def __init__(self, pid: int | None = None, interval: float = 0.5, match: str | None = None):
+    def __init__(self, pid: int | None = None, interval: float = 0.5, match: str | None = None,
+                 system_wide: bool = False):
         self.root = psutil.Process(pid or os.getpid())
-        self.interval, self.match = interval, match
+        self.interval, self.match, self.system_wide = interval, match, system_wide
         self.peak_process_rss = 0
         self.peak_total_pss = 0
         self._stop = threading.Event()
@@ -23,9 +26,16 @@ class PeakMemory:
 
     def _sample(self) -> None:
         try:
-            procs = [self.root, *self.root.children(recursive=True)]
+            procs = {self.root, *self.root.children(recursive=True)}
         except psutil.Error:
             return
+        if self.system_wide and self.match:  # workers of a Ray cluster this process only connected to
+            for p in psutil.process_iter():
+                try:
+                    if self.match in " ".join(p.cmdline()):
+                        procs.add(p)
+                except psutil.Error:
+                    continue
         total = 0
         for p in procs:
             try:

@@ -91,7 +91,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         init_ray(args.address, num_cpus=args.concurrency * args.cpus_per_trial)
         ray_start = time.perf_counter() - t0
-        with PeakMemory(match="ray::") as mem:
+        with PeakMemory(match="ray::", system_wide=args.address is not None) as mem:
             t1 = time.perf_counter()
             outcomes = run_sweep(sweep, Path(tmp) / "sweep")
             time_b = time.perf_counter() - t1
