@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from common import matmul_flops, parser, report, resolve_device, sync
+from common import matmul_flops, parser, report, sync
 
 
 def reference_loop(model, root: str, epochs: int, batch: int, workers: int, seed: int, device, limit: int | None):
@@ -75,6 +75,7 @@ def main(argv=None):
     from harness.classifiers import ShallowCNN, accuracy, fit
     from harness.config import DataConfig
     from harness.data import Split, data_root, full_test_set, train_subset
+    from harness.trial import resolve_device
 
     device = resolve_device(args.device)
     epochs = 1 if args.tiny else args.epochs

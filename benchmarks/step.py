@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from common import matmul_flops, parser, report, resolve_device, sync
+from common import matmul_flops, parser, report, sync
 
 TERMS = ["kl", "cos", "ortho", "ms", "tv", "pixel", "pert", "conf", "grad", "kkt", "bn"]
 
@@ -47,7 +47,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from harness.config import build_config
-    from harness.trial import Trial
+    from harness.trial import Trial, resolve_device
 
     device = resolve_device(args.device)
     base = {"device": str(device), "loss": {"ce": 1.0, "tv": 0.0, "bn": 0.0}}

@@ -51,7 +51,7 @@ def children(uri: str, experiment: str) -> tuple[list, object]:
 def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     out = tmp_path / "smoke"
     proc = subprocess.run(sweep_cmd(REPO / "search_spaces" / "smoke.yaml", out, ray_address,
-                                    "--set", "budget.num_samples=4", "--set", "budget.steps_per_epoch=6"),
+                                    "--set", "budget.num_samples=4"),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| variant | score |" in proc.stdout
