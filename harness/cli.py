@@ -23,7 +23,9 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="connect to a running Ray cluster (e.g. 10.0.0.1:6379 or auto)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--smoke", action="store_true", help="tiny budget: 2 trials x 2 epochs x 3 steps")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db, whose artifact "
+                   "paths are absolute; a server with proxied artifacts, `mlflow server --serve-artifacts "
+                   "--artifacts-destination DIR`, gives a store that can be moved and shared)")
 
 
 def format_table(rows: list[tuple[str, str]], headers=("metric", "value")) -> str:
@@ -82,12 +84,13 @@ def cmd_sweep(args) -> int:
           flush=True)
     outcomes = run_sweep(sweep, out, address=args.address, resume=args.resume, mlflow_uri=args.mlflow_uri)
     print(summary_table(best_rows(outcomes, sweep.metric, sweep.mode), sweep.metric))
+    from harness.tracking import how_to_view
+
     total = sum(len(o.rows) for o in outcomes)
     errors = sum(o.errors for o in outcomes)
     uri = args.mlflow_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    print(f"{total} trials ({errors} failed). MLflow: {uri} (experiment {sweep.name!r}; "
-          f"view with: mlflow ui --backend-store-uri {uri}); Optuna: sqlite:///{(out / 'optuna.db').resolve()}; "
-          f"Ray Tune: {(out / 'ray').resolve()}")
+    print(f"{total} trials ({errors} failed).")
+    print(how_to_view(uri, sweep.name, out))
     return 0
 
 
@@ -105,9 +108,11 @@ def cmd_ablate(args) -> int:
     outcomes = run_ablation(sweep, out, seeds, address=args.address, resume=args.resume, mlflow_uri=args.mlflow_uri)
     confirmed = [phases["confirm"] for phases in outcomes.values() if "confirm" in phases]
     print(summary_table(best_rows(confirmed, sweep.metric, sweep.mode, top=len(seeds)), sweep.metric))
+    from harness.tracking import how_to_view
+
     uri = args.mlflow_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    print(f"MLflow: {uri} (experiment {sweep.name!r}). Report: harness report --experiment {sweep.name} "
-          f"--mlflow-uri {uri}")
+    print(how_to_view(uri, sweep.name, out))
+    print(f"Report: harness report --experiment {sweep.name} --mlflow-uri {uri}")
     return 0
 
 

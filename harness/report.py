@@ -7,6 +7,7 @@ import math
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import matplotlib
 
@@ -15,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from harness.config import ConfigError  # noqa: E402
 from harness.study import mean_ci  # noqa: E402
-from harness.tracking import TAG_KIND, TAG_PHASE, TAG_STOP_REASON, TAG_VARIANT, child_runs, client_for  # noqa: E402
+from harness.tracking import (TAG_KIND, TAG_OPTUNA_STORAGE, TAG_PHASE, TAG_STOP_REASON, TAG_VARIANT,  # noqa: E402
+                              child_runs, client_for)
 
 TABLE_METRICS = ("score", "ssim_nn_train_mean", "ssim_nn_test_mean", "memorization_gap", "diversity",
                  "evaluator_acc", "train_coverage", "collapsed", "fd_eval")
@@ -105,8 +107,46 @@ def _artifact(client, run_id: str, name: str, into: Path) -> Path | None:
         return None
 
 
+class NotDrawn(Exception):
+    """A figure the report promises could not be made; the message says why (it goes in the report)."""
+
+
+def unreadable_reason(client, run_id: str, name: str, exc: Exception) -> str:
+    """Why an artifact could not be read: most often a store moved to another machine, whose runs
+    still point at absolute artifact folders of the machine that wrote them."""
+    try:
+        uri = client.get_run(run_id).info.artifact_uri
+    except Exception:
+        uri = ""
+    if uri.startswith("file:") or uri.startswith("/"):
+        folder = Path(unquote(urlparse(uri).path))
+        if not folder.exists():
+            return (f"the run's artifact folder {folder} does not exist on this machine (a store copied from "
+                    "elsewhere keeps the old absolute paths; see the README on moving a store)")
+        return f"the run has no artifact {name!r} in {folder}"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+class ReadingClient:
+    """An MlflowClient that remembers every artifact it could not download, and why."""
+
+    def __init__(self, client):
+        self._client, self.unreadable = client, []
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def download_artifacts(self, run_id: str, path: str, dst_path: str | None = None) -> str:
+        try:
+            return self._client.download_artifacts(run_id, path, dst_path)
+        except Exception as exc:
+            self.unreadable.append((run_id, path, unreadable_reason(self._client, run_id, path, exc)))
+            raise
+
+
 def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path:
     client, parent, children = load_study(experiment, uri)
+    client = ReadingClient(client)
     out = out_dir or Path("reports") / experiment
     params = parent.data.params
     by_phase: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -144,17 +184,32 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
               ", ".join(f"{k} = {val:.3f}" for k, val in refs.items()), ""]
     lines += tuning_section(tuned, params)
     lines += ["## Figures", ""]
-    for title, name in (("Best generator of each variant (top) and its nearest training images (bottom)",
-                         grids_figure(client, basis, variants, figures)),
+    for title, make in (("Best generator of each variant (top) and its nearest training images (bottom)",
+                         lambda: grids_figure(client, basis, variants, figures)),
                         ("Sorted per-training-image best SSIM (Haim et al.'s view)",
-                         coverage_figure(client, basis, variants, figures)),
+                         lambda: coverage_figure(client, basis, variants, figures)),
                         ("Score vs epoch of every tuning trial (dashed: stopped early)",
-                         score_curves_figure(client, tuned, variants, figures)),
-                        ("Collapse rate per variant", collapse_figure(tuned, confirmed, variants, figures)),
+                         lambda: score_curves_figure(client, tuned, variants, figures)),
+                        ("Collapse rate per variant", lambda: collapse_figure(tuned, confirmed, variants, figures)),
                         ("Loss-weight importance (Optuna, per variant)",
-                         importance_figure(client, parent, variants, figures, params))):
+                         lambda: importance_figure(client, parent, variants, figures, params))):
+        lines += [f"### {title}", ""]
+        try:
+            made = make()
+        except NotDrawn as why:
+            lines += [f"Not drawn: {why}", ""]
+            continue
+        name, note = made if isinstance(made, tuple) else (made, "")
         if name:
-            lines += [f"### {title}", "", f"![{title}](figures/{name})", ""]
+            lines += [f"![{title}](figures/{name})", ""]
+        if note:
+            lines += [note, ""]
+    if client.unreadable:
+        lines += ["## Artifacts that could not be read", "",
+                  "The figures above leave these out:", "", "| run | artifact | why |", "|---|---|---|"]
+        names = {r.info.run_id: r.info.run_name or r.info.run_id for r in [parent, *children]}
+        lines += [f"| {names.get(run_id, run_id)} | {name} | {why} |" for run_id, name, why in client.unreadable]
+        lines.append("")
     report = out / "README.md"
     report.write_text("\n".join(lines))
     return report
@@ -215,7 +270,8 @@ def grids_figure(client, basis, variants, figures: Path) -> str | None:
             if grid and near:
                 panels.append((v, best.data.metrics.get("score", float("nan")), plt.imread(grid), plt.imread(near)))
     if not panels:
-        return None
+        raise NotDrawn("no variant's best run has a readable grid.png and nearest.png "
+                       "(see the artifacts that could not be read, below)")
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 8.5), squeeze=False)
     for j, (v, score, grid, near) in enumerate(panels):
         axes[0, j].imshow(grid)
@@ -240,7 +296,8 @@ def coverage_figure(client, basis, variants, figures: Path) -> str | None:
                 drawn = True
     if not drawn:
         plt.close(fig)
-        return None
+        raise NotDrawn("no run has a readable per_train_best_ssim.json (see the artifacts that could not be "
+                       "read, below)")
     ax.axhline(0.4, color="grey", ls=":", lw=1, label="reconstruction bar 0.4")
     ax.set_xlabel("training images, sorted")
     ax.set_ylabel("best SSIM of any generated image")
@@ -264,7 +321,7 @@ def score_curves_figure(client, tuned, variants, figures: Path) -> str | None:
             drawn = True
     if not drawn:
         plt.close(fig)
-        return None
+        raise NotDrawn("no tuning trial logged a score")
     ax.set_xlabel("epoch")
     ax.set_ylabel("score")
     ax.legend(fontsize=8)
@@ -288,26 +345,63 @@ def collapse_figure(tuned, confirmed, variants, figures: Path) -> str | None:
     return _save(fig, figures, "collapse_rate.png")
 
 
-def importance_figure(client, parent, variants, figures: Path, params: dict) -> str | None:
-    import optuna
+def find_optuna_storage(client, parent, into: Path) -> str:
+    """The Optuna studies of a sweep or study: the `optuna.db` attached to the parent run, else
+    the sweep folder's live `optuna.db` named by the parent's tag (an interrupted sweep)."""
+    db = _artifact(client, parent.info.run_id, "optuna.db", into)
+    if db is not None:
+        return f"sqlite:///{db}"
+    tagged = parent.data.tags.get(TAG_OPTUNA_STORAGE)
+    if tagged and Path(tagged.removeprefix("sqlite:///")).exists():
+        return tagged
+    where = f" nor at {tagged.removeprefix('sqlite:///')}" if tagged else ""
+    raise NotDrawn(f"no Optuna study was found: the parent run has no optuna.db artifact{where} "
+                   "(a sweep without a `search`, or a store from before studies were persisted)")
 
+
+def importance_figure(client, parent, variants, figures: Path, params: dict) -> tuple[str | None, str]:
+    """PED-ANOVA importance (Optuna's default evaluator, named here so the label stays true) of the
+    searched settings for the score, per variant, on the trials that ran the whole epoch budget
+    (Optuna COMPLETE) only: a trial stopped early has a score from a shorter budget, and mixing
+    budgets would measure how long trials ran, not the settings."""
+    import optuna
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    from harness.optuna_study import complete_trials
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    results, counts, skipped, pareto = {}, {}, [], []
     with tempfile.TemporaryDirectory() as tmp:
-        db = _artifact(client, parent.info.run_id, "optuna.db", Path(tmp))
-        if db is None:
-            return None
-        storage = f"sqlite:///{db}"
-        results = {}
+        storage = find_optuna_storage(client, parent, Path(tmp))
         for v in variants:
+            name = f"{params.get('name', '')}/{v}"
             try:
-                study = optuna.load_study(study_name=f"{params.get('name', '')}/{v}", storage=storage)
-                if len(study.directions) == 1:
-                    results[v] = optuna.importance.get_param_importances(study)
-                else:
-                    pareto_figure(study, v, figures)
-            except Exception:
+                study = optuna.load_study(study_name=name, storage=storage)
+            except KeyError:
+                skipped.append(f"{v}: no study {name!r}")
                 continue
+            complete = complete_trials(study)
+            counts[v] = (len(complete), len(study.trials))
+            if len(study.directions) > 1:
+                pareto.append(pareto_figure(study, v, figures))
+            elif len(complete) < 2:
+                skipped.append(f"{v}: {len(complete)} of {len(study.trials)} trials ran the whole budget "
+                               "(importance needs at least 2)")
+            else:
+                try:
+                    results[v] = optuna.importance.get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
+                except Exception as exc:  # e.g. every complete trial has the same settings
+                    skipped.append(f"{v}: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
+    rule = ("PED-ANOVA importance, computed on the trials that ran the whole epoch budget (Optuna state COMPLETE) only; trials "
+            "stopped early by ASHA, the collapse stopper or a NaN loss are PRUNED in the study and left out, "
+            "since their score comes from a shorter budget. Complete / all trials: " +
+            ", ".join(f"{v} {c}/{n}" for v, (c, n) in counts.items()) + ".")
+    note = rule + ("" if not skipped else " Left out: " + "; ".join(skipped) + ".")
+    note += "".join(f"\n\n![Pareto front, {v}](figures/{f})" for v, f in pareto)
     if not results:
-        return None
+        if pareto:
+            return None, note
+        raise NotDrawn(note)
     keys = sorted({k for imp in results.values() for k in imp})
     fig, ax = plt.subplots(figsize=(6.5, 0.4 * len(keys) + 1.5))
     height = 0.8 / len(results)
@@ -315,17 +409,19 @@ def importance_figure(client, parent, variants, figures: Path, params: dict) -> 
         ax.barh([j + i * height for j in range(len(keys))], [imp.get(k, 0) for k in keys], height, label=v)
     ax.set_yticks([j + 0.4 - height / 2 for j in range(len(keys))])
     ax.set_yticklabels(keys, fontsize=8)
-    ax.set_xlabel("importance (fANOVA) for the score")
+    ax.set_xlabel("importance (PED-ANOVA) for the score, complete trials only")
     ax.legend(fontsize=8)
-    return _save(fig, figures, "importance.png")
+    return _save(fig, figures, "importance.png"), note
 
 
-def pareto_figure(study, variant: str, figures: Path) -> None:
+def pareto_figure(study, variant: str, figures: Path) -> tuple[str, str]:
     import optuna
 
     ax = optuna.visualization.matplotlib.plot_pareto_front(study)
-    ax.figure.savefig(figures / f"pareto-{variant}.png", dpi=110)
+    name = f"pareto-{variant}.png"
+    ax.figure.savefig(figures / name, dpi=110)
     plt.close(ax.figure)
+    return variant, name
 
 
 def compare_runs(run_ids: list[str], uri: str) -> str:
@@ -344,7 +440,26 @@ def compare_runs(run_ids: list[str], uri: str) -> str:
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(runs)]
     lines += [f"| {k} | " + " | ".join(str(r.data.params.get(k, "-")) for r in runs) + " |" for k in differing]
     lines.append("| **status** | " + " | ".join(r.info.status for r in runs) + " |")
+    problems = [_artifacts_problem(client, r) for r in runs]
+    lines.append("| **artifacts** | " + " | ".join(
+        "not readable (below)" if why else ", ".join(a.path for a in client.list_artifacts(r.info.run_id)) or "none"
+        for r, why in zip(runs, problems)) + " |")
     for k in metrics:
         lines.append(f"| {k} | " + " | ".join(f"{r.data.metrics[k]:.4g}" if k in r.data.metrics else "-"
                                               for r in runs) + " |")
+    unreadable = [f"- {n}: {why}" for n, why in zip(names, problems) if why]
+    if unreadable:
+        lines += ["", "Artifacts that could not be read:", *unreadable]
     return "\n".join(lines)
+
+
+def _artifacts_problem(client, run) -> str | None:
+    """None when the run's artifacts can be listed, else why not."""
+    uri = run.info.artifact_uri or ""
+    if (uri.startswith("file:") or uri.startswith("/")) and not Path(unquote(urlparse(uri).path)).exists():
+        return unreadable_reason(client, run.info.run_id, "", FileNotFoundError(uri))
+    try:
+        client.list_artifacts(run.info.run_id)
+    except Exception as exc:
+        return unreadable_reason(client, run.info.run_id, "", exc)
+    return None

@@ -5,11 +5,11 @@ run per study; every trial a child tagged with its variant and phase.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from harness.sweep import SweepInterrupted, VariantOutcome, best_rows, closing_runs, run_variant, start_driver
+from harness.sweep import (SweepInterrupted, VariantOutcome, best_rows, closing_runs, record_outcome, run_variant,
+                           start_driver)
 from harness.sweep_config import AshaConfig, StopConfig, SweepConfig
 
 def confirm_settings(best_config: dict, seed: int) -> dict:
@@ -27,9 +27,13 @@ def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: s
                                              "stop": StopConfig(collapse_patience=10 ** 6)})
     outcomes: dict[str, dict[str, VariantOutcome]] = {}
     with closing_runs(tracking, "study") as client:
+        def record():  # summary.json and the parent run's outcome, after every phase
+            record_outcome(client, tracking[0], sweep, [o for phases in outcomes.values() for o in phases.values()],
+                           out_dir, "study")
         for variant, settings in sweep.variants():
             tuned = run_variant(sweep, variant, settings, out_dir, resources, tracking, "tune", resume)
             outcomes[variant] = {"tune": tuned}
+            record()
             if tuned.interrupted:
                 raise SweepInterrupted(variant)
             best = best_rows([tuned], sweep.metric, sweep.mode, top=1)
@@ -39,12 +43,9 @@ def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: s
             confirmed = run_variant(confirm_sweep, variant, settings, out_dir, resources, tracking, "confirm",
                                     resume, fixed_params=fixed)
             outcomes[variant]["confirm"] = confirmed
+            record()
             if confirmed.interrupted:
                 raise SweepInterrupted(variant)
-        if (out_dir / "optuna.db").exists():
-            client.log_artifact(tracking[0], str(out_dir / "optuna.db"))
-    (out_dir / "summary.json").write_text(json.dumps(
-        {v: {phase: o.rows for phase, o in phases.items()} for v, phases in outcomes.items()}, indent=1, default=str))
     return outcomes
 
 

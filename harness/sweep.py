@@ -4,8 +4,10 @@ collapse/NaN stopper prune, MLflow records every trial. A thin layer over `harne
 Output folder DIR (default ./runs/<sweep name>):
   DIR/ray/<variant>/   Ray Tune storage (experiment state, trial checkpoints) per variant
   DIR/mlflow.db        MLflow store (unless --mlflow-uri), artifacts under DIR/mlartifacts
-  DIR/optuna.db        the Optuna studies, one per variant, written after each variant
-  DIR/summary.json     best trials of every variant
+  DIR/optuna.db        the Optuna studies, one per variant, each trial written as it ends
+  DIR/summary.json     per variant: trial counts by outcome, the best trial, every trial
+The parent MLflow run carries the outcome too: counts and best scores as metrics, the best
+settings as tags, summary.json and optuna.db as artifacts.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,14 +41,14 @@ def _write_checkpoint(trial, directory: Path) -> None:
     trial.write_outputs(directory)
 
 
-def run_trial(config: dict, base: dict, checkpoint_epochs: list[int], cpus: float) -> None:
-    """Ray Tune function trainable: `config` holds the searched settings (dotted keys)."""
+def run_trial(config: dict, base: dict, checkpoint_epochs: list[int]) -> None:
+    """Ray Tune function trainable: `config` holds the searched settings (dotted keys); `base`
+    sets `threads` to the trial's CPUs."""
     from ray import tune
 
     from harness.trial import Trial
 
     cfg = build_config(deep_merge(base, unflatten(clean_searched(config))))
-    cfg = cfg.model_copy(update={"threads": max(1, int(cpus))})
     torch.set_num_threads(cfg.threads)
     trial = Trial(cfg)
     checkpoint = tune.get_checkpoint()
@@ -59,7 +63,8 @@ def run_trial(config: dict, base: dict, checkpoint_epochs: list[int], cpus: floa
         streak = streak + 1 if row["collapsed"] else 0
         result = {**row, "collapse_streak": streak, "classifier_cache_key": trial.classifier_info["cache_key"],
                   "classifier_cache_hit": float(trial.classifier_info["cache_hit"]),
-                  "setup_seconds": trial.setup_seconds, "classifier_test_acc": trial.classifier_info["test_acc"]}
+                  "setup_seconds": trial.setup_seconds, "classifier_test_acc": trial.classifier_info["test_acc"],
+                  "evaluator_heldout_acc": trial.evaluator_info["heldout_acc"]}
         if trial.epoch in checkpoint_epochs or trial.done:
             with tempfile.TemporaryDirectory() as tmp:
                 _write_checkpoint(trial, Path(tmp))
@@ -150,30 +155,10 @@ def make_stopper(sweep: SweepConfig):
 class VariantOutcome:
     variant: str
     settings: dict
-    rows: list[dict] = field(default_factory=list)  # one per trial: config + last metrics
+    rows: list[dict] = field(default_factory=list)  # one per trial: config + last metrics + outcome
     errors: int = 0
     interrupted: bool = False
-
-
-def persist_optuna(searcher, storage: str, study_name: str) -> None:
-    """Copy the searcher's in-memory Optuna trials into an RDB study (replacing an older copy)."""
-    import optuna
-
-    study = getattr(searcher, "_ot_study", None)
-    if study is None or not study.trials:
-        return
-    try:
-        optuna.delete_study(study_name=study_name, storage=storage)
-    except KeyError:
-        pass
-    target = optuna.create_study(study_name=study_name, storage=storage, directions=study.directions)
-    for t in study.trials:
-        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                       optuna.trial.TrialState.FAIL):
-            if t.state == optuna.trial.TrialState.COMPLETE and (t.values is None or not all(
-                    math.isfinite(v) for v in t.values)):
-                continue
-            target.add_trial(t)
+    phase: str = "tune"
 
 
 def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path, resources: dict,
@@ -188,19 +173,29 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
 
     from harness.tracking import TAG_PHASE, TAG_VARIANT, MlflowTrialLogger
 
-    base = sweep.trial_base(settings)
+    # the trial's torch threads are its CPUs: set here, the one config both the trial and its
+    # MLflow params come from
+    base = {**sweep.trial_base(settings), "threads": max(1, int(resources["cpu"]))}
     max_epochs = sweep.epochs(settings)
     storage = (out_dir / "ray").resolve()
     exp_name = f"{phase}-{variant}" if phase != "tune" else variant
     exp_path = storage / exp_name
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, checkpoint_epochs=checkpoint_epochs(sweep, max_epochs),
-                             cpus=resources["cpu"]), resources)
+        tune.with_parameters(run_trial, base=base, checkpoint_epochs=checkpoint_epochs(sweep, max_epochs)), resources)
     parent_id, experiment_id, uri = tracking
     fixed = dict(enumerate(fixed_params)) if fixed_params is not None else None
+    objectives = sweep.objectives or {sweep.metric: sweep.mode}
+    recorder = None
+    if fixed_params is None and sweep.search:  # an Optuna search: persist its study trial by trial
+        from harness.optuna_study import StudyRecorder, storage_url
+        recorder = StudyRecorder(storage_url(out_dir), f"{sweep.name}/{exp_name}",
+                                 ["maximize" if m == "max" else "minimize" for m in objectives.values()],
+                                 list(objectives), sweep.search,
+                                 {"mlflow_parent_run_id": parent_id, "mlflow_experiment_id": experiment_id,
+                                  "variant": variant, "phase": phase})
     logger = MlflowTrialLogger(uri, experiment_id, parent_id, base, max_epochs,
-                               tags={TAG_VARIANT: variant, TAG_PHASE: phase}, fixed=fixed)
-    searcher = None
+                               tags={TAG_VARIANT: variant, TAG_PHASE: phase}, fixed=fixed,
+                               metric=sweep.metric, objectives=list(objectives), recorder=recorder)
     if resume and tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True,
                                    resume_unfinished=True, restart_errored=False)
@@ -210,7 +205,6 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
         # the restored Tuner keeps its own pickled callbacks: re-attach ours (fresh client)
         _replace_callbacks(tuner, logger)
         results = tuner.fit()
-        searcher = _restored_searcher(tuner)
     else:
         scheduler = (ASHAScheduler(time_attr="training_iteration", metric=sweep.metric, mode=sweep.mode,
                                    max_t=max_epochs, grace_period=sweep.asha.grace_period,
@@ -220,12 +214,10 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
         if fixed_params is not None:
             param_space = {"__fixed__": tune.grid_search(list(range(len(fixed_params))))}
             trainable = tune.with_resources(tune.with_parameters(
-                _run_fixed, base=base, fixed=fixed, checkpoint_epochs=checkpoint_epochs(sweep, max_epochs),
-                cpus=resources["cpu"]), resources)
+                _run_fixed, base=base, fixed=fixed, checkpoint_epochs=checkpoint_epochs(sweep, max_epochs)), resources)
             tune_config = tune.TuneConfig(scheduler=scheduler, num_samples=1, reuse_actors=True,
                                           max_concurrent_trials=concurrency)
         elif sweep.search:
-            objectives = sweep.objectives or {sweep.metric: sweep.mode}
             import optuna
             sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=sweep.tpe_startup_trials,
                                                  multivariate=len(objectives) == 1)
@@ -247,23 +239,22 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
         results = tuner.fit()
     expected = len(fixed_params) if fixed_params is not None else sweep.budget.num_samples
-    outcome = VariantOutcome(variant, settings, interrupted=_interrupted(results, logger, expected))
+    outcome = VariantOutcome(variant, settings, interrupted=_interrupted(results, logger, expected), phase=phase)
     for result in results:
         if result.error is not None:
             outcome.errors += 1
         metrics = dict(result.metrics or {})
         cfg = logger.settings_of(result.config or {})
-        outcome.rows.append({"variant": variant, "trial_id": metrics.get("trial_id"), "config": cfg,
+        trial_id = metrics.get("trial_id")
+        outcome.rows.append({"variant": variant, "trial_id": trial_id, "config": cfg,
                              "metrics": metrics, "error": result.error is not None,
-                             "run_id": logger.runs.get(metrics.get("trial_id"))})
-    if searcher is not None:
-        inner = getattr(searcher, "searcher", searcher)
-        persist_optuna(inner, f"sqlite:///{(out_dir / 'optuna.db').resolve()}", f"{sweep.name}/{exp_name}")
+                             "outcome": logger.outcomes.get(trial_id, "failed" if result.error else "interrupted"),
+                             "run_id": logger.runs.get(trial_id), "optuna_trial": logger.optuna_numbers.get(trial_id)})
     return outcome
 
 
-def _run_fixed(config: dict, base: dict, fixed: dict, checkpoint_epochs: list[int], cpus: float) -> None:
-    run_trial(fixed[config["__fixed__"]], base, checkpoint_epochs, cpus)
+def _run_fixed(config: dict, base: dict, fixed: dict, checkpoint_epochs: list[int]) -> None:
+    run_trial(fixed[config["__fixed__"]], base, checkpoint_epochs)
 
 
 class DefineByRunSpace:
@@ -308,12 +299,6 @@ def _replace_callbacks(tuner, logger) -> None:
         run_config.callbacks = [logger]
 
 
-def _restored_searcher(tuner):
-    internal = getattr(tuner, "_local_tuner", None)
-    tune_config = getattr(internal, "_tune_config", None)
-    return getattr(tune_config, "search_alg", None)
-
-
 # --------------------------------------------------------------------------------------------
 # A whole sweep: every variant, one MLflow parent run, a summary.
 # --------------------------------------------------------------------------------------------
@@ -330,7 +315,9 @@ def _interrupted(results, logger, expected: int) -> bool:
 
 def open_tracking(sweep_name: str, out_dir: Path, mlflow_uri: str | None, kind: str, params: dict,
                   resume: bool) -> tuple[str, str, str]:
-    from harness.tracking import client_for, default_tracking_uri, ensure_experiment, start_parent
+    from harness.optuna_study import storage_url
+    from harness.tracking import (TAG_OPTUNA_STORAGE, client_for, default_tracking_uri, ensure_experiment,
+                                  start_parent)
 
     uri = mlflow_uri or default_tracking_uri(out_dir)
     client = client_for(uri)
@@ -339,6 +326,7 @@ def open_tracking(sweep_name: str, out_dir: Path, mlflow_uri: str | None, kind: 
     import shlex
     import sys
     client.set_tag(parent, "harness.command", "harness " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    client.set_tag(parent, TAG_OPTUNA_STORAGE, storage_url(out_dir))  # live while the sweep runs
     return parent, experiment_id, uri
 
 
@@ -378,15 +366,86 @@ def run_sweep(sweep: SweepConfig, out_dir: Path, address: str | None = None, res
     out_dir = out_dir.resolve()
     resources, tracking = start_driver(sweep, out_dir, address, resume, mlflow_uri, "sweep", sweep.model_dump())
     outcomes = []
-    with closing_runs(tracking, "sweep"):
+    with closing_runs(tracking, "sweep") as client:
         for variant, settings in sweep.variants():
             outcome = run_variant(sweep, variant, settings, out_dir, resources, tracking, "tune", resume)
             outcomes.append(outcome)
+            record_outcome(client, tracking[0], sweep, outcomes, out_dir, "sweep")
             if outcome.interrupted:
                 raise SweepInterrupted(variant)
-    (out_dir / "summary.json").write_text(json.dumps(
-        [{"variant": o.variant, "trials": o.rows} for o in outcomes], indent=1, default=str))
     return outcomes
+
+
+OUTCOMES = ("finished", "pruned", "collapsed", "nonfinite", "failed")
+
+
+def variant_summary(o: VariantOutcome, metric: str, mode: str) -> dict:
+    """Counts by outcome, the best trial (`best_rows`' rule) and, for confirmation runs, the mean."""
+    counts = {k: sum(r["outcome"] == k for r in o.rows) for k in OUTCOMES}
+    if any(r["outcome"] not in OUTCOMES for r in o.rows):
+        counts["interrupted"] = sum(r["outcome"] not in OUTCOMES for r in o.rows)
+    best = best_rows([o], metric, mode, top=1)
+    summary = {"variant": o.variant, "phase": o.phase, "trials": len(o.rows), "counts": counts, "best": None}
+    if best:
+        b = best[0]
+        summary["best"] = {metric: b["metrics"][metric], "settings": b["config"], "trial_id": b["trial_id"],
+                           "run_id": b["run_id"], "optuna_trial": b["optuna_trial"], "outcome": b["outcome"],
+                           "epoch": b["metrics"].get("epoch")}
+    values = [r["metrics"].get(metric) for r in o.rows if r["outcome"] == "finished"]
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    summary[f"mean_{metric}_finished"] = sum(values) / len(values) if values else None
+    return summary
+
+
+def _metric_key(text: str) -> str:
+    """A variant name as part of an MLflow metric/tag key (`pool=avg` -> `pool:avg`)."""
+    return re.sub(r"[^\w.\- :/]", ":", text)
+
+
+def record_outcome(client, parent_id: str, sweep: SweepConfig, outcomes: list[VariantOutcome], out_dir: Path,
+                   kind: str) -> dict:
+    """Write DIR/summary.json and put the outcome on the parent run: per phase the trial counts by
+    outcome (`trials_finished`, ..., `confirm_trials_finished`, ...), per variant the best tuning
+    score (`best_<metric>/<variant>`) with its settings as a tag (`best_settings/<variant>`) and the
+    mean of the confirmation runs (`confirm_mean_<metric>/<variant>`); summary.json and optuna.db
+    as artifacts. Called after every variant, so an interrupted sweep keeps what it finished."""
+    from mlflow.entities import Metric
+
+    metric = sweep.metric
+    variants = [variant_summary(o, metric, sweep.mode) for o in outcomes]
+    totals: dict[str, dict[str, int]] = {}
+    for v in variants:
+        phase = totals.setdefault(v["phase"], {})
+        for k, n in v["counts"].items():
+            phase[k] = phase.get(k, 0) + n
+    summary = {"name": sweep.name, "kind": kind, "metric": metric, "mode": sweep.mode,
+               "optuna_storage": f"sqlite:///{(out_dir / 'optuna.db').resolve()}", "counts": totals,
+               "variants": [{**v, "rows": o.rows} for v, o in zip(variants, outcomes)]}
+    path = out_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=1, default=str))
+
+    now, metrics = int(time.time() * 1000), {}
+    for phase, counts in totals.items():
+        prefix = "" if phase == "tune" else f"{phase}_"
+        metrics[f"{prefix}trials_total"] = sum(counts.values())
+        metrics.update({f"{prefix}trials_{k}": n for k, n in counts.items()})
+    for v in variants:
+        name = _metric_key(v["variant"])
+        if v["phase"] == "tune" and v["best"] is not None:
+            metrics[f"best_{metric}/{name}"] = v["best"][metric]
+            settings = ", ".join(f"{k}={_short(x)}" for k, x in sorted(v["best"]["settings"].items()))
+            client.set_tag(parent_id, f"best_settings/{name}", settings or "-")
+        elif v["phase"] != "tune" and v[f"mean_{metric}_finished"] is not None:
+            metrics[f"{v['phase']}_mean_{metric}/{name}"] = v[f"mean_{metric}_finished"]
+    client.log_batch(parent_id, metrics=[Metric(k, float(x), now, 0) for k, x in metrics.items()])
+    client.log_artifact(parent_id, str(path))
+    if (out_dir / "optuna.db").exists():
+        client.log_artifact(parent_id, str(out_dir / "optuna.db"))
+    return summary
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def best_rows(outcomes: list[VariantOutcome], metric: str, mode: str, top: int = 3) -> list[dict]:

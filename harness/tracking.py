@@ -4,12 +4,20 @@ All MLflow calls happen in the driver (a Ray Tune callback), never in trial proc
 store is then written by one process only, and nothing depends on workers reaching the store.
 Child runs are keyed by the Ray trial id, so a resumed sweep reopens a trial's run instead of
 creating a second one; runs of trials that a killed driver lost are deleted on resume.
+
+What a child run logs, by an explicit allow rule (Ray's own result keys never reach MLflow):
+every epoch the losses (`loss`, `loss_<term>`), `epoch`, `nonfinite`, `evaluated`,
+`epoch_seconds` and `collapse_streak`; the evaluation metrics only on the epochs where they were
+computed (`evaluated` = 1; on a NaN/inf epoch the `score` 0 and `collapsed` 1 the scheduler saw);
+the classifier's and evaluator's accuracies, the cache hit and set-up time once.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,18 @@ TAG_PHASE = "harness.phase"
 TAG_STOP_REASON = "harness.stop_reason"
 TAG_CLASSIFIER_KEY = "harness.classifier_cache_key"
 TAG_KIND = "harness.kind"
+TAG_OUTCOME = "harness.outcome"  # finished / pruned / collapsed / nonfinite / failed
+TAG_OPTUNA_STUDY = "harness.optuna_study"
+TAG_OPTUNA_TRIAL = "harness.optuna_trial"
+TAG_OPTUNA_STORAGE = "harness.optuna_storage"  # on the parent: the sweep's DIR/optuna.db
+TAG_NOTE = "mlflow.note.content"  # the run's description in MLflow's UI
+# MLflow 3's UI opens an experiment of this kind on its training-runs table (not the GenAI overview)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+# the allow rule for child-run metrics (see the module docstring)
+EPOCH_METRICS = ("epoch", "loss", "nonfinite", "evaluated", "epoch_seconds", "collapse_streak")
+ONCE_METRICS = ("classifier_test_acc", "evaluator_heldout_acc", "classifier_cache_hit", "setup_seconds")
+NONFINITE_METRICS = ("score", "collapsed")
 
 
 def default_tracking_uri(out_dir: Path) -> str:
@@ -42,9 +62,45 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_dir: Path | None
     """The experiment's id, created (with artifacts under `artifact_dir` for a local store) if new."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = artifact_dir.resolve().as_uri() if artifact_dir is not None else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+def runs_table_url(uri: str, experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs table in MLflow's UI: served by the tracking server itself for an
+    http(s) URI, else by `mlflow ui` (default port 5000) over the local store."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else ui
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def how_to_view(uri: str, experiment: str, out_dir: Path) -> str:
+    """Printed at the end of a sweep or study: where the runs are and how to open both views."""
+    exp = client_for(uri).get_experiment_by_name(experiment)
+    lines = [f"MLflow: {uri} (experiment {experiment!r})"]
+    if not uri.startswith(("http://", "https://")):
+        lines.append(f"  view: mlflow ui --backend-store-uri {uri} --port 5000")
+    if exp is not None:
+        lines.append(f"  runs table: {runs_table_url(uri, exp.experiment_id)}")
+    db = (out_dir / "optuna.db").resolve()
+    if db.exists():
+        lines.append(f"Optuna: sqlite:///{db} (view: optuna-dashboard sqlite:///{db})")
+    lines.append(f"Ray Tune: {(out_dir / 'ray').resolve()}")
+    return "\n".join(lines)
+
+
+def trial_metrics(result: dict[str, Any], evaluation_names: tuple[str, ...], first: bool) -> dict[str, float]:
+    """The finite metrics of one Tune result that a child run logs at this epoch (allow rule)."""
+    keys = [k for k in result if k in EPOCH_METRICS or k.startswith("loss_")]
+    if result.get("evaluated"):
+        keys += [k for k in result if k in evaluation_names]
+    elif result.get("nonfinite"):
+        keys += [k for k in NONFINITE_METRICS if k in result]
+    if first:
+        keys += [k for k in ONCE_METRICS if k in result]
+    return _numeric({k: result[k] for k in keys})
 
 
 def start_parent(client: MlflowClient, experiment_id: str, run_name: str, sweep_dir: Path, kind: str,
@@ -89,22 +145,29 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 class MlflowTrialLogger(Callback):
     """Ray Tune callback: a nested child run per trial with flattened params, every epoch's
-    metrics, tags (variant, phase, classifier cache key, stop reason) and, from the trial's last
-    checkpoint, the image grid, nearest-neighbour pairs, samples and resolved config."""
-
-    SKIP = {"time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
-            "iterations_since_restore", "timesteps_since_restore", "training_iteration", "done"}
+    metrics (allow rule above), tags (variant, phase, classifier cache key, stop reason, outcome,
+    Optuna study and trial) and, from the trial's last checkpoint, the image grid,
+    nearest-neighbour pairs, samples and resolved config. With a `recorder`, each trial is also
+    written to the variant's persistent Optuna study the moment it ends."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_config: dict,
-                 max_epochs: int, tags: dict[str, str] | None = None, fixed: dict[int, dict] | None = None):
+                 max_epochs: int, tags: dict[str, str] | None = None, fixed: dict[int, dict] | None = None,
+                 metric: str = "score", objectives: list[str] | None = None, recorder=None):
+        from harness.metrics import METRIC_NAMES, REFERENCE_NAMES
+
         self.uri, self.experiment_id, self.parent = tracking_uri, experiment_id, parent_run_id
         self.base_config, self.max_epochs, self.tags = base_config, max_epochs, tags or {}
         self.fixed = fixed or {}  # grid index -> settings, for trials of a fixed list (no search)
+        self.metric, self.objectives, self.recorder = metric, objectives or [metric], recorder
+        self.evaluation_names = (*METRIC_NAMES, *REFERENCE_NAMES)
         self.runs: dict[str, str] = {}
         self.checkpoints: dict[str, Any] = {}
         self.last: dict[str, dict] = {}
         self.ended: set[str] = set()  # trials that completed or errored (not merely interrupted)
+        self.outcomes: dict[str, str] = {}  # trial id -> finished / pruned / collapsed / nonfinite / failed
+        self.optuna_numbers: dict[str, int] = {}
         self.logged_epoch: dict[str, int] = {}  # a trial resumed from an older checkpoint repeats epochs
+        self.constants_logged: set[str] = set()
         self._client: MlflowClient | None = None
 
     @property
@@ -125,9 +188,15 @@ class MlflowTrialLogger(Callback):
             if trial_id in live_trial_ids and trial_id not in self.runs:
                 self.runs[trial_id] = run.info.run_id
                 self.logged_epoch[trial_id] = int(run.data.metrics.get("epoch", 0))
+                if "classifier_test_acc" in run.data.metrics:
+                    self.constants_logged.add(trial_id)
                 reason = run.data.tags.get(TAG_STOP_REASON, "")
                 if run.info.status != "RUNNING" and not reason.startswith("interrupted"):
                     self.ended.add(trial_id)
+                    if TAG_OUTCOME in run.data.tags:
+                        self.outcomes[trial_id] = run.data.tags[TAG_OUTCOME]
+                    if TAG_OPTUNA_TRIAL in run.data.tags:
+                        self.optuna_numbers[trial_id] = int(run.data.tags[TAG_OPTUNA_TRIAL])
             elif trial_id not in live_trial_ids and run.info.status == "RUNNING":
                 self.client.set_tag(run.info.run_id, TAG_STOP_REASON, "lost: the driver died before "
                                     "this trial was saved; Tune resampled it")
@@ -141,6 +210,7 @@ class MlflowTrialLogger(Callback):
                 self.client.update_run(run_id, status="RUNNING")
             return run_id
         from harness.config import build_config, deep_merge, unflatten
+        # the config the trial runs with (the base carries the trial's threads = its CPUs)
         resolved = build_config(deep_merge(self.base_config, unflatten(self.settings_of(trial.config)))).model_dump()
         tags = {"mlflow.parentRunId": self.parent, TAG_TRIAL_ID: trial.trial_id, **self.tags}
         run = self.client.create_run(self.experiment_id, run_name=f"{self.tags.get(TAG_VARIANT, 'trial')}-{trial.trial_id}",
@@ -169,10 +239,11 @@ class MlflowTrialLogger(Callback):
         if step <= self.logged_epoch.get(trial.trial_id, 0):
             return  # replayed from a checkpoint: the same epoch (same RNG state) is logged already
         self.logged_epoch[trial.trial_id] = step
-        metrics = {k: v for k, v in _numeric(result).items() if k not in self.SKIP and not k.startswith("config")}
+        first = trial.trial_id not in self.constants_logged
+        self.constants_logged.add(trial.trial_id)
+        metrics = trial_metrics(result, self.evaluation_names, first)
         from mlflow.entities import Metric
-        import time as _time
-        now = int(_time.time() * 1000)
+        now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for k, v in metrics.items()]
         for i in range(0, len(batch), 500):
             self.client.log_batch(run_id, metrics=batch[i:i + 500])
@@ -195,30 +266,60 @@ class MlflowTrialLogger(Callback):
         except Exception as exc:  # an artifact problem must not fail the sweep
             log.warning("could not log artifacts of %s: %s", trial.trial_id, exc)
 
+    def _end(self, trial, run_id: str, outcome: str, status: str, reason: str, result: dict) -> None:
+        """Record the trial in the Optuna study (if any), then tag and end its MLflow run."""
+        tags = {TAG_STOP_REASON: reason, TAG_OUTCOME: outcome}
+        note = reason[0].upper() + reason[1:] + "."
+        if self.recorder is not None:
+            try:
+                number = self._record_optuna(trial, run_id, outcome, reason, result)
+            except Exception as exc:  # the study is a view of the sweep: never fail the sweep for it
+                log.warning("could not write trial %s to the Optuna study: %s", trial.trial_id, exc)
+            else:
+                self.optuna_numbers[trial.trial_id] = number
+                tags |= {TAG_OPTUNA_STUDY: self.recorder.study_name, TAG_OPTUNA_TRIAL: str(number)}
+                state = "COMPLETE" if outcome == "finished" else "FAIL" if outcome == "failed" else "PRUNED"
+                note += f" Optuna: trial {number} of study {self.recorder.study_name} ({state})."
+        tags[TAG_NOTE] = note
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+        self.client.set_terminated(run_id, status)
+        self.outcomes[trial.trial_id] = outcome
+        self.ended.add(trial.trial_id)
+
+    def _record_optuna(self, trial, run_id: str, outcome: str, reason: str, result: dict) -> int:
+        history = self.client.get_metric_history(run_id, self.metric)
+        intermediate = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+        started = datetime.datetime.fromtimestamp(self.client.get_run(run_id).info.start_time / 1000)
+        values = [result.get(m) for m in self.objectives] if outcome == "finished" else None
+        return self.recorder.record(
+            trial.trial_id, trial.config, outcome, values, intermediate, started=started,
+            user_attrs={"mlflow_run_id": run_id, "mlflow_experiment_id": self.experiment_id,
+                        "variant": self.tags.get(TAG_VARIANT, ""), "phase": self.tags.get(TAG_PHASE, ""),
+                        "stop_reason": reason, "epochs": int(result.get("epoch", 0))})
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         # a trial that finished just before a driver died gets no result in this session
         result = self.last.get(trial.trial_id) or getattr(trial, "last_result", None) or {}
         epoch = max(int(result.get("epoch", 0)), self.logged_epoch.get(trial.trial_id, 0))
         if result.get("nonfinite"):
-            status, reason = "KILLED", "stopped: the loss became NaN/inf"
+            outcome, status, reason = "nonfinite", "KILLED", f"stopped: the loss became NaN/inf at epoch {epoch}"
         elif epoch >= self.max_epochs:
-            status, reason = "FINISHED", "completed the epoch budget"
+            outcome, status, reason = "finished", "FINISHED", f"completed the epoch budget ({epoch} epochs)"
         elif result.get("collapse_streak", 0) >= 1 and result.get("collapsed"):
-            status, reason = "KILLED", f"stopped: collapsed at {int(result['collapse_streak'])} evaluations in a row"
+            outcome, status, reason = ("collapsed", "KILLED", f"stopped: collapsed at "
+                                       f"{int(result['collapse_streak'])} evaluations in a row at epoch {epoch}")
         else:
-            status, reason = "KILLED", f"pruned by ASHA at epoch {epoch}"
+            outcome, status, reason = "pruned", "KILLED", f"pruned by ASHA at epoch {epoch}"
         self._log_final_artifacts(trial, run_id)
-        self.client.set_tag(run_id, TAG_STOP_REASON, reason)
-        self.client.set_terminated(run_id, status)
-        self.ended.add(trial.trial_id)
+        self._end(trial, run_id, outcome, status, reason, {**result, "epoch": epoch})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         self._log_final_artifacts(trial, run_id)
-        self.client.set_tag(run_id, TAG_STOP_REASON, "error: see the Ray trial's error.txt")
-        self.client.set_terminated(run_id, "FAILED")
-        self.ended.add(trial.trial_id)
+        result = self.last.get(trial.trial_id) or getattr(trial, "last_result", None) or {}
+        self._end(trial, run_id, "failed", "FAILED", "error: see the Ray trial's error.txt", result)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)

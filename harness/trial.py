@@ -151,6 +151,7 @@ class Trial:
         row.update(losses)
         row["nonfinite"] = float(not all(math.isfinite(v) for v in losses.values()))
         due = self.epoch % self.cfg.train.eval_every == 0 or self.epoch >= self.cfg.train.epochs
+        row["evaluated"] = float(not row["nonfinite"] and (due or self.last_evaluation is None))
         if row["nonfinite"]:
             row.update(self.nonfinite_metrics())
         elif due or self.last_evaluation is None:
