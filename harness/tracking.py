@@ -40,7 +40,9 @@ TAG_OPTUNA_STUDY = "harness.optuna_study"
 TAG_OPTUNA_TRIAL = "harness.optuna_trial"
 TAG_OPTUNA_STORAGE = "harness.optuna_storage"  # on the parent: the sweep's DIR/optuna.db
 TAG_NOTE = "mlflow.note.content"  # the run's description in MLflow's UI
-# MLflow 3's UI opens an experiment of this kind on its training-runs table (not the GenAI overview)
+# The experiment kind MLflow's own kind selector writes for training experiments. The 3.17 UI
+# (workflow-based navigation) ignores it when choosing the first page and follows its GenAI /
+# Model training switch, GenAI by default: hence `runs_table_url`, printed after every sweep.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 # the allow rule for child-run metrics (see the module docstring)

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import optuna
 import pytest
 
 from harness.cli import main
@@ -78,6 +79,37 @@ def test_report_tables_match_mlflow(study):
     assert "Against the reference points" in text and "pool=avg" in text.split("Against the reference points")[1]
     for figure in ("grids.png", "per_train_best_ssim.png", "score_vs_epoch.png", "collapse_rate.png"):
         assert (out / "figures" / figure).stat().st_size > 0, figure
+    # every tuning trial was stopped early or failed: the promised importance figure is replaced
+    # by the reason, found in the study's Optuna file
+    importance = text.split("### Loss-weight importance")[1]
+    assert importance.lstrip().startswith("Not drawn:") and "Optuna state COMPLETE" in importance
+    assert "pool=avg: 0 of 2 trials ran the whole budget" in importance
+
+
+def test_study_outcome_on_parent_and_trial_states_in_optuna(study):
+    uri, tmp = study
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny_pooling")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    tune = [r for r in kids if r.data.tags["harness.phase"] == "tune"]
+    m = parent.data.metrics
+    assert m["trials_total"] == len(tune) == 4 and m["confirm_trials_finished"] == 4
+    assert m["trials_failed"] == sum(r.info.status == "FAILED" for r in tune)
+    assert m["trials_collapsed"] + m["trials_pruned"] == sum(r.info.status == "KILLED" for r in tune)
+    for variant in ("pool:avg", "pool:max"):
+        assert f"best_score/{variant}" in m and f"confirm_mean_score/{variant}" in m
+    assert {"summary.json", "optuna.db"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    storage = f"sqlite:///{tmp / 'run' / 'optuna.db'}"
+    for variant in ("pool=avg", "pool=max"):
+        trials = optuna.load_study(study_name=f"tiny_pooling/{variant}", storage=storage).trials
+        runs_of = {r.info.run_id: r for r in tune if r.data.tags["harness.variant"] == variant}
+        assert {t.user_attrs["mlflow_run_id"] for t in trials} == set(runs_of)
+        for t in trials:  # stopped at epoch 3 of 4 by the collapse stopper, or failed
+            status = runs_of[t.user_attrs["mlflow_run_id"]].info.status
+            expected = {"KILLED": optuna.trial.TrialState.PRUNED, "FAILED": optuna.trial.TrialState.FAIL}[status]
+            assert t.state == expected
 
 
 def test_compare_lists_differing_params(study, capsys):

@@ -1,6 +1,8 @@
 """The sweep layer on a real Ray head (`ray start --head` on loopback, one per test session) and
 a real MLflow store: SQLite, and a real `mlflow server` over HTTP."""
+import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from harness.cli import main
 from tests.conftest import REPO, TINY, free_port
 
 pytestmark = pytest.mark.sweep
@@ -48,6 +51,12 @@ def children(uri: str, experiment: str) -> tuple[list, object]:
     return kids, parents
 
 
+# keys Ray Tune adds to every result: none may reach MLflow as a metric
+RAY_INTERNAL = {"should_checkpoint", "done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s",
+                "time_total_s", "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
+                "timesteps_since_restore", "timesteps_total", "episodes_total", "experiment_tag"}
+
+
 def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     out = tmp_path / "smoke"
     proc = subprocess.run(sweep_cmd(REPO / "search_spaces" / "smoke.yaml", out, ray_address,
@@ -58,25 +67,79 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     uri = f"sqlite:///{out / 'mlflow.db'}"
     kids, parents = children(uri, "smoke")
     assert len(parents) == 1 and len(kids) == 4
-    assert all(k.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for k in kids)
+    parent = parents[0]
+    assert all(k.data.tags["mlflow.parentRunId"] == parent.info.run_id for k in kids)
     assert {r.info.status for r in kids + parents} <= {"FINISHED", "KILLED"}
     pruned = [k for k in kids if k.info.status == "KILLED"]
     reasons = [k.data.tags["harness.stop_reason"] for k in pruned]
     assert pruned and all("pruned by ASHA" in r or "collapsed" in r for r in reasons), reasons
+    # the reason is also the run's description, which MLflow's runs table shows
+    assert all(k.data.tags["mlflow.note.content"].lower().startswith(k.data.tags["harness.stop_reason"].lower())
+               for k in pruned)
     client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("smoke")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in proc.stdout
+    epochs = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())["base"]["train"]["epochs"]
     for k in kids:
         assert "loss.cos" in k.data.params and k.data.params["classifier.pool"] == "avg"
+        assert k.data.params["threads"] == "1"  # what the trial ran with (resources.cpu), as in its config.yaml
         assert k.data.tags["harness.classifier_cache_key"]
-        history = client.get_metric_history(k.info.run_id, "score")
-        assert [m.step for m in history] == list(range(1, len(history) + 1))
+        assert not set(k.data.metrics) & RAY_INTERNAL and not any(m.startswith("config") for m in k.data.metrics)
+        assert {"evaluator_heldout_acc", "classifier_test_acc"} <= set(k.data.metrics)
+        # losses every epoch, evaluation metrics only on the epochs that evaluated
+        losses = [m.step for m in client.get_metric_history(k.info.run_id, "loss")]
+        assert losses == list(range(1, len(losses) + 1))
+        evaluated = sorted(m.step for m in client.get_metric_history(k.info.run_id, "evaluated") if m.value)
+        assert [m.step for m in client.get_metric_history(k.info.run_id, "score")] == evaluated
+        assert [m.step for m in client.get_metric_history(k.info.run_id, "classifier_test_acc")] == [1]
         assert "grid.png" in {a.path for a in client.list_artifacts(k.info.run_id)}
-    epochs = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())["base"]["train"]["epochs"]
     finished = [k for k in kids if k.info.status == "FINISHED"]
-    assert finished and all(len(client.get_metric_history(k.info.run_id, "score")) == epochs for k in finished)
-    assert all(len(client.get_metric_history(k.info.run_id, "score")) < epochs for k in pruned)
+    assert finished and all(len(client.get_metric_history(k.info.run_id, "loss")) == epochs for k in finished)
+    assert all(len(client.get_metric_history(k.info.run_id, "loss")) < epochs for k in pruned)
+
+    # the persisted Optuna study: full-length trials COMPLETE, stopped ones PRUNED with the
+    # evaluations the scheduler saw, each linked both ways with its MLflow run
     study = optuna.load_study(study_name="smoke/all", storage=f"sqlite:///{out / 'optuna.db'}")
     assert len(study.trials) == 4
-    assert optuna.importance.get_param_importances(study)
+    by_run = {t.user_attrs["mlflow_run_id"]: t for t in study.trials}
+    assert set(by_run) == {k.info.run_id for k in kids}
+    for k in kids:
+        t = by_run[k.info.run_id]
+        assert k.data.tags["harness.optuna_study"] == "smoke/all" and k.data.tags["harness.optuna_trial"] == str(t.number)
+        assert t.user_attrs["ray_trial_id"] == k.data.tags["harness.trial_id"]
+        assert (t.user_attrs["variant"], t.user_attrs["phase"]) == ("all", "tune")
+        scores = {m.step: m.value for m in client.get_metric_history(k.info.run_id, "score")}
+        assert t.intermediate_values == pytest.approx(scores)
+        if k.info.status == "FINISHED":
+            assert t.state == optuna.trial.TrialState.COMPLETE and t.value == pytest.approx(scores[epochs])
+        else:
+            assert t.state == optuna.trial.TrialState.PRUNED and t.value is None
+            assert t.intermediate_values and max(t.intermediate_values) < epochs
+    assert {"loss.cos.on", "loss.bn", "loss.tv"} <= {p for t in study.trials for p in t.params}
+
+    # the parent run carries the outcome; no Ray key on it either
+    metrics = parent.data.metrics
+    assert metrics["trials_total"] == 4 and metrics["trials_finished"] == len(finished)
+    assert metrics["trials_pruned"] + metrics["trials_collapsed"] == len(pruned)
+    assert metrics["trials_nonfinite"] == metrics["trials_failed"] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    best = summary["variants"][0]["best"]
+    assert metrics["best_score/all"] == pytest.approx(best["score"])
+    assert client.get_run(best["run_id"]).data.metrics["score"] == pytest.approx(best["score"])
+    assert "loss.tv=" in parent.data.tags["best_settings/all"]
+    assert summary["counts"]["tune"]["finished"] == len(finished)
+    assert not set(metrics) & RAY_INTERNAL
+    assert {"summary.json", "optuna.db"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # `harness report` finds the sweep's study (attached to the parent) and states its importance rule
+    report = tmp_path / "report"
+    assert main(["report", "--experiment", "smoke", "--mlflow-uri", uri, "--out", str(report)]) == 0
+    text = (report / "README.md").read_text()
+    importance = text.split("### Loss-weight importance")[1]
+    assert "Optuna state COMPLETE" in importance and "no Optuna study was found" not in importance
+    assert f"all {len(finished)}/4" in importance
+    assert ("importance.png" in importance) == (len(finished) >= 2)
 
 
 @pytest.fixture
@@ -136,6 +199,20 @@ def _wait_for_progress(out: Path, min_checkpoints: int, timeout: float) -> None:
     raise AssertionError("the sweep made no progress")
 
 
+def _persisted_trials(db: Path) -> list[tuple[str, str]]:
+    """(state, Ray trial id) of every trial in a sweep's optuna.db, read-only (the driver may be writing)."""
+    if not db.exists():
+        return []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute("select t.state, a.value_json from trials t join trial_user_attributes a "
+                           "on a.trial_id = t.trial_id where a.key = 'ray_trial_id'").fetchall()
+    except sqlite3.OperationalError:  # the tables are not there yet
+        return []
+    finally:
+        con.close()
+
+
 def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, ray_address):
     file = write_sweep(tmp_path / "r.yaml", name="resume", budget={"num_samples": 4},
                        base={**TINY, "train": {"epochs": 5, "steps_per_epoch": 3, "batch_size": 20}},
@@ -150,14 +227,21 @@ def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, 
     assert driver.returncode == 130
     kids, parents = children(uri, "resume")
     assert kids and not [r for r in kids + parents if r.info.status == "RUNNING"], "interrupt left runs RUNNING"
-    # 2. resume, then SIGKILL the driver mid-run: nothing can clean up
-    done_before = len(list((out / "ray").glob("*/*/checkpoint_*")))
+    # 2. resume, then SIGKILL the driver mid-run, right after a trial ended: nothing can clean
+    # up, and the Optuna study must already hold that trial (written as it ended, not at the end)
+    db = out / "optuna.db"
+    persisted_before = len(_persisted_trials(db))
     driver = subprocess.Popen(sweep_cmd(file, out, ray_address, "--resume"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    _wait_for_progress(out, done_before + 2, timeout=300)
+    deadline = time.time() + 300
+    while len(_persisted_trials(db)) <= persisted_before:
+        assert time.time() < deadline and driver.poll() is None, "no trial reached the Optuna study while running"
+        time.sleep(0.3)
     driver.send_signal(signal.SIGKILL)
     driver.communicate(timeout=60)
     time.sleep(2)  # let Ray reap the dead driver's trial actors
+    survived = _persisted_trials(db)
+    assert len(survived) > persisted_before and all(state == "COMPLETE" for state, _ in survived)
     # 3. resume to the end
     proc = subprocess.run(sweep_cmd(file, out, ray_address, "--resume"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -170,3 +254,10 @@ def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, 
     for k in kids:  # each epoch logged once, also for trials replayed from a checkpoint
         assert [m.step for m in client.get_metric_history(k.info.run_id, "loss")] == list(range(1, 6))
     assert "4 trials (0 failed)" in proc.stdout
+    # the study kept what the killed driver wrote and holds each trial once, linked to its run
+    study = optuna.load_study(study_name="resume/all", storage=f"sqlite:///{db}")
+    assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(
+        k.data.tags["harness.trial_id"] for k in kids)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    for t in study.trials:
+        assert client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["harness.optuna_trial"] == str(t.number)
