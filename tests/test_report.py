@@ -81,7 +81,7 @@ def test_report_tables_match_mlflow(study):
         assert (out / "figures" / figure).stat().st_size > 0, figure
     # every tuning trial was stopped early or failed: the promised importance figure is replaced
     # by the reason, found in the study's Optuna file
-    importance = text.split("### Loss-weight importance")[1]
+    importance = text.split("### Loss-weight importance (Optuna, per variant)")[1]
     assert importance.lstrip().startswith("Not drawn:") and "Optuna state COMPLETE" in importance
     assert "pool=avg: 0 of 2 trials ran the whole budget" in importance
 

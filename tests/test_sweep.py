@@ -136,7 +136,7 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     report = tmp_path / "report"
     assert main(["report", "--experiment", "smoke", "--mlflow-uri", uri, "--out", str(report)]) == 0
     text = (report / "README.md").read_text()
-    importance = text.split("### Loss-weight importance")[1]
+    importance = text.split("### Loss-weight importance (Optuna, per variant)")[1]
     assert "Optuna state COMPLETE" in importance and "no Optuna study was found" not in importance
     assert f"all {len(finished)}/4" in importance
     assert ("importance.png" in importance) == (len(finished) >= 2)
