@@ -354,9 +354,9 @@ def find_optuna_storage(client, parent, into: Path) -> str:
     tagged = parent.data.tags.get(TAG_OPTUNA_STORAGE)
     if tagged and Path(tagged.removeprefix("sqlite:///")).exists():
         return tagged
-    where = f" nor at {tagged.removeprefix('sqlite:///')}" if tagged else ""
-    raise NotDrawn(f"no Optuna study was found: the parent run has no optuna.db artifact{where} "
-                   "(a sweep without a `search`, or a store from before studies were persisted)")
+    where = f", and none at {tagged.removeprefix('sqlite:///')}" if tagged else ""
+    raise NotDrawn(f"no Optuna study was found: no readable optuna.db among the parent run's artifacts{where} "
+                   "(a sweep without a `search`, a store from before studies were persisted, or a moved store)")
 
 
 def importance_figure(client, parent, variants, figures: Path, params: dict) -> tuple[str | None, str]:
