@@ -411,6 +411,8 @@ def record_outcome(client, parent_id: str, sweep: SweepConfig, outcomes: list[Va
     as artifacts. Called after every variant, so an interrupted sweep keeps what it finished."""
     from mlflow.entities import Metric
 
+    from harness.tracking import TAG_NOTE
+
     metric = sweep.metric
     variants = [variant_summary(o, metric, sweep.mode) for o in outcomes]
     totals: dict[str, dict[str, int]] = {}
@@ -429,15 +431,19 @@ def record_outcome(client, parent_id: str, sweep: SweepConfig, outcomes: list[Va
         prefix = "" if phase == "tune" else f"{phase}_"
         metrics[f"{prefix}trials_total"] = sum(counts.values())
         metrics.update({f"{prefix}trials_{k}": n for k, n in counts.items()})
+    tuning = totals.get("tune", {})
+    note = [f"{sum(tuning.values())} tuning trials (" + ", ".join(f"{n} {k}" for k, n in tuning.items()) + ")"]
     for v in variants:
         name = _metric_key(v["variant"])
         if v["phase"] == "tune" and v["best"] is not None:
             metrics[f"best_{metric}/{name}"] = v["best"][metric]
-            settings = ", ".join(f"{k}={_short(x)}" for k, x in sorted(v["best"]["settings"].items()))
-            client.set_tag(parent_id, f"best_settings/{name}", settings or "-")
+            settings = ", ".join(f"{k}={_short(x)}" for k, x in sorted(v["best"]["settings"].items())) or "-"
+            client.set_tag(parent_id, f"best_settings/{name}", settings)
+            note.append(f"{v['variant']}: best {metric} {v['best'][metric]:.4g} with {settings}")
         elif v["phase"] != "tune" and v[f"mean_{metric}_finished"] is not None:
             metrics[f"{v['phase']}_mean_{metric}/{name}"] = v[f"mean_{metric}_finished"]
     client.log_batch(parent_id, metrics=[Metric(k, float(x), now, 0) for k, x in metrics.items()])
+    client.set_tag(parent_id, TAG_NOTE, "; ".join(note) + ".")  # the parent's Description in the runs table
     client.log_artifact(parent_id, str(path))
     if (out_dir / "optuna.db").exists():
         client.log_artifact(parent_id, str(out_dir / "optuna.db"))

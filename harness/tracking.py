@@ -131,6 +131,7 @@ def finish_open_runs(client: MlflowClient, experiment_id: str, parent_id: str, s
     for run in child_runs(client, experiment_id, parent_id):
         if run.info.status == "RUNNING":
             client.set_tag(run.info.run_id, TAG_STOP_REASON, reason)
+            client.set_tag(run.info.run_id, TAG_NOTE, reason[0].upper() + reason[1:] + ".")
             client.set_terminated(run.info.run_id, status)
     client.set_terminated(parent_id, status)
 

@@ -128,6 +128,7 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     assert metrics["best_score/all"] == pytest.approx(best["score"])
     assert client.get_run(best["run_id"]).data.metrics["score"] == pytest.approx(best["score"])
     assert "loss.tv=" in parent.data.tags["best_settings/all"]
+    assert parent.data.tags["mlflow.note.content"].startswith(f"4 tuning trials ({len(finished)} finished")
     assert summary["counts"]["tune"]["finished"] == len(finished)
     assert not set(metrics) & RAY_INTERNAL
     assert {"summary.json", "optuna.db"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
