@@ -7,7 +7,7 @@ Playwright (`pip install playwright`, not a dependency of the harness), against 
     optuna-dashboard sqlite:////tmp/smoke/optuna.db --port 8080 &
     python docs/screenshots/take_screenshots.py /tmp/smoke
 
-Playwright only clicks what a reader would: closes the assistant panel, picks the columns, expands
+Playwright only clicks what a reader would: closes MLflow's chat side panel, picks the columns, expands
 the parent run, opens grid.png. The PNGs are then reduced to a palette to keep them small.
 """
 import json
@@ -34,7 +34,7 @@ def runs_table(browser) -> None:
     page = browser.new_page(viewport={"width": 1600, "height": 1200})
     page.goto(f"{MLFLOW}/#/experiments/1/runs?workflowType=machine_learning")
     page.wait_for_timeout(6000)
-    page.get_by_label("Close").first.click()  # the assistant panel
+    page.get_by_label("Close").first.click()  # MLflow's chat side panel
     page.get_by_role("button", name="Columns").click()
     search = page.get_by_placeholder("Search columns")
     for name in COLUMNS_OFF + COLUMNS_ON:
