@@ -7,8 +7,8 @@ Playwright (`pip install playwright`, not a dependency of the harness), against 
     optuna-dashboard sqlite:////tmp/smoke/optuna.db --port 8080 &
     python docs/screenshots/take_screenshots.py /tmp/smoke
 
-Playwright only clicks what a reader would: closes MLflow's chat side panel, picks the columns, expands
-the parent run, opens grid.png. The PNGs are then reduced to a palette to keep them small.
+Playwright only clicks what a reader would: closes MLflow's chat side panel, picks the columns,
+expands the parent run, opens grid.png. The PNGs are then reduced to a palette to keep them small.
 """
 import json
 import re
