@@ -50,7 +50,7 @@ def run_trial(config: dict, base: dict, checkpoint_epochs: list[int], cpus: floa
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            trial.load_state_dict(torch.load(Path(d) / STATE_FILE, weights_only=False))
+            trial.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False))
     streak = 0
     for row in trial.history:  # resumed: recompute the collapse streak from the history
         streak = streak + 1 if row.get("collapsed") else 0

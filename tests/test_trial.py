@@ -19,8 +19,8 @@ def test_harness_run_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ssim_nn_train_mean" in proc.stdout and "ref_blank_ssim" in proc.stdout
-    for name in ("metrics.json", "history.json", "grid.png", "nearest.png", "samples.pt", "generator.pt",
-                 "config.yaml", "per_train_best_ssim.json"):
+    for name in ("metrics.json", "history.json", "grid.png", "nearest.png", "samples.pt", "inverter.pt",
+                 "config.yaml", "per_train_best_ssim.json", "reconstructions.png"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(METRIC_NAMES) | set(REFERENCE_NAMES) <= set(metrics)
