@@ -50,12 +50,17 @@ def cmd_run(args) -> int:
           f"({'cache hit' if info['cache_hit'] else 'trained'}, key {info['cache_key']}); "
           f"evaluator held-out acc {trial.evaluator_info['heldout_acc']:.4f}; "
           f"loss terms: {', '.join(f'{k}={v:g}' for k, v in trial.weights.items())}", flush=True)
-    bar = tqdm(total=cfg.train.epochs, desc="generator", unit="epoch", file=sys.stderr,
+    if "kkt_residual_train" in info:
+        print(f"classifier training loss {info['train_loss']:.4g}, accuracy {info['train_acc']:.3f}, gradient norm "
+              f"{info['grad_norm']:.3g}; stationarity (fitted KKT residual): training images "
+              f"{info['kkt_residual_train']:.3f}, as many held-out images {info['kkt_residual_heldout']:.3f}", flush=True)
+    bar = tqdm(total=cfg.train.epochs, desc=cfg.inverter, unit="epoch", file=sys.stderr,
                disable=args.quiet)
     while not trial.done:
         row = trial.step()
         bar.set_postfix(loss=f"{row['loss']:.3f}", nn_ssim=f"{row['ssim_nn_train_mean']:.3f}",
-                        div=f"{row['diversity']:.3f}", score=f"{row['score']:.3f}")
+                        div=f"{row['diversity']:.3f}", score=f"{row['score']:.3f}",
+                        cov=f"{row['train_coverage']:.2f}/{row['heldout_coverage']:.2f}")
         bar.update(1)
     bar.close()
     paths = trial.write_outputs(out)

@@ -123,6 +123,10 @@ class LossConfig(_Section):
     kkt_min_codes: int = Field(100, ge=1, description="kkt: lower bound on the bank size M.")
     kkt_layers: int | None = Field(None, ge=0, description="kkt: last N parameterised layers of θ (0 = all; "
                                    "default: all for the direct inverter, the last 2 for the generator).")
+    kkt_margin: Literal["max", "all"] = Field(
+        "max", description="kkt: one multiplier per candidate on the margin to the largest other logit "
+        "(max, Haim et al.), or one per (candidate, other class) pair (all: exact at a stationary point of "
+        "cross-entropy + weight decay, Buzaglo et al.); λ_min then bounds each candidate's sum.")
     kkt_lambda_min: float = Field(0.001, ge=0, description="kkt: λ_min of the λ penalty.")
     kkt_lambda_weight: float = Field(1.0, ge=0, description="kkt: w_λ, weight of the λ penalty.")
     kkt_lambda_init: float = Field(0.001, gt=0, description="kkt: initial λ of every code.")

@@ -14,7 +14,8 @@ from torch import nn
 from torch.func import functional_call
 
 from harness.config import LossConfig
-from harness.kkt import kkt_residual, theta_params
+from harness.data import NUM_CLASSES
+from harness.kkt import kkt_residual, multiplier_shape, theta_params
 
 
 @dataclass
@@ -155,7 +156,8 @@ class KKTStationarity(LossTerm):
         self.num_codes = len(labels)
         self.batch_size = self.num_codes if whole else min(batch_size, self.num_codes)
         self.layers = cfg.kkt_layers if cfg.kkt_layers is not None else inverter.kkt_layers_default
-        self.a = nn.Parameter(torch.full((self.num_codes,), cfg.kkt_lambda_init ** 0.5))
+        self.a = nn.Parameter(torch.full(multiplier_shape(self.num_codes, NUM_CLASSES, cfg.kkt_margin),
+                                         cfg.kkt_lambda_init ** 0.5))
         self._draw = torch.Generator().manual_seed(seed + 7919)
 
     def get_extra_state(self):  # the minibatch draw is part of a checkpoint (exact resume)
@@ -176,7 +178,9 @@ class KKTStationarity(LossTerm):
         x = self.inverter[0].kkt_images(idx)
         theta = theta_params(self.f, self.layers)
         residual = kkt_residual(self.f, theta, x, self.bank_y[idx], self.lam[idx], self.num_codes / len(idx))
-        penalty = F.relu(self.cfg.kkt_lambda_min - self.lam).pow(2).mean()
+        per_candidate = self.lam if self.lam.dim() == 1 else self.lam.sum(1) - self.lam.gather(
+            1, self.bank_y[:, None]).squeeze(1)  # the own-class entry is not a multiplier
+        penalty = F.relu(self.cfg.kkt_lambda_min - per_candidate).pow(2).mean()
         return residual + self.cfg.kkt_lambda_weight * penalty
 
 

@@ -18,7 +18,9 @@ from harness.study import mean_ci  # noqa: E402
 from harness.tracking import TAG_KIND, TAG_PHASE, TAG_STOP_REASON, TAG_VARIANT, child_runs, client_for  # noqa: E402
 
 TABLE_METRICS = ("score", "ssim_nn_train_mean", "ssim_nn_test_mean", "memorization_gap", "diversity",
-                 "evaluator_acc", "train_coverage", "collapsed", "fd_eval")
+                 "evaluator_acc", "train_coverage", "heldout_coverage", "coverage_gap", "train_top10",
+                 "heldout_top10", "collapsed", "fd_eval")
+LAW_METRICS = ("coverage_gap", "train_top10", "heldout_top10")
 REFERENCES = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim")
 
 
@@ -148,6 +150,10 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
                          grids_figure(client, basis, variants, figures)),
                         ("Sorted per-training-image best SSIM (Haim et al.'s view)",
                          coverage_figure(client, basis, variants, figures)),
+                        ("Leakage against parameters per training pixel, p/(d·n) (mean ± 95% CI over runs)",
+                         law_figure(basis, variants, figures)),
+                        ("Best training and held-out reconstructions of each variant's best run",
+                         reconstructions_figure(client, basis, variants, figures)),
                         ("Score vs epoch of every tuning trial (dashed: stopped early)",
                          score_curves_figure(client, tuned, variants, figures)),
                         ("Collapse rate per variant", collapse_figure(tuned, confirmed, variants, figures)),
@@ -348,3 +354,55 @@ def compare_runs(run_ids: list[str], uri: str) -> str:
         lines.append(f"| {k} | " + " | ".join(f"{r.data.metrics[k]:.4g}" if k in r.data.metrics else "-"
                                               for r in runs) + " |")
     return "\n".join(lines)
+
+
+def law_figure(basis, variants, figures: Path) -> str | None:
+    """Per-image leakage against the classifier's parameters per training pixel (the axis on which
+    the reconstruction literature places its regimes), one point per variant, log x axis."""
+    points = []
+    for v in variants:
+        runs = basis.get(v, [])
+        xs = [r.data.metrics["params_per_train_pixel"] for r in runs if "params_per_train_pixel" in r.data.metrics]
+        if xs:
+            points.append((sum(xs) / len(xs), v, {m: mean_ci([r.data.metrics.get(m, float("nan")) for r in runs])
+                                                   for m in LAW_METRICS}))
+    if len({round(x, 6) for x, _, _ in points}) < 2:
+        return None
+    points.sort()
+    fig, axes = plt.subplots(1, len(LAW_METRICS), figsize=(4.2 * len(LAW_METRICS), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], LAW_METRICS):
+        xs = [x for x, _, _ in points]
+        means = [st[metric][0] for _, _, st in points]
+        lows = [st[metric][0] - st[metric][1] if math.isfinite(st[metric][1]) else 0 for _, _, st in points]
+        highs = [st[metric][2] - st[metric][0] if math.isfinite(st[metric][2]) else 0 for _, _, st in points]
+        ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3)
+        for x, v, st in points:
+            ax.annotate(v, (x, st[metric][0]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("classifier parameters / (784 · n)")
+        ax.set_ylabel(metric)
+        if metric == "coverage_gap":
+            ax.axhline(0, color="grey", lw=0.8, ls=":")
+    return _save(fig, figures, "leakage_vs_params_per_pixel.png")
+
+
+def reconstructions_figure(client, basis, variants, figures: Path) -> str | None:
+    panels = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            runs = [r for r in basis.get(v, []) if "train_top10" in r.data.metrics]
+            best = max(runs, key=lambda r: r.data.metrics["train_top10"], default=None)
+            if best is None:
+                continue
+            path = _artifact(client, best.info.run_id, "reconstructions.png", Path(tmp) / f"{v}-r")
+            if path:
+                panels.append((v, best.data.metrics, plt.imread(path)))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, 4.3 * len(panels)), squeeze=False)
+    for ax, (v, m, image) in zip(axes[:, 0], panels):
+        ax.imshow(image)
+        ax.set_title(f"{v}: train_coverage {m.get('train_coverage', float('nan')):.2f}, "
+                     f"heldout_coverage {m.get('heldout_coverage', float('nan')):.2f}", fontsize=8)
+        ax.axis("off")
+    return _save(fig, figures, "reconstructions.png")

@@ -59,7 +59,7 @@ def run_trial(config: dict, base: dict, checkpoint_epochs: list[int], cpus: floa
         streak = streak + 1 if row["collapsed"] else 0
         result = {**row, "collapse_streak": streak, "classifier_cache_key": trial.classifier_info["cache_key"],
                   "classifier_cache_hit": float(trial.classifier_info["cache_hit"]),
-                  "setup_seconds": trial.setup_seconds, "classifier_test_acc": trial.classifier_info["test_acc"]}
+                  "setup_seconds": trial.setup_seconds, **trial.classifier_metrics}
         if trial.epoch in checkpoint_epochs or trial.done:
             with tempfile.TemporaryDirectory() as tmp:
                 _write_checkpoint(trial, Path(tmp))

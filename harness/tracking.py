@@ -188,8 +188,8 @@ class MlflowTrialLogger(Callback):
             return
         try:
             with checkpoint.as_directory() as d:
-                for name in ("grid.png", "nearest.png", "samples.pt", "config.yaml", "metrics.json",
-                             "per_train_best_ssim.json"):
+                for name in ("grid.png", "nearest.png", "reconstructions.png", "samples.pt", "config.yaml",
+                             "metrics.json", "per_train_best_ssim.json"):
                     if (Path(d) / name).exists():
                         self.client.log_artifact(run_id, str(Path(d) / name))
         except Exception as exc:  # an artifact problem must not fail the sweep

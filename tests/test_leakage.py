@@ -50,6 +50,25 @@ def test_kkt_residual_of_a_linear_classifier_matches_its_closed_form():
     assert got == pytest.approx(closed_form, rel=1e-5)
 
 
+def test_all_class_kkt_residual_of_a_linear_classifier_matches_its_closed_form():
+    # one multiplier per (image, other class): grad_W of (w_y - w_j) . x_i = (e_y - e_j) x_i^T
+    g = torch.Generator().manual_seed(2)
+    n = 4
+    weight = torch.randn(K, 784, generator=g)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    y = torch.tensor([0, 3, 3, 9])
+    lam = torch.rand(n, K, generator=g)
+    expected = weight.clone()
+    for i in range(n):
+        for j in range(K):
+            if j != y[i]:
+                expected[y[i]] -= lam[i, j] * x[i].flatten()
+                expected[j] += lam[i, j] * x[i].flatten()
+    closed_form = (expected.pow(2).sum() / weight.pow(2).sum()).item()
+    model = BiasFreeLinear(weight)
+    assert kkt_residual(model, theta_params(model, 0), x, y, lam).item() == pytest.approx(closed_form, rel=1e-5)
+
+
 def test_fitted_multipliers_reach_the_closed_form_of_orthogonal_images():
     # images on disjoint pixels: the margin gradients g_i = (e_y - e_j) x_i^T are orthogonal, so
     # the best residual over lambda >= 0 is 1 - sum_i max(0, <g_i, W>)^2 / (|g_i|^2 |W|^2), with
@@ -67,7 +86,7 @@ def test_fitted_multipliers_reach_the_closed_form_of_orthogonal_images():
     other = logits.masked_fill(nn.functional.one_hot(y, K).bool(), -math.inf).max(1).values
     margins = (own - other).clamp(min=0)
     expected = 1 - (margins.pow(2) / 20.0).sum().item() / weight.pow(2).sum().item()
-    got = fitted_residual(BiasFreeLinear(weight), x, y, steps=3000, lr=0.05)
+    got = fitted_residual(BiasFreeLinear(weight), x, y, steps=3000, lr=0.05, margin="max")
     assert got == pytest.approx(expected, abs=2e-3)
     assert expected < 0.9  # the case is not trivial: the multipliers explain part of W
 
@@ -115,7 +134,7 @@ def test_direct_trial_trains_candidates_and_multipliers(reconstruction_trial):
     assert not torch.equal(lam_before, trial.terms["kkt"].lam.detach())
     assert trial.terms["kkt"].batch_size == trial.terms["kkt"].num_codes == 2 * len(trial.train_set)
     assert trial.terms["kkt"].layers == 0  # all parameters by default for the direct inverter
-    assert math.isfinite(row["loss_kkt"]) and row["evaluated"] == 1.0
+    assert math.isfinite(row["loss_kkt"]) and row["evaluated"] == 0.0  # epoch 1 of eval_every 2
     for key in ("classifier_train_loss", "classifier_grad_norm", "kkt_residual_train", "kkt_residual_heldout",
                 "params_per_train_pixel"):
         assert key in trial.classifier_metrics
