@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from harness.classifiers import pretrained_classifier
+from harness.losses import loss_weights
 from harness.metrics import METRIC_NAMES, REFERENCE_NAMES
 from harness.trial import Trial
 from tests.conftest import tiny_overrides
@@ -57,7 +58,7 @@ def test_loss_combinations_run_and_log_each_term(tiny_config, overrides):
     cfg = tiny_config(*overrides)
     trial = Trial(cfg)
     row = trial.step()
-    for name, weight in cfg.loss.weights().items():
+    for name, weight in loss_weights(cfg.loss).items():
         assert (f"loss_{name}" in row) == (weight > 0), name
     assert row["nonfinite"] == 0 and 0 <= row["score"] < 1
 
