@@ -128,8 +128,6 @@ class ClaimConfig(_Section):
     def _one_comparison(self):
         if (self.lesser is None) == (self.reference is None):
             raise ValueError("give exactly one of lesser (a variant) or reference (a ref_* metric)")
-        if self.lesser is not None and self.lesser == self.greater:
-            raise ValueError(f"lesser: {self.lesser!r} is also greater; compare two different variants")
         return self
 
 
@@ -178,14 +176,27 @@ class SweepConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _axes_nonempty(self):
+    def _base_axes_claim(self):
+        """In this order, so the first error is the cause: the base is a valid trial, every axis
+        is a setting with valid values giving distinct variant names, the claim names variants."""
+        try:
+            build_config(self.trial_base({}))
+        except ConfigError as exc:
+            raise ValueError(f"base: {exc}") from None
+        settings = trial_settings()
         for key, values in self.axes.items():
+            if key not in settings:
+                raise ValueError(f"axes.{key}: not a trial setting; see `harness config` for the names")
             if not values:
                 raise ValueError(f"axes.{key}: give at least one value")
             for value in values:
                 if "/" in str(value) or "\\" in str(value):
                     raise ValueError(f"axes.{key}: value {value!r} holds a path separator; a variant name "
                                      "names folders, so vary a plain value")
+                try:
+                    build_config(self.trial_base({key: value}))
+                except ConfigError as exc:
+                    raise ValueError(f"axes.{key}: value {value!r} is not valid ({exc})") from None
         names = [name for name, _ in self.variants()]
         if len(set(names)) < len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
@@ -194,6 +205,9 @@ class SweepConfig(_Section):
             for field, side in (("greater", self.claim.greater), ("lesser", self.claim.lesser)):
                 if side is not None and side not in names:
                     raise ValueError(f"claim.{field}: {side!r} is not a variant; variants are {', '.join(names)}")
+            if self.claim.lesser == self.claim.greater:
+                raise ValueError(f"claim.lesser: {self.claim.lesser!r} is also claim.greater; compare two "
+                                 "different variants")
         return self
 
     # -- derived -----------------------------------------------------------------------------
@@ -302,19 +316,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
             raise ConfigError(f"search.{key}: not a trial setting; see `harness config` for the names")
         if key in sweep.axes:
             raise ConfigError(f"search.{key}: also an axis; vary a setting or search it, not both")
-    for key in sweep.axes:
-        if key not in settings_names:
-            raise ConfigError(f"axes.{key}: not a trial setting; see `harness config` for the names")
-    try:
-        build_config(sweep.trial_base({}))
-    except ConfigError as exc:
-        raise ConfigError(f"base: {exc}") from None
-    for key, values in sweep.axes.items():
-        for value in values:
-            try:
-                build_config(sweep.trial_base({key: value}))
-            except ConfigError as exc:
-                raise ConfigError(f"axes.{key}: value {value!r} is not valid ({exc})") from None
     for variant, settings in sweep.variants():
         base = sweep.trial_base(settings)
         try:
