@@ -1,6 +1,5 @@
 """The sweep layer's decisions without a Ray cluster: the collapse streak and stopper, the stop
 reason logged to MLflow, how Ray is started or reached, what runs on which node."""
-import os
 import socket
 import types
 
