@@ -1,7 +1,7 @@
 """One typed configuration for a trial: the single source of truth for `harness run`,
 sweep files and MLflow params. YAML files hold only what differs from these defaults.
 
-Every field carries its documentation (`harness run --help-config` prints it). Unknown keys,
+Every field carries its documentation (`harness config` prints it). Unknown keys,
 wrong types and out-of-range values raise `ConfigError` with a one-line message naming the
 field; the CLI turns that into exit code 2 before anything is written.
 """
@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and the fix."""
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be started or reached; the message says why, in one line."""
 
 
 class _Section(BaseModel):
@@ -130,10 +134,6 @@ class LossConfig(_Section):
     kkt_lambda_min: float = Field(0.001, ge=0, description="kkt: λ_min of the λ penalty.")
     kkt_lambda_weight: float = Field(1.0, ge=0, description="kkt: w_λ, weight of the λ penalty.")
     kkt_lambda_init: float = Field(0.001, gt=0, description="kkt: initial λ of every code.")
-
-    def weights(self) -> dict[str, float]:
-        from harness.losses import LOSS_TERMS  # the registry defines which fields are weights
-        return {name: getattr(self, name) for name in LOSS_TERMS}
 
 
 class TrainConfig(_Section):
@@ -277,8 +277,13 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config: file {str(path)!r} not found; pass an existing YAML file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: cannot read {path} ({exc.__class__.__name__}: {exc})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config: {path} is not valid YAML ({problem}{where})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping of settings at the top level")
     return data

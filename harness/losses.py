@@ -230,11 +230,17 @@ LOSS_TERMS: dict[str, type[LossTerm]] = {
 }
 
 
+def loss_weights(cfg: LossConfig) -> dict[str, float]:
+    """The weight of every registered term, by name: the registry says which LossConfig fields
+    are weights (the others are the terms' options)."""
+    return {name: getattr(cfg, name) for name in LOSS_TERMS}
+
+
 def build_loss_terms(cfg: LossConfig, classifier: nn.Module, inverter: nn.Module, train_size: int,
                      batch_size: int, seed: int) -> nn.ModuleDict:
     """The terms with weight > 0, in registry order. The BN prior needs BatchNorm layers."""
     terms = nn.ModuleDict()
-    for name, weight in cfg.weights().items():
+    for name, weight in loss_weights(cfg).items():
         if weight > 0:
             term = LOSS_TERMS[name](cfg, classifier, inverter, train_size, batch_size, seed)
             if name == "bn" and not term.layers:

@@ -19,18 +19,11 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from harness.config import EvalConfig
 from harness.data import NUM_CLASSES, Split
+from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
 
 DATA_RANGE = 2.0  # pixels live in [-1, 1]
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 _CENTRE = (SSIM_WINDOW - 1) // 2  # border that no valid window is centred in
-
-METRIC_NAMES = (
-    "ssim_nn_train_mean", "ssim_nn_train_median", "recon_rate", "ssim_nn_test_mean",
-    "memorization_gap", "train_coverage", "heldout_coverage", "coverage_gap", "train_top10", "heldout_top10",
-    "top10_gap", "target_acc", "evaluator_acc", "diversity",
-    "unique_nn_frac", "collapsed", "fd_eval", "score",
-)
-REFERENCE_NAMES = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim", "ref_heldout_diversity")
 
 
 def paired_ssim(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Tensor:

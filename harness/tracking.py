@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +16,12 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from harness.config import flatten
+from harness.mlflow_store import (TAG_CLASSIFIER_KEY, TAG_KIND, TAG_PHASE, TAG_STOP_REASON,  # noqa: F401
+                                  TAG_SWEEP_DIR, TAG_TRIAL_ID, TAG_VARIANT, child_runs, client_for,
+                                  default_tracking_uri)
+from harness.sweep_config import resolve_trial, settings_of
 
 log = logging.getLogger(__name__)
-
-TAG_SWEEP_DIR = "harness.sweep_dir"
-TAG_TRIAL_ID = "harness.trial_id"
-TAG_VARIANT = "harness.variant"
-TAG_PHASE = "harness.phase"
-TAG_STOP_REASON = "harness.stop_reason"
-TAG_CLASSIFIER_KEY = "harness.classifier_cache_key"
-TAG_KIND = "harness.kind"
-
-
-def default_tracking_uri(out_dir: Path) -> str:
-    return f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
-
-
-def client_for(uri: str) -> MlflowClient:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    return MlflowClient(tracking_uri=uri)
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_dir: Path | None) -> str:
@@ -62,10 +48,6 @@ def start_parent(client: MlflowClient, experiment_id: str, run_name: str, sweep_
     for key, value in list(flatten(params).items())[:500]:
         client.log_param(run.info.run_id, key, str(value)[:6000])
     return run.info.run_id
-
-
-def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
-    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)
 
 
 def finish_open_runs(client: MlflowClient, experiment_id: str, parent_id: str, status: str, reason: str) -> None:
@@ -96,9 +78,12 @@ class MlflowTrialLogger(Callback):
             "iterations_since_restore", "timesteps_since_restore", "training_iteration", "done"}
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_config: dict,
-                 max_epochs: int, tags: dict[str, str] | None = None, fixed: dict[int, dict] | None = None):
+                 max_epochs: int, tags: dict[str, str] | None = None, fixed: dict[int, dict] | None = None,
+                 collapse_patience: int | None = None, collapse_min_epoch: int = 1):
         self.uri, self.experiment_id, self.parent = tracking_uri, experiment_id, parent_run_id
         self.base_config, self.max_epochs, self.tags = base_config, max_epochs, tags or {}
+        # the collapse stopper's rule (None: no such stopper), to tell its stops from ASHA's
+        self.collapse_patience, self.collapse_min_epoch = collapse_patience, collapse_min_epoch
         self.fixed = fixed or {}  # grid index -> settings, for trials of a fixed list (no search)
         self.runs: dict[str, str] = {}
         self.checkpoints: dict[str, Any] = {}
@@ -140,8 +125,7 @@ class MlflowTrialLogger(Callback):
             if self.client.get_run(run_id).info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
             return run_id
-        from harness.config import build_config, deep_merge, unflatten
-        resolved = build_config(deep_merge(self.base_config, unflatten(self.settings_of(trial.config)))).model_dump()
+        resolved = resolve_trial(self.base_config, self.settings_of(trial.config)).model_dump()
         tags = {"mlflow.parentRunId": self.parent, TAG_TRIAL_ID: trial.trial_id, **self.tags}
         run = self.client.create_run(self.experiment_id, run_name=f"{self.tags.get(TAG_VARIANT, 'trial')}-{trial.trial_id}",
                                      tags=tags)
@@ -156,8 +140,7 @@ class MlflowTrialLogger(Callback):
 
     def settings_of(self, config: dict) -> dict:
         """The dotted settings a trial runs with (searched values, or its fixed list entry)."""
-        from harness.sweep import clean_searched
-        return self.fixed[config["__fixed__"]] if "__fixed__" in config else clean_searched(config)
+        return settings_of(config, self.fixed)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
@@ -204,7 +187,7 @@ class MlflowTrialLogger(Callback):
             status, reason = "KILLED", "stopped: the loss became NaN/inf"
         elif epoch >= self.max_epochs:
             status, reason = "FINISHED", "completed the epoch budget"
-        elif result.get("collapse_streak", 0) >= 1 and result.get("collapsed"):
+        elif self.stopped_collapsed(result):
             status, reason = "KILLED", f"stopped: collapsed at {int(result['collapse_streak'])} evaluations in a row"
         else:
             status, reason = "KILLED", f"pruned by ASHA at epoch {epoch}"
@@ -212,6 +195,13 @@ class MlflowTrialLogger(Callback):
         self.client.set_tag(run_id, TAG_STOP_REASON, reason)
         self.client.set_terminated(run_id, status)
         self.ended.add(trial.trial_id)
+
+    def stopped_collapsed(self, result: dict) -> bool:
+        """Whether the collapse stopper ended the trial: collapsed at `collapse_patience`
+        evaluations in a row, past its minimum epoch (else an early stop was ASHA's)."""
+        return (self.collapse_patience is not None
+                and result.get("collapse_streak", 0) >= self.collapse_patience
+                and result.get("epoch", 0) >= self.collapse_min_epoch)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
