@@ -194,6 +194,8 @@ class TrialConfig(_Section):
     name: str = Field("trial", description="Name of the trial (run names, output folders).")
     seed: int = Field(0, description="Seed of the generator, its latents and the loss terms' noise.")
     device: str = Field("auto", description="torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    deterministic: bool = Field(False, description="Deterministic kernels only (torch.use_deterministic_algorithms; "
+                                "on a GPU also CUBLAS_WORKSPACE_CONFIG): bit-exact reruns and resumes, a little slower.")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores, or the CPUs Ray gives the trial).")
     cache_dir: str | None = Field(None, description="Classifier/reference cache (default: "
                                   "$HARNESS_CACHE_DIR, else ~/.cache/inversion-harness).")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -52,6 +53,10 @@ class Trial:
         # subnormal floats (tiny gradients of a converged reconstruction, softplus tails) make CPU
         # arithmetic up to 100x slower; flushing them to zero changes no result that matters
         torch.set_flush_denormal(True)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         self.device = resolve_device(cfg.device)
         start = time.perf_counter()
         self.classifier, self.classifier_info = pretrained_classifier(cfg, self.device)

@@ -219,3 +219,36 @@ def test_training_state_of_a_zero_model_is_the_closed_form():
     assert state["train_loss"] == pytest.approx(math.log(K))
     assert state["train_acc"] == pytest.approx(0.1)
     assert state["grad_norm"] == pytest.approx(0.0)  # every path through a zero ReLU layer is dead
+
+
+def test_nearest_ssim_on_the_trial_device_matches_the_cpu():
+    # runs on whatever device is present (a GPU when there is one): the same numbers as the CPU
+    from harness.metrics import nearest_ssim
+    from harness.trial import resolve_device
+
+    train, _ = train_subset(DataConfig(train_size=200))
+    held = heldout_set(DataConfig(), 10)
+    device = resolve_device("auto")
+    on_device, index_device = nearest_ssim(held, train, 5, device)
+    on_cpu, index_cpu = nearest_ssim(held, train, 5, "cpu")
+    assert on_device.device.type == "cpu" and torch.allclose(on_device, on_cpu, atol=1e-5)
+    assert torch.equal(index_device, index_cpu)
+
+
+def test_direct_trial_resumes_exactly_from_its_checkpoint(reconstruction_trial):
+    import io
+
+    cfg = reconstruction_trial.cfg.model_copy(update={"train": reconstruction_trial.cfg.train.model_copy(
+        update={"jitter": 2, "epochs": 2})})
+    straight = Trial(cfg)
+    straight.step()
+    buffer = io.BytesIO()
+    torch.save(straight.state_dict(), buffer)
+    straight.step()
+    resumed = Trial(cfg)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=False))
+    resumed.step()
+    assert torch.equal(straight.inverter.images, resumed.inverter.images)  # the bank, jitter draws included
+    assert torch.equal(straight.terms["kkt"].a, resumed.terms["kkt"].a)  # the multipliers
+    assert straight.history[-1]["loss"] == resumed.history[-1]["loss"]
