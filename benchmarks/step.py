@@ -1,15 +1,20 @@
-"""Benchmark 2: the cost of one generator step per loss term.
+"""Benchmark 2: the cost of one generator step per loss term, and of one direct-KKT step.
 
 A CE-only step first (the baseline), then CE plus each other term at weight 1, each timed over the
 same number of steps on the default trial (MNIST, N = 1000, 2-block avg-pool CNN, batch 64), so
 the price of `kkt`, `grad` and `pert` is visible. Also the achieved FLOP/s of the CE-only step
 (FLOPs counted by torch's FlopCounterMode) against the matmul rate measured in the same run.
+Then the positive control's reconstruction step (search_spaces/trials/positive_control.yaml:
+2n = 200 candidates, KKT over all 1.79 M parameters of the MLP): time per step and per
+candidate, and its FLOP/s against the same matmul rate.
 
     python benchmarks/step.py [--steps 30] [--device cpu|cuda] [--set key=value ...]
 """
 from __future__ import annotations
 
 import time
+
+from pathlib import Path
 
 from common import matmul_flops, parser, report, sync
 
@@ -32,11 +37,32 @@ def step_flops(trial) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        batch = trial._batch()
+        batch = trial.inverter.batch(trial.classifier, trial.terms, trial.rng)
         total = sum(trial.weights[n] * t(batch) for n, t in trial.terms.items())
         total.backward()
     trial.optimizer.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
+
+
+def direct_kkt(args, device, steps: int, warmup: int, mm: float) -> tuple[list, dict]:
+    from harness.config import build_config, load_yaml
+    from harness.trial import Trial
+
+    overrides = [f"device={device}"] + list(args.overrides)
+    if args.tiny:
+        overrides += ["classifier.steps=5", "classifier.widths=[64,64]", "evaluator.epochs=1",
+                      "classifier.stationarity_steps=2", "eval.diversity_pairs=20", "eval.reference_per_class=10"]
+    cfg = build_config(load_yaml(Path(__file__).resolve().parents[1] / "search_spaces" / "trials" /
+                                 "positive_control.yaml"), overrides)
+    trial = Trial(cfg)
+    seconds = time_steps(trial, steps, device, warmup)
+    flops = step_flops(trial)
+    candidates = len(trial.inverter.labels)
+    figures = {"ms_per_step": seconds * 1e3, "candidates": candidates, "ms_per_candidate": seconds * 1e3 / candidates,
+               "step_gflop": flops / 1e9, "gflops": flops / seconds / 1e9, "matmul_share": flops / seconds / mm,
+               "parameters": trial.classifier_info["parameters"]}
+    row = [f"direct kkt + pixel, {candidates} candidates", seconds * 1e3, float("nan")]
+    return row, figures
 
 
 def main(argv=None):
@@ -44,6 +70,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--terms", default=",".join(TERMS), help="comma-separated terms to add to CE")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-direct", action="store_true", help="skip the direct-KKT step")
     args = p.parse_args(argv)
 
     from harness.config import build_config
@@ -75,11 +102,18 @@ def main(argv=None):
     achieved = flops / baseline
     figures.update(ce_step_gflop=flops / 1e9, ce_gflops=achieved / 1e9, matmul_gflops=mm / 1e9,
                    matmul_share=achieved / mm, batch=cfg.train.batch_size)
+    notes = [f"CE-only step: {flops / 1e9:.3f} GFLOP -> {achieved / 1e9:.1f} GFLOP/s achieved, "
+             f"{100 * achieved / mm:.1f}% of the fp32 matmul rate measured in this run ({mm / 1e9:.0f} GFLOP/s)."]
+    if not args.no_direct:
+        row, direct = direct_kkt(args, device, steps, warmup, mm)
+        rows.append(row)
+        figures["direct_kkt"] = direct
+        notes.append(f"Direct KKT step: {direct['candidates']} candidates, {direct['parameters'] / 1e6:.2f} M parameters: "
+                     f"{direct['ms_per_step']:.0f} ms/step ({direct['ms_per_candidate']:.2f} ms per candidate), "
+                     f"{direct['step_gflop']:.2f} GFLOP -> {direct['gflops']:.1f} GFLOP/s, "
+                     f"{100 * direct['matmul_share']:.1f}% of the matmul rate.")
     report(f"Generator step cost per loss term (batch {cfg.train.batch_size}, {steps} steps each, {device})",
-           ["loss terms", "ms / step", "x CE-only"], rows,
-           [f"CE-only step: {flops / 1e9:.3f} GFLOP -> {achieved / 1e9:.1f} GFLOP/s achieved, "
-            f"{100 * achieved / mm:.1f}% of the fp32 matmul rate measured in this run ({mm / 1e9:.0f} GFLOP/s)."],
-           figures, args.json)
+           ["loss terms", "ms / step", "x CE-only"], rows, notes, figures, args.json)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Content-addressed on-disk cache for pretrained classifiers and reference points.
 
 An entry is `<dir>/<kind>-<key>.pt`, where key = sha256 of everything that determines its
-content. Writes go to a temp file in the same folder and are renamed into place (atomic); loads
-use `torch.load(weights_only=True)` and verify the stored key, so a truncated, corrupted or
-misnamed file is rejected and rebuilt, never used. A per-entry file lock makes concurrent
-trials that want the same entry build it once: the first builds, the others wait and load.
+content. A build is written under a unique temporary name in the same folder and published
+with an atomic link (or rename): readers never see a half-written file, and when two processes
+build the same entry at once (file locks are unreliable on NFS) the first to publish wins and
+the other discards its build and loads the winner's, so both use the same payload. Loads use
+`torch.load(weights_only=True)` and verify the stored key, so a truncated, corrupted or misnamed
+file is rejected and rebuilt, never used. A per-entry file lock, where the file system supports
+one, saves the duplicate work: the first process builds, the others wait and load.
 """
 from __future__ import annotations
 
@@ -55,7 +58,9 @@ class CacheEntry:
             return None
         return blob["payload"]
 
-    def save(self, payload: dict) -> None:
+    def save(self, payload: dict) -> dict:
+        """Publish `payload` unless a valid entry appeared meanwhile; returns the published payload
+        (ours, or the one another process published first)."""
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -63,30 +68,51 @@ class CacheEntry:
                             "payload": payload}, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
+            try:
+                os.link(tmp, self.path)  # atomic, and fails if an entry is already there
+            except FileExistsError:
+                existing = self.load()
+                if existing is not None:
+                    return existing  # another process published first: use its payload
+                os.replace(tmp, self.path)  # the file there is not a valid entry: replace it
+            except OSError:
+                os.replace(tmp, self.path)  # no hard links on this file system
+            return payload
+        finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            raise
 
     @contextlib.contextmanager
-    def locked(self):
-        with open(self._lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    def locked(self, use_lock: bool = True):
+        """Best effort: an exclusive lock on the entry where the file system gives one. Without
+        it (NFS without lockd, a read-only lock file, use_lock=False) builds may race, which the
+        publishing in `save` makes harmless."""
+        lock = None
+        if use_lock:
             try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                lock = open(self._lock_path, "w")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as exc:
+                log.debug("cache: no lock for %s (%s); building without one", self.path.name, exc)
+                if lock is not None:
+                    lock.close()
+                lock = None
+        try:
+            yield
+        finally:
+            if lock is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                lock.close()
 
-    def get_or_build(self, build: Callable[[], dict]) -> tuple[dict, bool]:
-        """(payload, hit): load the entry, or build and store it once across processes."""
+    def get_or_build(self, build: Callable[[], dict], use_lock: bool = True) -> tuple[dict, bool]:
+        """(payload, hit): load the entry, or build and publish it. Every process gets the payload
+        that was published, whoever built it."""
         payload = self.load()
         if payload is not None:
             return payload, True
-        with self.locked():
+        with self.locked(use_lock):
             payload = self.load()  # another process may have built it while we waited
             if payload is not None:
                 return payload, True
-            payload = build()
-            self.save(payload)
-            return payload, False
+            return self.save(build()), False

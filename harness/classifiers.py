@@ -6,6 +6,7 @@ features, the evaluator's features feed `fd_eval`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -15,7 +16,8 @@ from torch import nn
 
 from harness.cache import CacheEntry, cache_dir
 from harness.config import ClassifierConfig, EvaluatorConfig, TrialConfig
-from harness.data import NUM_CLASSES, Split, evaluator_set, full_test_set, heldout_set, train_subset
+from harness.data import NUM_CLASSES, Split, classifier_training_set, evaluator_set, full_test_set, heldout_set
+from harness.kkt import fitted_residual, parameterised_layers
 
 log = logging.getLogger(__name__)
 
@@ -24,23 +26,60 @@ log = logging.getLogger(__name__)
 MODEL_CODE_VERSION = 1
 
 
+class Activation(nn.Module):
+    """ReLU or LeakyReLU(0.2) whose kink can be smoothed during inversion: with `alpha` > 0 the
+    ReLU part becomes softplus(α·z)/α (Haim et al.'s smoothed ReLU, which gives the candidates'
+    KKT gradients second derivatives). Parameter-free: smoothing never touches the weights."""
+
+    def __init__(self, kind: str = "leaky_relu"):
+        super().__init__()
+        self.slope = {"leaky_relu": 0.2, "relu": 0.0}[kind]
+        self.alpha = 0.0
+
+    def forward(self, z):
+        if self.alpha > 0:
+            return self.slope * z + (1 - self.slope) * F.softplus(self.alpha * z) / self.alpha
+        return F.leaky_relu(z, self.slope) if self.slope else F.relu(z)
+
+
+@contextlib.contextmanager
+def smoothed_relu(model: nn.Module, alpha: float):
+    """Within the block, every `Activation` of `model` uses softplus(α·z)/α (α = 0: unchanged)."""
+    acts = [m for m in model.modules() if isinstance(m, Activation)]
+    before = [m.alpha for m in acts]
+    for m in acts:
+        m.alpha = alpha
+    try:
+        yield model
+    finally:
+        for m, a in zip(acts, before):
+            m.alpha = a
+
+
+def _norm(kind: str, channels: int, dims: int) -> list[nn.Module]:
+    if kind == "none":
+        return []
+    return [nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)]
+
+
 class ShallowCNN(nn.Module):
     """`depth` blocks of Conv3x3 -> BN -> LeakyReLU(0.2) -> Pool(2) -> Dropout2d, channels
     32, 64, 128, ..., then FC -> 256 -> classes. `pool` is the only avg/max difference."""
 
-    def __init__(self, depth: int = 2, pool: str = "avg", dropout: float = 0.2, num_classes: int = NUM_CLASSES):
+    def __init__(self, depth: int = 2, pool: str = "avg", dropout: float = 0.2, num_classes: int = NUM_CLASSES,
+                 norm: str = "batch", bias: bool = True, activation: str = "leaky_relu"):
         super().__init__()
         pool_layer = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}[pool]
         blocks, channels, size = [], 1, 28
         for i in range(depth):
             out = 32 * 2 ** i
-            blocks += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.LeakyReLU(0.2),
+            blocks += [nn.Conv2d(channels, out, 3, padding=1, bias=bias), *_norm(norm, out, 2), Activation(activation),
                        pool_layer(2), nn.Dropout2d(dropout)]
             channels, size = out, size // 2
         self.features = nn.Sequential(*blocks)
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(channels * size * size, 256), nn.LeakyReLU(0.2),
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(channels * size * size, 256, bias=bias), Activation(activation),
                                 nn.Dropout(dropout))
-        self.head = nn.Linear(256, num_classes)
+        self.head = nn.Linear(256, num_classes, bias=bias)
 
     def forward(self, x):
         feats = self.fc(self.features(x))
@@ -48,17 +87,22 @@ class ShallowCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """flatten -> `depth` hidden layers (width, width/2, ...) with BN, LeakyReLU(0.2), Dropout."""
+    """flatten -> hidden layers of `widths` (default: `depth` layers of width, width/2, ...) each
+    with BN (norm: batch), the activation and Dropout."""
 
-    def __init__(self, depth: int = 2, width: int = 512, dropout: float = 0.2, num_classes: int = NUM_CLASSES):
+    def __init__(self, depth: int = 2, width: int = 512, dropout: float = 0.2, num_classes: int = NUM_CLASSES,
+                 widths: list[int] | None = None, norm: str = "batch", bias: bool = True,
+                 activation: str = "leaky_relu"):
         super().__init__()
+        widths = widths or [max(width // 2 ** i, 16) for i in range(depth)]
         layers, dim = [nn.Flatten()], 28 * 28
-        for i in range(depth):
-            out = max(width // 2 ** i, 16)
-            layers += [nn.Linear(dim, out), nn.BatchNorm1d(out), nn.LeakyReLU(0.2), nn.Dropout(dropout)]
+        for out in widths:
+            layers += [nn.Linear(dim, out, bias=bias), *_norm(norm, out, 1), Activation(activation)]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
             dim = out
         self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(dim, num_classes, bias=bias)
 
     def forward(self, x):
         feats = self.body(x)
@@ -85,13 +129,60 @@ class EvaluatorCNN(nn.Module):
 
 
 CLASSIFIERS = {
-    "cnn": lambda c: ShallowCNN(c.depth, c.pool, c.dropout),
-    "mlp": lambda c: MLP(c.depth, c.width, c.dropout),
+    "cnn": lambda c: ShallowCNN(c.depth, c.pool, c.dropout, norm=c.norm, bias=c.bias, activation=c.activation),
+    "mlp": lambda c: MLP(c.depth, c.width, c.dropout, widths=c.widths, norm=c.norm, bias=c.bias,
+                         activation=c.activation),
 }
 
 
 def build_classifier(cfg: ClassifierConfig) -> nn.Module:
-    return CLASSIFIERS[cfg.arch](cfg)
+    """The classifier of `cfg`, freshly initialised (seed it first), first layer x init_scale."""
+    model = CLASSIFIERS[cfg.arch](cfg)
+    if cfg.init_scale != 1.0:
+        with torch.no_grad():
+            parameterised_layers(model)[0].weight.mul_(cfg.init_scale)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def fit_gd(model: nn.Module, data: Split, steps: int, lr: float, momentum: float, weight_decay: float,
+           device: torch.device) -> nn.Module:
+    """Full-batch gradient descent with momentum and L2 weight decay: the regime in which a
+    classifier approaches a stationary (KKT) point of its training loss."""
+    model.to(device).train()
+    images, labels = data.images.to(device), data.labels.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(images)[0], labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def fit_classifier(model: nn.Module, data: Split, c: ClassifierConfig, device) -> nn.Module:
+    torch.manual_seed(c.seed)
+    if c.optimizer == "gd":
+        return fit_gd(model, data, c.steps, c.lr, c.momentum, c.weight_decay, device)
+    return fit(model, data, c.epochs, c.batch_size, c.lr, c.weight_decay, c.seed, device)
+
+
+def training_state(model: nn.Module, data: Split, weight_decay: float, device) -> dict[str, float]:
+    """Where training left the classifier: full-batch loss, accuracy and the norm of the gradient of
+    loss + weight decay (0 at a stationary point), in eval mode."""
+    model.eval()
+    images, labels = data.images.to(device), data.labels.to(device)
+    params = [p for p in model.parameters()]
+    with torch.enable_grad():
+        logits = model(images)[0]
+        loss = F.cross_entropy(logits, labels)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    total = sum(((g if g is not None else 0) + weight_decay * p.detach()).pow(2).sum() for g, p in zip(grads, params))
+    return {"train_loss": loss.item(), "train_acc": (logits.argmax(1) == labels).float().mean().item(),
+            "grad_norm": float(total) ** 0.5}
 
 
 def fit(model: nn.Module, data: Split, epochs: int, batch_size: int, lr: float, weight_decay: float,
@@ -151,16 +242,20 @@ def load_weights(model: nn.Module, state: dict, device) -> nn.Module:
 
 def pretrained_classifier(cfg: TrialConfig, device) -> tuple[nn.Module, dict]:
     """The frozen classifier for `cfg`, trained once and then loaded from the cache.
-    Returns (model, info) with info = {cache_key, cache_hit, test_acc, train_acc, seconds}."""
+    Returns (model, info): cache_key, cache_hit, seconds, and from training: test_acc, train_acc,
+    train_loss, grad_norm, parameters, kkt_residual_train / _heldout (see `stationarity`)."""
     entry = CacheEntry(cache_dir(cfg.cache_dir), "classifier", classifier_spec(cfg))
     c = cfg.classifier
 
     def build():
         start = time.perf_counter()
-        train, _ = train_subset(cfg.data)
-        model = fit(build_classifier(c), train, c.epochs, c.batch_size, c.lr, c.weight_decay, c.seed, device)
+        train = classifier_training_set(cfg.data)
+        torch.manual_seed(c.seed)
+        model = fit_classifier(build_classifier(c), train, c, device)
         meta = {"test_acc": accuracy(model, full_test_set(cfg.data), device),
-                "train_acc": accuracy(model, train, device), "train_seconds": time.perf_counter() - start}
+                **training_state(model, train, c.weight_decay, device),
+                "parameters": count_parameters(model), "train_seconds": time.perf_counter() - start}
+        meta.update(stationarity(model, cfg, device))
         log.info("trained classifier %s: test acc %.4f", entry.key, meta["test_acc"])
         return {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": meta}
 
@@ -169,6 +264,22 @@ def pretrained_classifier(cfg: TrialConfig, device) -> tuple[nn.Module, dict]:
     model = load_weights(build_classifier(c), payload["state_dict"], device)
     info = {"cache_key": entry.key, "cache_hit": hit, "seconds": time.perf_counter() - start, **payload["meta"]}
     return model, info
+
+
+def stationarity(model: nn.Module, cfg: TrialConfig, device) -> dict[str, float]:
+    """The KKT residual that the classifier's real training images reach when only their
+    multipliers are fitted, beside the same for as many class-balanced held-out images: a
+    classifier from which reconstruction can work shows a clearly lower value for its training
+    images (Haim et al.'s condition holds for them, not for other images of the same classes)."""
+    steps = cfg.classifier.stationarity_steps
+    if not steps:
+        return {}
+    train = classifier_training_set(cfg.data)
+    held = heldout_set(cfg.data, len(train) // NUM_CLASSES)
+    per_class = min(len(train), len(held)) // NUM_CLASSES  # both sides the same size and balance
+    train, held = train.head_per_class(per_class), held.head_per_class(per_class)
+    return {name: fitted_residual(model, side.images.to(device), side.labels.to(device), steps)
+            for name, side in (("kkt_residual_train", train), ("kkt_residual_heldout", held))}
 
 
 def pretrained_evaluator(cfg: TrialConfig, device) -> tuple[nn.Module, dict]:
@@ -186,8 +297,3 @@ def pretrained_evaluator(cfg: TrialConfig, device) -> tuple[nn.Module, dict]:
     payload, hit = entry.get_or_build(build)
     model = load_weights(EvaluatorCNN(), payload["state_dict"], device)
     return model, {"cache_key": entry.key, "cache_hit": hit, **payload["meta"]}
-
-
-def parameterised_layers(model: nn.Module) -> list[nn.Module]:
-    """Conv and Linear layers in forward order (the θ that `grad` and `kkt` act on)."""
-    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

@@ -7,9 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-from harness.config import ConfigError
+from harness.config import ClusterError, ConfigError
 
 EXIT_CONFIG = 2
+EXIT_CLUSTER = 3
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +21,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--out", help="output folder (default: runs/<name>)")
-    p.add_argument("--address", help="connect to a running Ray cluster (e.g. 10.0.0.1:6379 or auto)")
+    p.add_argument("--address", help="connect to a running Ray cluster (e.g. 10.0.0.1:6379 or auto); "
+                   "without it a private local Ray instance is started")
+    p.add_argument("--shared-storage", action="store_true",
+                   help="with --address on a cluster of several nodes: --out and the classifier cache "
+                   "(HARNESS_CACHE_DIR) are on storage every node mounts at the same path")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--smoke", action="store_true", help="tiny budget: 2 trials x 2 epochs x 3 steps")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db, whose artifact "
@@ -41,7 +46,7 @@ def cmd_run(args) -> int:
     cfg = build_config(load_yaml(args.config) if args.config else {}, args.overrides)  # before heavy imports
     from tqdm import tqdm
 
-    from harness.metrics import METRIC_NAMES, REFERENCE_NAMES
+    from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
     from harness.trial import Trial
 
     out = Path(args.out or f"runs/{cfg.name}")
@@ -52,17 +57,22 @@ def cmd_run(args) -> int:
           f"({'cache hit' if info['cache_hit'] else 'trained'}, key {info['cache_key']}); "
           f"evaluator held-out acc {trial.evaluator_info['heldout_acc']:.4f}; "
           f"loss terms: {', '.join(f'{k}={v:g}' for k, v in trial.weights.items())}", flush=True)
-    bar = tqdm(total=cfg.train.epochs, desc="generator", unit="epoch", file=sys.stderr,
+    if "kkt_residual_train" in info:
+        print(f"classifier training loss {info['train_loss']:.4g}, accuracy {info['train_acc']:.3f}, gradient norm "
+              f"{info['grad_norm']:.3g}; stationarity (fitted KKT residual): training images "
+              f"{info['kkt_residual_train']:.3f}, as many held-out images {info['kkt_residual_heldout']:.3f}", flush=True)
+    bar = tqdm(total=cfg.train.epochs, desc=cfg.inverter, unit="epoch", file=sys.stderr,
                disable=args.quiet)
     while not trial.done:
         row = trial.step()
         bar.set_postfix(loss=f"{row['loss']:.3f}", nn_ssim=f"{row['ssim_nn_train_mean']:.3f}",
-                        div=f"{row['diversity']:.3f}", score=f"{row['score']:.3f}")
+                        div=f"{row['diversity']:.3f}", score=f"{row['score']:.3f}",
+                        cov=f"{row['train_coverage']:.2f}/{row['heldout_coverage']:.2f}")
         bar.update(1)
     bar.close()
     paths = trial.write_outputs(out)
     final = trial.final_metrics()
-    print(format_table([(k, f"{final[k]:.4f}") for k in (*METRIC_NAMES, *REFERENCE_NAMES)]))
+    print(format_table([(k, f"{final[k]:.4f}") for k in (*METRIC_NAMES, *REFERENCE_NAMES) if k in final]))
     print(f"outputs in {out}/: {', '.join(p.name for p in paths.values())}")
     if final.get("nonfinite"):
         print(f"error: the loss became NaN/inf at epoch {int(final['epoch'])}; training stopped "
@@ -82,7 +92,8 @@ def cmd_sweep(args) -> int:
     print(f"sweep {sweep.name}: {len(variants)} variant(s) x {sweep.budget.num_samples} trials, "
           f"metric {sweep.metric} ({sweep.mode}), ASHA {'on' if sweep.asha.enabled else 'off'}; output {out}/",
           flush=True)
-    outcomes = run_sweep(sweep, out, address=args.address, resume=args.resume, mlflow_uri=args.mlflow_uri)
+    outcomes = run_sweep(sweep, out, address=args.address, resume=args.resume, mlflow_uri=args.mlflow_uri,
+                         shared_storage=args.shared_storage)
     print(summary_table(best_rows(outcomes, sweep.metric, sweep.mode), sweep.metric))
     from harness.tracking import how_to_view
 
@@ -102,10 +113,13 @@ def cmd_ablate(args) -> int:
     from harness.sweep import best_rows, summary_table
 
     out = Path(args.out or f"runs/{sweep.name}")
-    seeds = list(range(args.seeds))
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds: {args.seeds}; give at least 1 confirmation seed")
+    seeds = sweep.confirmation_seeds(args.seeds)
     print(f"study {sweep.name}: {len(sweep.variants())} variant(s), each tuned with {sweep.budget.num_samples} "
-          f"trials, then confirmed over seeds {seeds}; output {out}/", flush=True)
-    outcomes = run_ablation(sweep, out, seeds, address=args.address, resume=args.resume, mlflow_uri=args.mlflow_uri)
+          f"trials, then confirmed over seeds {seeds} (disjoint from the tuning seeds); output {out}/", flush=True)
+    outcomes = run_ablation(sweep, out, seeds, address=args.address, resume=args.resume, mlflow_uri=args.mlflow_uri,
+                            shared_storage=args.shared_storage)
     confirmed = [phases["confirm"] for phases in outcomes.values() if "confirm" in phases]
     print(summary_table(best_rows(confirmed, sweep.metric, sweep.mode, top=len(seeds)), sweep.metric))
     from harness.tracking import how_to_view
@@ -158,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="per-variant tuning with equal budgets, then the best weights over seeds")
     p.add_argument("file", help="sweep file with axes (search_spaces/*.yaml)")
     _add_sweep_args(p)
-    p.add_argument("--seeds", type=int, default=3, help="confirmation seeds per variant (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="confirmation seeds per variant (default 3; they start "
+                   "at 1000, or after the largest tuning seed, so none repeats a tuning trial)")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("report", help="tables and figures of a study, read from MLflow")
@@ -186,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CLUSTER
     except KeyboardInterrupt:
         print("interrupted; rerun the same command with --resume to continue", file=sys.stderr)
         return 130

@@ -1,7 +1,7 @@
 """One typed configuration for a trial: the single source of truth for `harness run`,
 sweep files and MLflow params. YAML files hold only what differs from these defaults.
 
-Every field carries its documentation (`harness run --help-config` prints it). Unknown keys,
+Every field carries its documentation (`harness config` prints it). Unknown keys,
 wrong types and out-of-range values raise `ConfigError` with a one-line message naming the
 field; the CLI turns that into exit code 2 before anything is written.
 """
@@ -18,6 +18,10 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and the fix."""
 
 
+class ClusterError(RuntimeError):
+    """Ray could not be started or reached; the message says why, in one line."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -32,6 +36,10 @@ class DataConfig(_Section):
         1000, ge=10, description="N: size of the class-balanced training subset the classifier "
         "is trained on (a multiple of the class count, at most the dataset's training split).")
     subset_seed: int = Field(0, description="Seed that draws the training subset.")
+    classifier_subset: Literal["same", "disjoint"] = Field(
+        "same", description="Images the classifier is trained on: the training subset the metrics "
+        "score against (same), or an equally sized class-balanced subset disjoint from it (disjoint: "
+        "the negative control, where the scored 'training images' are images the classifier never saw).")
     root: str | None = Field(
         None, description="Data folder for torchvision (default: $HARNESS_DATA_ROOT, else "
         "~/.cache/inversion-harness/data, where torchvision downloads when online).")
@@ -50,15 +58,36 @@ class DataConfig(_Section):
 
 class ClassifierConfig(_Section):
     arch: Literal["cnn", "mlp"] = Field("cnn", description="Classifier family: shallow cnn or mlp.")
-    depth: int = Field(2, ge=1, le=4, description="CNN: conv blocks (1-4); MLP: hidden layers.")
+    depth: int = Field(2, ge=1, le=4, description="CNN: conv blocks (1-4); MLP: hidden layers (unless widths is given).")
     pool: Literal["avg", "max"] = Field("avg", description="CNN pooling: avg or max.")
     width: int = Field(512, ge=8, description="MLP: width of the first hidden layer (halved per layer).")
+    widths: list[int] | None = Field(None, description="MLP: the width of each hidden layer, e.g. [1000, 1000] "
+                                     "(overrides depth and width).")
+    norm: Literal["batch", "none"] = Field("batch", description="BatchNorm after each conv / hidden layer, or none.")
+    bias: bool = Field(True, description="Biases in the conv and linear layers (false: a homogeneous network).")
+    activation: Literal["leaky_relu", "relu"] = Field("leaky_relu", description="Hidden activation: "
+                                                      "LeakyReLU(0.2) or ReLU.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout after each block / hidden layer.")
-    epochs: int = Field(20, ge=1, description="Pretraining epochs over the training subset.")
-    batch_size: int = Field(100, ge=1, description="Pretraining batch size.")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate for pretraining.")
-    weight_decay: float = Field(1e-5, ge=0, description="Adam weight decay for pretraining.")
+    init_scale: float = Field(1.0, gt=0, description="Multiplies the first layer's initial weights (small "
+                              "initialisation drives training towards a max-margin KKT point).")
+    optimizer: Literal["adam", "gd"] = Field("adam", description="Pretraining: adam (minibatches, `epochs`) or gd "
+                                             "(full-batch gradient descent with momentum, `steps`).")
+    epochs: int = Field(20, ge=1, description="adam: pretraining epochs over the training subset.")
+    batch_size: int = Field(100, ge=1, description="adam: pretraining batch size.")
+    steps: int = Field(3000, ge=1, description="gd: full-batch steps.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="gd: momentum.")
+    lr: float = Field(1e-3, gt=0, description="Pretraining learning rate (Adam or gd).")
+    weight_decay: float = Field(1e-5, ge=0, description="Pretraining weight decay (Adam's, or gd's L2 term).")
     seed: int = Field(0, description="Seed of the classifier's initialisation and batch order.")
+    stationarity_steps: int = Field(
+        200, ge=0, description="Adam steps that fit the KKT multipliers of the real training images (and of "
+        "as many held-out images) for the stationarity diagnostic kkt_residual_train / _heldout; 0 = skip.")
+
+    @model_validator(mode="after")
+    def _widths_ok(self):
+        if self.widths is not None and (not self.widths or min(self.widths) < 1):
+            raise ValueError("widths: give a non-empty list of positive layer widths, e.g. [1000, 1000]")
+        return self
 
 
 class GeneratorConfig(_Section):
@@ -96,14 +125,15 @@ class LossConfig(_Section):
     kkt_codes_per_class_per_100: float = Field(
         10.0, gt=0, description="kkt: bank size M = this x classes x N/100 (at least kkt_min_codes).")
     kkt_min_codes: int = Field(100, ge=1, description="kkt: lower bound on the bank size M.")
-    kkt_layers: int = Field(2, ge=0, description="kkt: last N parameterised layers of θ (0 = all).")
+    kkt_layers: int | None = Field(None, ge=0, description="kkt: last N parameterised layers of θ (0 = all; "
+                                   "default: all for the direct inverter, the last 2 for the generator).")
+    kkt_margin: Literal["max", "all"] = Field(
+        "max", description="kkt: one multiplier per candidate on the margin to the largest other logit "
+        "(max, Haim et al.), or one per (candidate, other class) pair (all: exact at a stationary point of "
+        "cross-entropy + weight decay, Buzaglo et al.); λ_min then bounds each candidate's sum.")
     kkt_lambda_min: float = Field(0.001, ge=0, description="kkt: λ_min of the λ penalty.")
     kkt_lambda_weight: float = Field(1.0, ge=0, description="kkt: w_λ, weight of the λ penalty.")
     kkt_lambda_init: float = Field(0.001, gt=0, description="kkt: initial λ of every code.")
-
-    def weights(self) -> dict[str, float]:
-        from harness.losses import LOSS_TERMS  # the registry defines which fields are weights
-        return {name: getattr(self, name) for name in LOSS_TERMS}
 
 
 class TrainConfig(_Section):
@@ -116,8 +146,26 @@ class TrainConfig(_Section):
                             "epochs in between report the last evaluation.")
     amp: bool = Field(False, description="bfloat16 autocast for the generator step's forward passes and loss "
                       "terms (a GPU switch; off by default: on a CPU it does not pay).")
+    jitter: int = Field(0, ge=0, description="Random roll of the images by up to ±jitter pixels before the "
+                        "classifier at every step (DeepInversion); 0 = off.")
+    relu_alpha: float = Field(0.0, ge=0, description="During inversion, the classifier's ReLUs become "
+                              "softplus(α·z)/α (smooth gradients, Haim et al.); 0 = exact ReLU.")
     compile: bool = Field(False, description="torch.compile the generator (a GPU switch; off by default: the "
                           "compile time does not pay back on a CPU-sized run).")
+
+
+class DirectConfig(_Section):
+    """The direct inverter: a bank of free candidate images with fixed labels, optimised through the
+    loss registry (Haim et al.'s reconstruction when the loss is kkt + pixel)."""
+    candidates_per_class: int | None = Field(None, ge=1, description="Candidates per class (default 2n/10, "
+                                             "i.e. 2n in all for n training images).")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam, or sgd with momentum 0.9.")
+    lr: float = Field(0.01, gt=0, description="Learning rate of the candidate images.")
+    lambda_lr: float | None = Field(None, gt=0, description="Learning rate of the KKT multipliers (default: lr).")
+    init_scale: float = Field(0.1, gt=0, description="Standard deviation of the candidates' Gaussian initialisation.")
+    rescale: Literal["minmax", "clamp"] = Field(
+        "minmax", description="How candidates are scored: min-max scaled to [-1, 1] per image (KKT "
+        "reconstruction fixes a candidate only up to its scale, as Haim et al. score it), or clamped.")
 
 
 class EvalConfig(_Section):
@@ -146,12 +194,18 @@ class TrialConfig(_Section):
     name: str = Field("trial", description="Name of the trial (run names, output folders).")
     seed: int = Field(0, description="Seed of the generator, its latents and the loss terms' noise.")
     device: str = Field("auto", description="torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    deterministic: bool = Field(False, description="Deterministic kernels only (torch.use_deterministic_algorithms; "
+                                "on a GPU also CUBLAS_WORKSPACE_CONFIG): bit-exact reruns and resumes, a little slower.")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores, or the CPUs Ray gives the trial).")
     cache_dir: str | None = Field(None, description="Classifier/reference cache (default: "
                                   "$HARNESS_CACHE_DIR, else ~/.cache/inversion-harness).")
     data: DataConfig = Field(default_factory=DataConfig)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    inverter: Literal["generator", "direct"] = Field(
+        "generator", description="How the classifier is inverted: generator (the study's conditioned "
+        "generator) or direct (free candidate images, the reconstruction papers' method).")
     evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
+    direct: DirectConfig = Field(default_factory=DirectConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -225,8 +279,13 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config: file {str(path)!r} not found; pass an existing YAML file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: cannot read {path} ({exc.__class__.__name__}: {exc})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config: {path} is not valid YAML ({problem}{where})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping of settings at the top level")
     return data

@@ -93,6 +93,12 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def head_per_class(self, per_class: int) -> "Split":
+        """The first `per_class` images of each class (a class-balanced subset, order kept)."""
+        keep = torch.cat([(self.labels == k).nonzero().squeeze(1)[:per_class] for k in range(NUM_CLASSES)])
+        keep = keep.sort().values
+        return Split(self.images[keep], self.labels[keep])
+
 
 def train_subset(cfg: DataConfig) -> tuple[Split, torch.Tensor]:
     """The class-balanced training subset and its indices into the official training split."""
@@ -103,6 +109,21 @@ def train_subset(cfg: DataConfig) -> tuple[Split, torch.Tensor]:
         gen = torch.Generator().manual_seed(cfg.subset_seed)
         idx = balanced_indices(labels, cfg.train_size // NUM_CLASSES, gen)
     return Split(to_unit_range(images[idx]), labels[idx]), idx
+
+
+def classifier_training_set(cfg: DataConfig) -> Split:
+    """The images the classifier is trained on: the training subset itself, or (classifier_subset:
+    disjoint, the negative control) an equally sized class-balanced subset of the rest of the
+    training split, so that no image the metrics call 'training' was seen by the classifier."""
+    if cfg.classifier_subset == "same":
+        return train_subset(cfg)[0]
+    images, labels = load_split(cfg, train=True)
+    _, used = train_subset(cfg)
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[used] = False
+    gen = torch.Generator().manual_seed(cfg.subset_seed + 1)
+    idx = balanced_indices(labels, cfg.train_size // NUM_CLASSES, gen, rest.nonzero().squeeze(1))
+    return Split(to_unit_range(images[idx]), labels[idx])
 
 
 def _test_halves(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from harness.classifiers import parameterised_layers
 from harness.config import LossConfig
 from harness.data import NUM_CLASSES
+from harness.kkt import kkt_residual, multiplier_shape, theta_params
 
 
 @dataclass
@@ -40,24 +40,11 @@ def pair_mask(y: torch.Tensor, scope: str) -> torch.Tensor:
     return off_diag & (y[:, None] == y[None, :]) if scope == "class" else off_diag
 
 
-def theta_params(model: nn.Module, last_layers: int) -> dict[str, torch.Tensor]:
-    """Detached, grad-requiring copies of the classifier parameters θ of its last `last_layers`
-    Conv/Linear layers (0 = all), keyed for `torch.func.functional_call`."""
-    layers = parameterised_layers(model)
-    chosen = {id(m) for m in (layers[-last_layers:] if last_layers else layers)}
-    theta = {}
-    for mod_name, mod in model.named_modules():
-        if id(mod) in chosen:
-            for p_name, p in mod.named_parameters(recurse=False):
-                theta[f"{mod_name}.{p_name}"] = p.detach().requires_grad_(True)
-    return theta
-
-
 class LossTerm(nn.Module):
     """A weighted term. Subclasses implement `forward(batch)`; `capture()` wraps the
     classifier's forward on the batch for terms that need to look inside it."""
 
-    def __init__(self, cfg: LossConfig, classifier: nn.Module, generator: nn.Module, train_size: int,
+    def __init__(self, cfg: LossConfig, classifier: nn.Module, inverter: nn.Module, train_size: int,
                  batch_size: int, seed: int):
         super().__init__()
         self.cfg = cfg
@@ -157,21 +144,21 @@ class GradientNorm(LossTerm):
 
 
 class KKTStationarity(LossTerm):
-    """‖θ − (M/B) Σ_i λ_i ∇_θ m_i(x_i)‖² / ‖θ‖² + w_λ · mean(relu(λ_min − λ)²) over a fixed
-    bank of M (z, label) codes with learnable λ_i = a_i², a minibatch of the bank per step."""
+    """‖θ − (M/B) Σ_i λ_i ∇_θ m_i(x_i)‖² / ‖θ‖² + w_λ · mean(relu(λ_min − λ)²) over the inverter's
+    bank of M fixed candidates with learnable λ_i = a_i²: the whole bank every step for the direct
+    inverter (an exact sum), a minibatch of B generator codes otherwise."""
 
-    def __init__(self, cfg, classifier, generator, train_size, batch_size, seed):
-        super().__init__(cfg, classifier, generator, train_size, batch_size, seed)
-        self.generator = [generator]
-        per_class = max(round(cfg.kkt_codes_per_class_per_100 * train_size / 100),
-                        -(-cfg.kkt_min_codes // NUM_CLASSES))
-        self.num_codes = per_class * NUM_CLASSES
-        self.batch_size = min(batch_size, self.num_codes)
-        gen = torch.Generator().manual_seed(seed + 7919)
-        self.register_buffer("bank_z", torch.randn(self.num_codes, generator.latent_dim, generator=gen))
-        self.register_buffer("bank_y", torch.arange(self.num_codes) % NUM_CLASSES)
-        self.a = nn.Parameter(torch.full((self.num_codes,), cfg.kkt_lambda_init ** 0.5))
-        self._draw = gen
+    def __init__(self, cfg, classifier, inverter, train_size, batch_size, seed):
+        super().__init__(cfg, classifier, inverter, train_size, batch_size, seed)
+        self.inverter = [inverter]
+        labels, whole = inverter.kkt_bank(seed)
+        self.register_buffer("bank_y", labels)
+        self.num_codes = len(labels)
+        self.batch_size = self.num_codes if whole else min(batch_size, self.num_codes)
+        self.layers = cfg.kkt_layers if cfg.kkt_layers is not None else inverter.kkt_layers_default
+        self.a = nn.Parameter(torch.full(multiplier_shape(self.num_codes, NUM_CLASSES, cfg.kkt_margin),
+                                         cfg.kkt_lambda_init ** 0.5))
+        self._draw = torch.Generator().manual_seed(seed + 7919)
 
     def get_extra_state(self):  # the minibatch draw is part of a checkpoint (exact resume)
         return {"draw": self._draw.get_state()}
@@ -184,29 +171,25 @@ class KKTStationarity(LossTerm):
         return self.a.pow(2)
 
     def forward(self, b: GeneratedBatch):
-        idx = torch.randperm(self.num_codes, generator=self._draw)[:self.batch_size].to(self.a.device)
-        y = self.bank_y[idx]
-        x = self.generator[0](self.bank_z[idx], F.one_hot(y, NUM_CLASSES).float())
-        theta = theta_params(self.f, self.cfg.kkt_layers)
-        logits, _ = functional_call(self.f, theta, (x,))
-        own = logits.gather(1, y[:, None]).squeeze(1)
-        others = logits.masked_fill(F.one_hot(y, NUM_CLASSES).bool(), float("-inf")).max(1).values
-        margins = own - others
-        weighted = (self.lam[idx] * margins).sum() * (self.num_codes / self.batch_size)
-        grads = torch.autograd.grad(weighted, list(theta.values()), create_graph=True)
-        params = list(theta.values())
-        residual = sum((p - g).pow(2).sum() for p, g in zip(params, grads))
-        norm = sum(p.pow(2).sum() for p in params)
-        penalty = F.relu(self.cfg.kkt_lambda_min - self.lam).pow(2).mean()
-        return residual / norm + self.cfg.kkt_lambda_weight * penalty
+        if self.batch_size == self.num_codes:
+            idx = torch.arange(self.num_codes, device=self.a.device)
+        else:
+            idx = torch.randperm(self.num_codes, generator=self._draw)[:self.batch_size].to(self.a.device)
+        x = self.inverter[0].kkt_images(idx)
+        theta = theta_params(self.f, self.layers)
+        residual = kkt_residual(self.f, theta, x, self.bank_y[idx], self.lam[idx], self.num_codes / len(idx))
+        per_candidate = self.lam if self.lam.dim() == 1 else self.lam.sum(1) - self.lam.gather(
+            1, self.bank_y[:, None]).squeeze(1)  # the own-class entry is not a multiplier
+        penalty = F.relu(self.cfg.kkt_lambda_min - per_candidate).pow(2).mean()
+        return residual + self.cfg.kkt_lambda_weight * penalty
 
 
 class BatchNormStatistics(LossTerm):
     """Σ over the classifier's BN layers of ‖μ_batch − μ_running‖² + ‖σ²_batch − σ²_running‖²,
     on the features entering each BN layer during the forward of the generated batch."""
 
-    def __init__(self, cfg, classifier, generator, train_size, batch_size, seed):
-        super().__init__(cfg, classifier, generator, train_size, batch_size, seed)
+    def __init__(self, cfg, classifier, inverter, train_size, batch_size, seed):
+        super().__init__(cfg, classifier, inverter, train_size, batch_size, seed)
         self.layers = [m for m in classifier.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._inputs: list[torch.Tensor] = []
 
@@ -247,13 +230,19 @@ LOSS_TERMS: dict[str, type[LossTerm]] = {
 }
 
 
-def build_loss_terms(cfg: LossConfig, classifier: nn.Module, generator: nn.Module, train_size: int,
+def loss_weights(cfg: LossConfig) -> dict[str, float]:
+    """The weight of every registered term, by name: the registry says which LossConfig fields
+    are weights (the others are the terms' options)."""
+    return {name: getattr(cfg, name) for name in LOSS_TERMS}
+
+
+def build_loss_terms(cfg: LossConfig, classifier: nn.Module, inverter: nn.Module, train_size: int,
                      batch_size: int, seed: int) -> nn.ModuleDict:
     """The terms with weight > 0, in registry order. The BN prior needs BatchNorm layers."""
     terms = nn.ModuleDict()
-    for name, weight in cfg.weights().items():
+    for name, weight in loss_weights(cfg).items():
         if weight > 0:
-            term = LOSS_TERMS[name](cfg, classifier, generator, train_size, batch_size, seed)
+            term = LOSS_TERMS[name](cfg, classifier, inverter, train_size, batch_size, seed)
             if name == "bn" and not term.layers:
                 continue  # a classifier without BatchNorm has no statistics to match
             terms[name] = term

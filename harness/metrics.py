@@ -19,17 +19,11 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from harness.config import EvalConfig
 from harness.data import NUM_CLASSES, Split
+from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
 
 DATA_RANGE = 2.0  # pixels live in [-1, 1]
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 _CENTRE = (SSIM_WINDOW - 1) // 2  # border that no valid window is centred in
-
-METRIC_NAMES = (
-    "ssim_nn_train_mean", "ssim_nn_train_median", "recon_rate", "ssim_nn_test_mean",
-    "memorization_gap", "train_coverage", "target_acc", "evaluator_acc", "diversity",
-    "unique_nn_frac", "collapsed", "fd_eval", "score",
-)
-REFERENCE_NAMES = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim", "ref_heldout_diversity")
 
 
 def paired_ssim(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -105,15 +99,16 @@ class SSIMStats:
 
 
 @torch.no_grad()
-def nearest_ssim(queries: Split, refs: Split, topk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_ssim(queries: Split, refs: Split, topk: int | None,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """For each query, the highest SSIM against refs of the same class and the index (into refs)
     of that image; `topk=None` compares with every same-class ref (exact). Queries of a class
     with no refs get SSIM nan and index -1. A candidate found by more than one prefilter is
-    scored once; ties go to the lowest ref index."""
-    best = torch.full((len(queries),), float("nan"))
-    index = torch.full((len(queries),), -1, dtype=torch.long)
-    q_img, r_img = queries.images.float().cpu(), refs.images.float().cpu()
-    q_lab, r_lab = queries.labels.cpu(), refs.labels.cpu()
+    scored once; ties go to the lowest ref index. Computed on `device`, returned on the CPU."""
+    best = torch.full((len(queries),), float("nan"), device=device)
+    index = torch.full((len(queries),), -1, dtype=torch.long, device=device)
+    q_img, r_img = queries.images.float().to(device), refs.images.float().to(device)
+    q_lab, r_lab = queries.labels.to(device), refs.labels.to(device)
     q_stats, r_stats = SSIMStats(q_img), SSIMStats(r_img)
     for k in range(NUM_CLASSES):
         q_idx, r_idx = (q_lab == k).nonzero().squeeze(1), (r_lab == k).nonzero().squeeze(1)
@@ -121,18 +116,18 @@ def nearest_ssim(queries: Split, refs: Split, topk: int | None) -> tuple[torch.T
         if n_q == 0 or n_r == 0:
             continue
         if topk is None:
-            cand = torch.arange(n_r).expand(n_q, -1)
+            cand = torch.arange(n_r, device=device).expand(n_q, -1)
         else:
             cand = _candidates(q_img[q_idx], r_img[r_idx], topk)  # n_q x c, local ref indices
-        key = torch.unique(torch.arange(n_q)[:, None] * n_r + cand)  # distinct (query, ref) pairs, sorted
+        key = torch.unique(torch.arange(n_q, device=device)[:, None] * n_r + cand)  # distinct pairs, sorted
         qi, ri = key // n_r, key % n_r
         scores = q_stats.pairs(q_idx[qi], r_stats, r_idx[ri])
-        top = torch.full((n_q,), float("-inf")).scatter_reduce(0, qi, scores, "amax")
+        top = torch.full((n_q,), float("-inf"), device=device).scatter_reduce(0, qi, scores, "amax")
         hit = scores == top[qi]
-        first = torch.full((n_q,), n_r).scatter_reduce(0, qi[hit], ri[hit], "amin")
+        first = torch.full((n_q,), n_r, device=device).scatter_reduce(0, qi[hit], ri[hit], "amin")
         best[q_idx] = top
         index[q_idx] = r_idx[first]
-    return best, index
+    return best.cpu(), index.cpu()
 
 
 @torch.no_grad()
@@ -218,24 +213,46 @@ class EvaluatorFeatures(nn.Module):
         return self.evaluator(x)[1]
 
 
+def top_fraction_mean(values: torch.Tensor, fraction: float = 0.1) -> float:
+    """Mean of the best `fraction` of the values (at least one): where recovered images show."""
+    values = values[~values.isnan()]
+    if not len(values):
+        return float("nan")
+    k = max(1, math.ceil(fraction * len(values)))
+    return values.sort(descending=True).values[:k].mean().item()
+
+
 @dataclass
 class Evaluation:
     metrics: dict[str, float]
     nearest_train_index: torch.Tensor  # per generated image, index into the training subset
     nearest_train_ssim: torch.Tensor
-    per_train_best_ssim: torch.Tensor  # per training image, best SSIM of any generated image
+    per_train_best_ssim: torch.Tensor  # per training image, best SSIM of any generated image, sorted
+    # per image of the two equally sized, class-balanced sides (training / held-out): the best SSIM
+    # of any generated image and that image's index (the evidence in reconstructions.png)
+    train_side: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (side index, best, which)
+    heldout_side: tuple[torch.Tensor, torch.Tensor] | None = None  # (best, which)
 
 
 class Evaluator:
     """Scores generated images against a trial's training subset, held-out set and evaluator.
-    Everything that does not depend on the generated images is prepared once."""
+    Everything that does not depend on the generated images is prepared once.
+
+    Per-image leakage compares two sides of equal size and class balance: the training subset and
+    as many held-out images per class. Where the held-out pool has fewer images of a class than
+    the subset (MNIST's held-out half has about 450 of its rarest class), both sides are capped
+    alike: the training side is then the first `cap` training images of each class."""
 
     def __init__(self, cfg: EvalConfig, train: Split, heldout: Split, classifier: nn.Module,
                  evaluator: nn.Module, references: dict[str, float]):
         self.cfg, self.train, self.references = cfg, train.to("cpu"), references
         n_per_class = len(train) // NUM_CLASSES
-        keep = torch.cat([(heldout.labels == k).nonzero().squeeze(1)[:n_per_class] for k in range(NUM_CLASSES)])
-        self.heldout = Split(heldout.images[keep].cpu(), heldout.labels[keep].cpu())
+        available = min(int((heldout.labels == k).sum()) for k in range(NUM_CLASSES))
+        self.side_per_class = min(n_per_class, available)
+        self.heldout = heldout.to("cpu").head_per_class(self.side_per_class)
+        self.train_side_index = torch.cat([(self.train.labels == k).nonzero().squeeze(1)[:self.side_per_class]
+                                           for k in range(NUM_CLASSES)]).sort().values
+        self.capped = self.side_per_class < n_per_class
         self.classifier, self.evaluator = classifier, evaluator
         self.device = next(evaluator.parameters()).device
         self.fd = FrechetInceptionDistance(feature=EvaluatorFeatures(evaluator), normalize=True,
@@ -245,12 +262,16 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
-        cfg, refs = self.cfg, self.references
+        cfg, refs, dev = self.cfg, self.references, self.device
         gen = Split(images.detach().float().cpu(), labels.cpu())
-        nn_train, nn_index = nearest_ssim(gen, self.train, cfg.topk)
-        nn_test, _ = nearest_ssim(gen, self.heldout, cfg.topk)
-        per_train, _ = nearest_ssim(self.train, gen, cfg.topk)
-        on_device = images.to(self.device)
+        nn_train, nn_index = nearest_ssim(gen, self.train, cfg.topk, dev)
+        nn_test, _ = nearest_ssim(gen, self.heldout, cfg.topk, dev)
+        train_side = Split(self.train.images[self.train_side_index], self.train.labels[self.train_side_index])
+        nn_train_side = nearest_ssim(gen, train_side, cfg.topk, dev)[0] if self.capped else nn_train
+        per_train, per_train_which = nearest_ssim(self.train, gen, cfg.topk, dev)
+        per_held, per_held_which = nearest_ssim(self.heldout, gen, cfg.topk, dev)
+        per_train_side = per_train[self.train_side_index]
+        on_device = images.to(dev)
         target_pred = self.classifier(on_device)[0].argmax(1).cpu()
         eval_pred = self.evaluator(on_device)[0].argmax(1).cpu()
         div = diversity(gen.images, gen.labels, cfg.diversity_pairs)
@@ -259,12 +280,17 @@ class Evaluator:
         self.fd.update(on_device, real=False)
         fd = self.fd.compute().item()
         collapsed = is_collapsed(div, unique, refs["ref_heldout_diversity"], cfg)
+        bar = cfg.recon_threshold
         m = {
             "ssim_nn_train_mean": nn_train.nanmean().item(),
             "ssim_nn_train_median": nn_train.nanmedian().item(),
-            "recon_rate": (nn_train >= cfg.recon_threshold).float().mean().item(),
+            "recon_rate": (nn_train >= bar).float().mean().item(),
             "ssim_nn_test_mean": nn_test.nanmean().item(),
-            "train_coverage": (per_train >= cfg.recon_threshold).float().mean().item(),
+            "memorization_gap": nn_train_side.nanmean().item() - nn_test.nanmean().item(),
+            "train_coverage": (per_train_side >= bar).float().mean().item(),
+            "heldout_coverage": (per_held >= bar).float().mean().item(),
+            "train_top10": top_fraction_mean(per_train_side),
+            "heldout_top10": top_fraction_mean(per_held),
             "target_acc": (target_pred == gen.labels).float().mean().item(),
             "evaluator_acc": (eval_pred == gen.labels).float().mean().item(),
             "diversity": div,
@@ -272,9 +298,12 @@ class Evaluator:
             "collapsed": float(collapsed),
             "fd_eval": fd if math.isfinite(fd) else float("nan"),
         }
-        m["memorization_gap"] = m["ssim_nn_train_mean"] - m["ssim_nn_test_mean"]
+        m["coverage_gap"] = m["train_coverage"] - m["heldout_coverage"]
+        m["top10_gap"] = m["train_top10"] - m["heldout_top10"]
         m["score"] = compute_score(m["evaluator_acc"], m["ssim_nn_train_mean"], div,
                                    refs["ref_heldout_diversity"], collapsed)
         m.update(refs)
-        return Evaluation({name: m[name] for name in (*METRIC_NAMES, *REFERENCE_NAMES)},
-                          nn_index, nn_train, per_train.sort(descending=True).values)
+        return Evaluation({name: m[name] for name in (*METRIC_NAMES, *REFERENCE_NAMES) if name in m},
+                          nn_index, nn_train, per_train.sort(descending=True).values,
+                          (self.train_side_index, per_train_side, per_train_which[self.train_side_index]),
+                          (per_held, per_held_which))

@@ -72,3 +72,34 @@ def save_nearest_pairs(images: torch.Tensor, labels: torch.Tensor, nearest_index
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def save_reconstructions(train_images: torch.Tensor, train_best: torch.Tensor, train_match: torch.Tensor,
+                         heldout_images: torch.Tensor, heldout_best: torch.Tensor, heldout_match: torch.Tensor,
+                         path: str | Path, count: int = 10, threshold: float = 0.4) -> None:
+    """Per-image leakage as a picture: the `count` training images with the highest best SSIM, each
+    above the candidate that reached it, and the same for the equally sized held-out side. A leak
+    shows as training pairs that match where the held-out pairs do not."""
+    fig, axes = plt.subplots(4, count, figsize=(count * 0.75 + 0.6, 4 * 0.8 + 0.9), dpi=100, squeeze=False)
+    for row, (title, images, best, match) in enumerate((("training", train_images, train_best, train_match),
+                                                        ("held-out", heldout_images, heldout_best, heldout_match))):
+        order = best.nan_to_num(-1).argsort(descending=True)[:count].tolist()
+        for j in range(count):
+            top, bottom = axes[2 * row, j], axes[2 * row + 1, j]
+            for ax in (top, bottom):
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if j >= len(order):
+                continue
+            i = order[j]
+            top.imshow(_to_unit(images[i])[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            bottom.imshow(_to_unit(match[i])[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            colour = "C2" if best[i] >= threshold else "C7"
+            top.set_title(f"{best[i]:.2f}", fontsize=6, color=colour, pad=1)
+        axes[2 * row, 0].set_ylabel(f"{title}\nimage", fontsize=6)
+        axes[2 * row + 1, 0].set_ylabel("best\ncandidate", fontsize=6)
+    fig.suptitle(f"best SSIM of any candidate per image (green: >= {threshold}); "
+                 "top: training images, bottom: as many held-out images", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -15,86 +15,105 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from harness.config import ConfigError  # noqa: E402
-from harness.study import mean_ci  # noqa: E402
-from harness.tracking import (TAG_KIND, TAG_OPTUNA_STORAGE, TAG_PHASE, TAG_STOP_REASON, TAG_VARIANT,  # noqa: E402
-                              child_runs, client_for)
+from harness.mlflow_store import (TAG_OPTUNA_STORAGE, TAG_PHASE, TAG_STOP_REASON,  # noqa: E402
+                                  TAG_VARIANT, child_runs, client_for, newest_parent)
+from harness.results import MeanCI, best_trials, mean_ci  # noqa: E402
 
 TABLE_METRICS = ("score", "ssim_nn_train_mean", "ssim_nn_test_mean", "memorization_gap", "diversity",
-                 "evaluator_acc", "train_coverage", "collapsed", "fd_eval")
-REFERENCES = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim")
+                 "evaluator_acc", "train_coverage", "heldout_coverage", "coverage_gap", "train_top10",
+                 "heldout_top10", "top10_gap", "collapsed", "fd_eval")
+LAW_METRICS = ("coverage_gap", "train_top10", "heldout_top10")
+REFERENCES = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim", "ref_heldout_diversity")
 
 
-def _fmt(mean: float, low: float, high: float) -> str:
-    if not math.isfinite(mean):
+def _fmt(stat: MeanCI) -> str:
+    if not math.isfinite(stat.mean):
         return "n/a"
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return f"{mean:.3f}"
-    return f"{mean:.3f} ± {(high - low) / 2:.3f}"
+    if not (math.isfinite(stat.low) and math.isfinite(stat.high)):
+        return f"{stat.mean:.3f}"
+    return f"{stat.mean:.3f} ± {(stat.high - stat.low) / 2:.3f}"
+
+
+def _ended(run) -> bool:
+    """Finished or stopped early (pruned, collapsed, NaN); not failed, not left running."""
+    return run.info.status in ("FINISHED", "KILLED")
+
+
+def best_runs(runs: list, params: dict, top: int | None = 1) -> list:
+    """The best runs by the study's own metric and mode, under `harness.results.best_trials`' rule."""
+    return best_trials(runs, params.get("metric", "score"), params.get("mode", "max"), top,
+                       metrics=lambda r: r.data.metrics, failed=lambda r: not _ended(r))
 
 
 def load_study(experiment: str, uri: str):
-    """(client, parent run, children) of the newest study (or sweep) in `experiment`."""
+    """(client, parent run, children) of the newest study (or, if none, sweep) in `experiment`:
+    the parent found by its tag, its children by the parent's id, every page of them."""
     client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"--experiment: no experiment named {experiment!r} in {uri}; "
                           "check the name (= the study's name) and --mlflow-uri")
-    parents = [r for r in client.search_runs([exp.experiment_id], max_results=1000,
-                                             order_by=["attributes.start_time DESC"])
-               if TAG_KIND in r.data.tags]
-    if not parents:
+    parent = newest_parent(client, exp.experiment_id, "study") or newest_parent(client, exp.experiment_id, "sweep")
+    if parent is None:
         raise ConfigError(f"--experiment: {experiment!r} holds no study or sweep runs; run `harness ablate` first")
-    studies = [p for p in parents if p.data.tags[TAG_KIND] == "study"] or parents
-    parent = studies[0]
     children = child_runs(client, exp.experiment_id, parent.info.run_id)
     if not children:
         raise ConfigError(f"--experiment: the newest study in {experiment!r} has no trial runs")
     return client, parent, children
 
 
-def claim_verdict(params: dict, stats: dict[str, dict[str, tuple]], refs: dict[str, float]) -> str:
-    """supported / not supported / inconclusive for the study's claim, with the numbers."""
+def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[str, dict[str, float]]) -> str:
+    """supported / not supported / inconclusive for the study's claim, with the numbers: two
+    variants by whether their confidence intervals separate, or a variant against its own
+    reference point (`refs[variant][name]`) by whether its interval lies above or below it."""
     metric = params.get("claim.metric")
     if not metric or metric == "None":
         return "No claim is attached to this study (add `claim:` to its sweep file)."
     greater, lesser, reference = params.get("claim.greater"), params.get("claim.lesser"), params.get("claim.reference")
     statement = params.get("claim.statement", "")
-    if greater not in stats:
+    if greater not in stats or metric not in stats[greater]:
         return f"**inconclusive**: {statement}: variant {greater} has no confirmed runs."
     g = stats[greater][metric]
     if lesser and lesser != "None":
         if lesser not in stats:
             return f"**inconclusive**: {statement}: variant {lesser} has no confirmed runs."
         l_ = stats[lesser][metric]
-        numbers = (f"{metric}: {greater} {_fmt(*g)} vs {lesser} {_fmt(*l_)} (mean ± 95% CI half-width over seeds)")
-        if g[1] > l_[2]:
+        numbers = (f"{metric}: {greater} {_fmt(g)} (n={g.n}) vs {lesser} {_fmt(l_)} (n={l_.n}) "
+                   "(mean ± 95% CI half-width over seeds)")
+        if g.low > l_.high:
             return f"**supported**: {statement}. {numbers}; the intervals separate."
-        if l_[1] > g[2]:
+        if l_.low > g.high:
             return f"**not supported** (the opposite holds): {statement}. {numbers}; the intervals separate the other way."
         return f"**inconclusive**: {statement}. {numbers}; the intervals overlap."
-    ref_value = refs.get(reference, float("nan"))
-    numbers = f"{metric} of {greater}: {_fmt(*g)} vs {reference} = {ref_value:.3f}"
-    if g[1] > ref_value:
+    ref_value = refs.get(greater, {}).get(reference, float("nan"))
+    numbers = f"{metric} of {greater}: {_fmt(g)} (n={g.n}) vs its {reference} = {ref_value:.3f}"
+    if not math.isfinite(ref_value):
+        return f"**inconclusive**: {statement}: variant {greater} has no {reference} value."
+    if g.low > ref_value:
         return f"**supported**: {statement}. {numbers}; the interval lies above the reference."
-    if g[2] < ref_value:
+    if g.high < ref_value:
         return f"**not supported**: {statement}. {numbers}; the interval lies below the reference."
     return f"**inconclusive**: {statement}. {numbers}; the interval contains the reference."
 
 
-def yardstick(stats: dict[str, dict[str, tuple]], refs: dict[str, float]) -> str:
-    """Where each variant's mean nn-SSIM sits among the reference points: a verdict between two
+def yardstick(stats: dict[str, dict[str, MeanCI]], refs: dict[str, dict[str, float]]) -> str:
+    """Where each variant's mean nn-SSIM sits among its own reference points (a variant of the
+    dataset or the training subset has reference points of its own): a verdict between two
     variants that both lie below the all-black image compares failures, and should say so."""
-    blank, mean_img = refs.get("ref_blank_ssim", float("nan")), refs.get("ref_classmean_ssim", float("nan"))
-    parts = []
+    nan = float("nan")
+    parts, below = [], []
     for v, st in stats.items():
-        value = st["ssim_nn_train_mean"][0]
-        where = ("below the all-black image" if value < blank else
-                 "above the all-black image, below the class-mean image" if value < mean_img else
-                 "above the class-mean image")
-        parts.append(f"{v} {value:.3f} ({where})")
-    line = (f"Against the reference points (all-black {blank:.3f}, class mean {mean_img:.3f}, held-out real "
-            f"{refs.get('ref_heldout_ssim', float('nan')):.3f}), mean ssim_nn_train_mean: " + "; ".join(parts) + ".")
-    if stats and all(st["ssim_nn_train_mean"][0] < blank for st in stats.values()):
+        own = refs.get(v, {})
+        blank, mean_img = own.get("ref_blank_ssim", nan), own.get("ref_classmean_ssim", nan)
+        value = st["ssim_nn_train_mean"].mean
+        where = ("below its all-black image" if value < blank else
+                 "above its all-black image, below its class-mean image" if value < mean_img else
+                 "above its class-mean image" if value >= mean_img else "not comparable")
+        below.append(value < blank)
+        parts.append(f"{v} {value:.3f} ({where}; all-black {blank:.3f}, class mean {mean_img:.3f}, "
+                     f"held-out real {own.get('ref_heldout_ssim', nan):.3f})")
+    line = "Against the reference points, mean ssim_nn_train_mean: " + "; ".join(parts) + "."
+    if stats and all(below):
         line += (" No variant beats the all-black image: at this budget the inversions are not "
                  "training-like, and the verdict compares failures.")
     return line
@@ -160,34 +179,42 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
 
-    stats = {v: {m: mean_ci([r.data.metrics.get(m, float("nan")) for r in basis.get(v, [])])
-                 for m in TABLE_METRICS} for v in variants}
-    refs = {}
-    for name in REFERENCES + ("ref_heldout_diversity",):
-        values = [r.data.metrics[name] for r in children if name in r.data.metrics]
-        refs[name] = sum(values) / len(values) if values else float("nan")
+    metrics = _table_metrics(params)
+    stats = {v: {m: mean_ci(r.data.metrics.get(m) for r in basis.get(v, [])) for m in metrics} for v in variants}
+    refs = reference_points(children)
     lines = [f"# Study `{experiment}`", "", params.get("description", ""), ""]
     command = parent.data.tags.get("harness.command")
     if command:
         lines += ["Made with:", "", "```bash", command, f"harness report --experiment {experiment} --mlflow-uri {uri}",
                   "```", ""]
     lines += ["## Verdict", "", claim_verdict(params, stats, refs), "", yardstick(stats, refs), ""]
-    n_seeds = {v: len(basis.get(v, [])) for v in variants}
+    lines += seeds_section(tuned, confirmed, basis)
+    runs_of = {v: len(basis.get(v, [])) for v in variants}
     lines += [f"## Variants ({'confirmation runs over seeds' if confirmed else 'finished tuning trials (no confirmation phase)'})",
-              "", "Mean ± 95% confidence half-width (Student t) over " +
-              ", ".join(f"{v}: n={n}" for v, n in n_seeds.items()) + ".", ""]
-    lines.append("| variant | " + " | ".join(TABLE_METRICS) + " |")
-    lines.append("|---|" + "---|" * len(TABLE_METRICS))
+              "", "Mean ± 95% confidence half-width (Student t) over the n runs of each variant; a cell "
+              "with fewer finite values than that (NaN or missing in some runs) says how many it averaged.", ""]
+    lines.append("| variant | n | " + " | ".join(metrics) + " |")
+    lines.append("|---|---|" + "---|" * len(metrics))
     for v in variants:
-        lines.append(f"| {v} | " + " | ".join(_fmt(*stats[v][m]) for m in TABLE_METRICS) + " |")
-    lines += ["", "Reference points (same metric code, real data): " +
-              ", ".join(f"{k} = {val:.3f}" for k, val in refs.items()), ""]
+        cells = [_fmt(stats[v][m]) + (f" (n={stats[v][m].n})" if 0 < stats[v][m].n < runs_of[v] else "")
+                 for m in metrics]
+        lines.append(f"| {v} | {runs_of[v]} | " + " | ".join(cells) + " |")
+    lines += ["", "Reference points of each variant (same metric code, real data of the variant's dataset "
+              "and training subset):", "", "| variant | " + " | ".join(REFERENCES) + " |",
+              "|---|" + "---|" * len(REFERENCES)]
+    lines += [f"| {v} | " + " | ".join(f"{refs.get(v, {}).get(k, float('nan')):.3f}" for k in REFERENCES) + " |"
+              for v in variants]
+    lines.append("")
     lines += tuning_section(tuned, params)
     lines += ["## Figures", ""]
     for title, make in (("Best generator of each variant (top) and its nearest training images (bottom)",
-                         lambda: grids_figure(client, basis, variants, figures)),
+                         lambda: grids_figure(client, basis, variants, figures, params)),
                         ("Sorted per-training-image best SSIM (Haim et al.'s view)",
                          lambda: coverage_figure(client, basis, variants, figures)),
+                        ("Leakage against parameters per training pixel, p/(d·n) (mean ± 95% CI over runs)",
+                         lambda: law_figure(basis, variants, figures)),
+                        ("Best training and held-out reconstructions of each variant's best run",
+                         lambda: reconstructions_figure(client, basis, variants, figures)),
                         ("Score vs epoch of every tuning trial (dashed: stopped early)",
                          lambda: score_curves_figure(client, tuned, variants, figures)),
                         ("Collapse rate per variant", lambda: collapse_figure(tuned, confirmed, variants, figures)),
@@ -215,20 +242,72 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
     return report
 
 
+def _table_metrics(params: dict) -> tuple[str, ...]:
+    """The table's metrics, plus the study's own metric and its claim's if the table lacks them."""
+    extra = [params.get(k) for k in ("metric", "claim.metric")]
+    return TABLE_METRICS + tuple(dict.fromkeys(m for m in extra if m and m != "None" and m not in TABLE_METRICS))
+
+
+def reference_points(children: list) -> dict[str, dict[str, float]]:
+    """Each variant's reference points: the mean over its own runs (they share its data, so
+    they agree), never mixed across variants that differ in dataset or training subset."""
+    values: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for run in children:
+        for name in REFERENCES:
+            values[run.data.tags.get(TAG_VARIANT, "all")][name].append(run.data.metrics.get(name))
+    return {v: {name: mean_ci(vals).mean for name, vals in by_name.items()} for v, by_name in values.items()}
+
+
+def _seeds(runs: list, key: str = "seed") -> list[int]:
+    out = set()
+    for r in runs:
+        try:
+            out.add(int(float(r.data.params[key])))
+        except (KeyError, ValueError):
+            continue
+    return sorted(out)
+
+
+def seeds_section(tuned: dict[str, list], confirmed: dict[str, list], basis: dict[str, list]) -> list[str]:
+    """Which seeds tuned and which confirmed each variant, and whether they are disjoint (a
+    confirmation seed equal to a tuning seed reruns the selected winner itself)."""
+    tune_runs = [r for runs in tuned.values() for r in runs]
+    tuning = sorted(set(_seeds(tune_runs)) | set(_seeds(tune_runs, "classifier.seed")))
+    if not confirmed:
+        return ["## Seeds", "", f"Tuning trials ran with seeds {_join(tuning)} (generator and classifier); "
+                "there is no confirmation phase.", ""]
+    lines = ["## Seeds", "", f"Tuning trials ran with seeds {_join(tuning)} (generator and classifier). "
+             "Confirmation runs, each setting both seeds to the same value:", ""]
+    for v, runs in sorted(confirmed.items()):
+        seeds = _seeds(runs)
+        averaged = _seeds([r for r in basis.get(v, []) if _ended(r)])
+        lost = [s for s in seeds if s not in averaged]
+        lines.append(f"- {v}: seeds {_join(seeds)}" + (f" (not ended: {_join(lost)})" if lost else ""))
+    overlap = sorted({s for runs in confirmed.values() for r in runs for s in _seeds([r]) + _seeds([r], "classifier.seed")}
+                     & set(tuning))
+    lines += ["", f"Confirmation seeds overlap the tuning seeds ({_join(overlap)}): those runs may repeat a tuning "
+              "trial, which biases the confirmation towards the selected winner." if overlap else
+              "The confirmation seeds are disjoint from the tuning seeds.", ""]
+    return lines
+
+
+def _join(values: list) -> str:
+    return ", ".join(str(v) for v in values) if values else "none recorded"
+
+
 def tuning_section(tuned: dict[str, list], params: dict) -> list[str]:
-    lines = ["## Tuning", "", "| variant | trials | finished | pruned/stopped | failed | best score | best settings |",
+    metric = params.get("metric", "score")
+    lines = ["## Tuning", "", f"| variant | trials | finished | pruned/stopped | failed | best {metric} | best settings |",
              "|---|---|---|---|---|---|---|"]
     searched = [k.removeprefix("search.").removesuffix(".dist") for k in params if k.startswith("search.") and k.endswith(".dist")]
     for v, runs in sorted(tuned.items()):
         status = defaultdict(int)
         for r in runs:
             status[r.info.status] += 1
-        ok = [r for r in runs if r.info.status != "FAILED" and not r.data.metrics.get("nonfinite")
-              and math.isfinite(r.data.metrics.get("score", float("nan")))]
-        best = max(ok, key=lambda r: r.data.metrics["score"], default=None)
+        best = next(iter(best_runs(runs, params)), None)
         settings = ", ".join(f"{k}={_short(best.data.params[k])}" for k in searched if best and k in best.data.params)
         lines.append(f"| {v} | {len(runs)} | {status['FINISHED']} | {status['KILLED']} | {status['FAILED']} | "
-                     f"{best.data.metrics['score']:.3f} | {settings} |" if best else
+                     f"{best.data.metrics[metric]:.3f} | {settings} |" if best else
                      f"| {v} | {len(runs)} | {status['FINISHED']} | {status['KILLED']} | {status['FAILED']} | n/a | - |")
     reasons = defaultdict(int)
     for runs in tuned.values():
@@ -254,28 +333,25 @@ def _short(value: str) -> str:
         return value
 
 
-def _best(runs):
-    return max(runs, key=lambda r: r.data.metrics.get("score", -1), default=None)
-
-
-def grids_figure(client, basis, variants, figures: Path) -> str | None:
+def grids_figure(client, basis, variants, figures: Path, params: dict) -> str | None:
+    metric = params.get("metric", "score")
     panels = []
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
-            best = _best(basis.get(v, []))
+            best = next(iter(best_runs(basis.get(v, []), params)), None)
             if best is None:
                 continue
             grid = _artifact(client, best.info.run_id, "grid.png", Path(tmp) / f"{v}-g")
             near = _artifact(client, best.info.run_id, "nearest.png", Path(tmp) / f"{v}-n")
             if grid and near:
-                panels.append((v, best.data.metrics.get("score", float("nan")), plt.imread(grid), plt.imread(near)))
+                panels.append((v, best.data.metrics[metric], plt.imread(grid), plt.imread(near)))
     if not panels:
         raise NotDrawn("no variant's best run has a readable grid.png and nearest.png "
                        "(see the artifacts that could not be read, below)")
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 8.5), squeeze=False)
-    for j, (v, score, grid, near) in enumerate(panels):
+    for j, (v, value, grid, near) in enumerate(panels):
         axes[0, j].imshow(grid)
-        axes[0, j].set_title(f"{v} (score {score:.3f})", fontsize=9)
+        axes[0, j].set_title(f"{v} ({metric} {value:.3f})", fontsize=9)
         axes[1, j].imshow(near)
         for ax in axes[:, j]:
             ax.axis("off")
@@ -463,3 +539,57 @@ def _artifacts_problem(client, run) -> str | None:
     except Exception as exc:
         return unreadable_reason(client, run.info.run_id, "", exc)
     return None
+
+
+def law_figure(basis, variants, figures: Path) -> str | None:
+    """Per-image leakage against the classifier's parameters per training pixel (the axis on which
+    the reconstruction literature places its regimes), one point per variant, log x axis."""
+    points = []
+    for v in variants:
+        runs = basis.get(v, [])
+        xs = [r.data.metrics["params_per_train_pixel"] for r in runs if "params_per_train_pixel" in r.data.metrics]
+        if xs:
+            points.append((sum(xs) / len(xs), v, {m: mean_ci([r.data.metrics.get(m, float("nan")) for r in runs])
+                                                   for m in LAW_METRICS}))
+    if len({round(x, 6) for x, _, _ in points}) < 2:
+        raise NotDrawn("the variants do not differ in p/(d·n)" if points else
+                       "no run logged params_per_train_pixel")
+    points.sort()
+    fig, axes = plt.subplots(1, len(LAW_METRICS), figsize=(4.2 * len(LAW_METRICS), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], LAW_METRICS):
+        xs = [x for x, _, _ in points]
+        means = [st[metric][0] for _, _, st in points]
+        lows = [st[metric][0] - st[metric][1] if math.isfinite(st[metric][1]) else 0 for _, _, st in points]
+        highs = [st[metric][2] - st[metric][0] if math.isfinite(st[metric][2]) else 0 for _, _, st in points]
+        ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3)
+        for x, v, st in points:
+            ax.annotate(v, (x, st[metric][0]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("classifier parameters / (784 · n)")
+        ax.set_ylabel(metric)
+        if metric == "coverage_gap":
+            ax.axhline(0, color="grey", lw=0.8, ls=":")
+    return _save(fig, figures, "leakage_vs_params_per_pixel.png")
+
+
+def reconstructions_figure(client, basis, variants, figures: Path) -> str | None:
+    panels = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            runs = [r for r in basis.get(v, []) if "train_top10" in r.data.metrics]
+            best = max(runs, key=lambda r: r.data.metrics["train_top10"], default=None)
+            if best is None:
+                continue
+            path = _artifact(client, best.info.run_id, "reconstructions.png", Path(tmp) / f"{v}-r")
+            if path:
+                panels.append((v, best.data.metrics, plt.imread(path)))
+    if not panels:
+        raise NotDrawn("no run has a readable reconstructions.png (runs made before per-image leakage was "
+                       "measured have none)")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, 4.3 * len(panels)), squeeze=False)
+    for ax, (v, m, image) in zip(axes[:, 0], panels):
+        ax.imshow(image)
+        ax.set_title(f"{v}: train_coverage {m.get('train_coverage', float('nan')):.2f}, "
+                     f"heldout_coverage {m.get('heldout_coverage', float('nan')):.2f}", fontsize=8)
+        ax.axis("off")
+    return _save(fig, figures, "reconstructions.png")

@@ -1,16 +1,19 @@
 """`harness ablate`: a fair ablation study. For every variant of a sweep file's axes, the same
 Optuna + ASHA tuning budget of the loss weights (phase `tune`), then the best weights of each
-variant rerun over S seeds at full budget with no pruning (phase `confirm`). One MLflow parent
-run per study; every trial a child tagged with its variant and phase.
+variant rerun over S seeds at full budget with no pruning (phase `confirm`). The confirmation
+seeds are disjoint from every seed a tuning trial used (`SweepConfig.confirmation_seeds`), so no
+confirmation run repeats the selected winner itself. One MLflow parent run per study; every trial
+a child tagged with its variant and phase.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+from harness.config import ConfigError
 from harness.sweep import (SweepInterrupted, VariantOutcome, best_rows, closing_runs, record_outcome, run_variant,
                            start_driver)
 from harness.sweep_config import AshaConfig, StopConfig, SweepConfig
+
 
 def confirm_settings(best_config: dict, seed: int) -> dict:
     """The tuned weights with the seed of both the generator and the classifier set to `seed`:
@@ -19,10 +22,18 @@ def confirm_settings(best_config: dict, seed: int) -> dict:
 
 
 def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: str | None = None,
-                 resume: bool = False, mlflow_uri: str | None = None) -> dict[str, dict[str, VariantOutcome]]:
+                 resume: bool = False, mlflow_uri: str | None = None,
+                 shared_storage: bool = False) -> dict[str, dict[str, VariantOutcome]]:
+    """Tune every variant, then confirm its best weights over `seeds` (which must not repeat a
+    tuning seed: pass `sweep.confirmation_seeds(n)`)."""
     out_dir = out_dir.resolve()
+    overlap = sorted(s for s in seeds if s <= sweep.largest_tuning_seed())
+    if overlap:
+        raise ConfigError(f"--seeds: confirmation seeds {overlap} may repeat a tuning seed; use "
+                          f"sweep.confirmation_seeds(n) (from {sweep.confirmation_seeds(1)[0]} on)")
     resources, tracking = start_driver(sweep, out_dir, address, resume, mlflow_uri, "study",
-                                       {**sweep.model_dump(), "seeds": seeds})
+                                       {**sweep.model_dump(), "seeds": seeds,
+                                        "tuning_seed_max": sweep.largest_tuning_seed()}, shared_storage)
     confirm_sweep = sweep.model_copy(update={"asha": AshaConfig(enabled=False),
                                              "stop": StopConfig(collapse_patience=10 ** 6)})
     outcomes: dict[str, dict[str, VariantOutcome]] = {}
@@ -48,17 +59,3 @@ def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: s
                 raise SweepInterrupted(variant)
     return outcomes
 
-
-def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): Student-t interval over seeds; a single value has an infinite interval."""
-    from scipy import stats
-
-    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan"), float("nan")
-    mean = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, float("-inf"), float("inf")
-    sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
-    half = stats.t.ppf(0.5 + confidence / 2, len(vals) - 1) * sd / len(vals) ** 0.5
-    return mean, mean - half, mean + half

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from harness.config import ConfigError, build_config, deep_merge, unflatten
-from harness.sweep_config import SweepConfig
+from harness.config import ClusterError, ConfigError
+from harness.results import best_trials
+from harness.sweep_config import OFF_SUFFIX, SweepConfig, clean_searched, resolve_trial
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +50,19 @@ def run_trial(config: dict, base: dict, checkpoint_epochs: list[int]) -> None:
 
     from harness.trial import Trial
 
-    cfg = build_config(deep_merge(base, unflatten(clean_searched(config))))
+    cfg = resolve_trial(base, clean_searched(config))
     torch.set_num_threads(cfg.threads)
     trial = Trial(cfg)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            trial.load_state_dict(torch.load(Path(d) / STATE_FILE, weights_only=False))
-    streak = 0
-    for row in trial.history:  # resumed: recompute the collapse streak from the history
-        streak = streak + 1 if row.get("collapsed") else 0
+            trial.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False))
     while not trial.done:
         row = trial.step()
-        streak = streak + 1 if row["collapsed"] else 0
+        streak = collapse_streak(trial.history, cfg.train.eval_every, cfg.train.epochs)
         result = {**row, "collapse_streak": streak, "classifier_cache_key": trial.classifier_info["cache_key"],
                   "classifier_cache_hit": float(trial.classifier_info["cache_hit"]),
-                  "setup_seconds": trial.setup_seconds, "classifier_test_acc": trial.classifier_info["test_acc"],
+                  "setup_seconds": trial.setup_seconds, **trial.classifier_metrics,
                   "evaluator_heldout_acc": trial.evaluator_info["heldout_acc"]}
         if trial.epoch in checkpoint_epochs or trial.done:
             with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +75,34 @@ def run_trial(config: dict, base: dict, checkpoint_epochs: list[int]) -> None:
 # --------------------------------------------------------------------------------------------
 # The driver.
 # --------------------------------------------------------------------------------------------
+# Settings every trial process must see as the driver does, wherever Ray starts it: the data,
+# the classifier cache, and the threading of the math libraries (only those that are set).
+WORKER_ENV = ("HARNESS_DATA_ROOT", "HARNESS_CACHE_DIR", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_env(environ=None) -> dict[str, str]:
+    environ = os.environ if environ is None else environ
+    return {name: environ[name] for name in WORKER_ENV if environ.get(name)}
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when nothing listens at HOST:PORT."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ClusterError(f"--address {address}: not HOST:PORT (e.g. 10.0.0.1:6379) or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ClusterError(f"--address {address}: nothing answers there ({exc.strerror or exc}); start the "
+                           "cluster with `ray start --head` or fix the address") from None
+
+
 def init_ray(address: str | None, num_cpus: int | None = None, temp_dir: str | None = None) -> dict:
+    """Connect to the Ray cluster at `address`, or without one start a private local instance
+    (never a Ray that happens to run on this machine: `ray.init()` would join it). Returns the
+    cluster's resources: totals, plus `nodes`, the resources of each live node."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -85,27 +111,54 @@ def init_ray(address: str | None, num_cpus: int | None = None, temp_dir: str | N
     # checkpoints at every ASHA rung can be frequent in tiny sweeps; the warning is noise there
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
+        env = worker_env()
+        kwargs = {"log_to_driver": False, "runtime_env": {"env_vars": env} if env else None}
+        if address and address != "local":
+            _check_reachable(address)
         else:
-            kwargs = {"object_store_memory": 150 * 1024 ** 2, "include_dashboard": False, "log_to_driver": False}
+            kwargs.update(address="local", object_store_memory=150 * 1024 ** 2, include_dashboard=False)
             if num_cpus:
                 kwargs["num_cpus"] = num_cpus
             if temp_dir:
                 kwargs["_temp_dir"] = temp_dir
-            ray.init(**kwargs)
-    return ray.cluster_resources()
+        try:
+            ray.init(address=kwargs.pop("address", address), **kwargs)
+        except Exception as exc:
+            where = f"--address {address}" if address and address != "local" else "a private local Ray instance"
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise ClusterError(f"{where}: Ray did not start ({type(exc).__name__}: {first})") from None
+    nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    return {**ray.cluster_resources(), "nodes": nodes}
+
+
+def check_shared_storage(address: str | None, cluster: dict, shared_storage: bool, out_dir: Path,
+                         cache: str) -> None:
+    """On a cluster of several nodes, Tune's checkpoints (under --out) and the classifier cache
+    must be on storage every node sees at the same path, or each node silently trains its own
+    classifier under the same cache key. The user says so with --shared-storage."""
+    nodes = len(cluster.get("nodes", [None]))
+    if not address or shared_storage or nodes <= 1:
+        return
+    raise ConfigError(f"--shared-storage: the Ray cluster at {address} has {nodes} nodes, which must all "
+                      f"reach --out ({out_dir}) and the classifier cache ({cache}) at the same paths; put both "
+                      "on shared storage (e.g. NFS; the cache via HARNESS_CACHE_DIR) and pass --shared-storage")
 
 
 def trial_resources(sweep: SweepConfig, cluster: dict) -> dict[str, float]:
-    """CPU/GPU per trial from the file, never asking for a GPU the cluster does not have."""
+    """CPU/GPU per trial from the file, never asking for more than one node has: a trial runs
+    on one node, so a request above the largest node would leave it pending forever."""
+    nodes = cluster.get("nodes") or [cluster]
     gpus = cluster.get("GPU", 0)
     r = sweep.resources
     gpu = (r.gpu_fraction if gpus else 0.0) if r.gpu == "auto" else float(r.gpu)
     if gpu > 0 and not gpus:
         raise ConfigError(f"resources.gpu: {gpu} asked for but the Ray cluster has no GPU; use gpu: auto or 0")
-    if r.cpu > cluster.get("CPU", 1):
-        raise ConfigError(f"resources.cpu: {r.cpu} per trial but the cluster has {cluster.get('CPU')}; lower it")
+    largest_gpu = max(n.get("GPU", 0) for n in nodes)
+    if gpu > largest_gpu:
+        raise ConfigError(f"resources.gpu: {gpu} per trial but the largest node has {largest_gpu:g}; lower it")
+    largest_cpu = max(n.get("CPU", 0) for n in nodes)
+    if r.cpu > largest_cpu:
+        raise ConfigError(f"resources.cpu: {r.cpu:g} per trial but the largest node has {largest_cpu:g} CPUs; lower it")
     return {"cpu": r.cpu, "gpu": gpu}
 
 
@@ -120,11 +173,23 @@ def checkpoint_epochs(sweep: SweepConfig, max_epochs: int) -> list[int]:
     return sorted(epochs | {max_epochs})
 
 
-def clean_searched(config: dict) -> dict:
-    """A trial's searched settings as the trial sees them: `<key>.on` flags folded into 0."""
-    out = {k: v for k, v in config.items() if not k.endswith(".on")}
-    out.update({k[:-3]: 0.0 for k, v in config.items() if k.endswith(".on") and v is False})
-    return out
+def was_evaluated(row: dict, eval_every: int, epochs: int) -> bool:
+    """Whether an epoch's row holds a fresh evaluation rather than the last one repeated: the
+    trial's `evaluated` flag, or else its schedule (the first epoch, every `eval_every`-th, the last)."""
+    if "evaluated" in row:
+        return bool(row["evaluated"])
+    epoch = int(row["epoch"])
+    return epoch == 1 or epoch % eval_every == 0 or epoch >= epochs
+
+
+def collapse_streak(history: list[dict], eval_every: int, epochs: int) -> int:
+    """Evaluations in a row, up to the latest, that found the generator collapsed. Epochs
+    between evaluations repeat the last one and neither extend nor restart the streak."""
+    streak = 0
+    for row in history:
+        if was_evaluated(row, eval_every, epochs):
+            streak = streak + 1 if row.get("collapsed") else 0
+    return streak
 
 
 class CollapseNanStopper:
@@ -195,7 +260,9 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
                                   "variant": variant, "phase": phase})
     logger = MlflowTrialLogger(uri, experiment_id, parent_id, base, max_epochs,
                                tags={TAG_VARIANT: variant, TAG_PHASE: phase}, fixed=fixed,
-                               metric=sweep.metric, objectives=list(objectives), recorder=recorder)
+                               metric=sweep.metric, objectives=list(objectives), recorder=recorder,
+                               collapse_patience=sweep.stop.collapse_patience,
+                               collapse_min_epoch=sweep.stop.collapse_min_epoch)
     if resume and tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True,
                                    resume_unfinished=True, restart_errored=False)
@@ -267,7 +334,7 @@ class DefineByRunSpace:
     def __call__(self, trial):
         constants = {}
         for key, d in self.search.items():
-            if d.allow_off and not trial.suggest_categorical(f"{key}.on", [True, False]):
+            if d.allow_off and not trial.suggest_categorical(f"{key}{OFF_SUFFIX}", [True, False]):
                 constants[key] = 0.0
                 continue
             if d.dist == "choice":
@@ -286,7 +353,6 @@ def _trial_ids_in_state(exp_path: Path) -> set[str]:
             text = state.read_text()
         except OSError:
             continue
-        import re
         ids |= set(re.findall(r'\\"trial_id\\": \\"([0-9a-f_]+)\\"', text))
         ids |= set(re.findall(r'"trial_id": "([0-9a-f_]+)"', text))
     return ids
@@ -331,14 +397,18 @@ def open_tracking(sweep_name: str, out_dir: Path, mlflow_uri: str | None, kind: 
 
 
 def start_driver(sweep: SweepConfig, out_dir: Path, address: str | None, resume: bool, mlflow_uri: str | None,
-                 kind: str, params: dict) -> tuple[dict, tuple[str, str, str]]:
-    """Check the output folder, start/connect Ray, open the MLflow parent run:
-    (resources per trial, (parent run id, experiment id, tracking URI))."""
+                 kind: str, params: dict, shared_storage: bool = False) -> tuple[dict, tuple[str, str, str]]:
+    """Check the output folder, start/connect Ray, check the cluster can run the trials, and
+    only then write anything: open the MLflow parent run.
+    Returns (resources per trial, (parent run id, experiment id, tracking URI))."""
     if not resume and (out_dir / "ray").exists() and any((out_dir / "ray").iterdir()):
         raise ConfigError(f"--out: {out_dir} already holds a {kind}; pass --resume to continue it or "
                           "choose another --out")
+    cluster = init_ray(address)
+    cache = sweep.base.get("cache_dir") or os.environ.get("HARNESS_CACHE_DIR") or "~/.cache/inversion-harness"
+    check_shared_storage(address, cluster, shared_storage, out_dir, cache)
+    resources = trial_resources(sweep, cluster)
     out_dir.mkdir(parents=True, exist_ok=True)
-    resources = trial_resources(sweep, init_ray(address))
     return resources, open_tracking(sweep.name, out_dir, mlflow_uri, kind, params, resume)
 
 
@@ -362,9 +432,10 @@ def closing_runs(tracking: tuple[str, str, str], kind: str):
 
 
 def run_sweep(sweep: SweepConfig, out_dir: Path, address: str | None = None, resume: bool = False,
-              mlflow_uri: str | None = None) -> list[VariantOutcome]:
+              mlflow_uri: str | None = None, shared_storage: bool = False) -> list[VariantOutcome]:
     out_dir = out_dir.resolve()
-    resources, tracking = start_driver(sweep, out_dir, address, resume, mlflow_uri, "sweep", sweep.model_dump())
+    resources, tracking = start_driver(sweep, out_dir, address, resume, mlflow_uri, "sweep", sweep.model_dump(),
+                                       shared_storage)
     outcomes = []
     with closing_runs(tracking, "sweep") as client:
         for variant, settings in sweep.variants():
@@ -455,13 +526,10 @@ def _short(value) -> str:
 
 
 def best_rows(outcomes: list[VariantOutcome], metric: str, mode: str, top: int = 3) -> list[dict]:
-    """The best `top` finite-metric trials of each variant (NaN-stopped trials never qualify)."""
+    """The best `top` trials of each variant, by `harness.results.best_trials`' rule."""
     out = []
-    sign = 1 if mode == "max" else -1
     for o in outcomes:
-        ok = [r for r in o.rows if not r["error"] and not r["metrics"].get("nonfinite")
-              and isinstance(r["metrics"].get(metric), (int, float)) and math.isfinite(r["metrics"][metric])]
-        out += sorted(ok, key=lambda r: -sign * r["metrics"][metric])[:top]
+        out += best_trials(o.rows, metric, mode, top, metrics=lambda r: r["metrics"], failed=lambda r: r["error"])
     return out
 
 

@@ -8,17 +8,37 @@ own typed model, as is a point at each end of every searched range, before Ray s
 from __future__ import annotations
 
 import itertools
+import math
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from harness.config import (ConfigError, TrialConfig, _Section, build_config, deep_merge, flatten,
                             load_yaml, parse_overrides, unflatten)
+from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
+
+TARGET_NAMES = (*METRIC_NAMES, *REFERENCE_NAMES)  # what a sweep may optimise or a claim compare
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+CONFIRM_SEED_START = 1000  # confirmation seeds start here, or after the largest tuning seed
+OFF_SUFFIX = ".on"  # `<key>.on`: the searched flag of a weight with allow_off (False = weight 0)
+
+
+def trial_settings() -> set[str]:
+    """Every dotted trial setting a sweep may set, search or vary (`harness config` lists them)."""
+    return set(flatten(TrialConfig().model_dump()))
+
+
+def _check_target(name: str) -> str:
+    if name not in TARGET_NAMES:
+        raise ValueError(f"{name!r} is not a metric; use one of: {', '.join(TARGET_NAMES)}")
+    return name
 
 
 class Distribution(_Section):
-    """One searched setting. `off_prob` > 0 makes 0 ("term off") a choice of its own."""
+    """One searched setting. `allow_off: true` makes 0 ("term off") a choice of its own."""
     dist: Literal["uniform", "loguniform", "int", "choice"] = Field(description="distribution")
     low: float | None = Field(None, description="lower bound (uniform, loguniform, int)")
     high: float | None = Field(None, description="upper bound (uniform, loguniform, int)")
@@ -31,10 +51,16 @@ class Distribution(_Section):
             if not self.values:
                 raise ValueError("values: a choice needs a non-empty list of values")
         else:
-            if self.low is None or self.high is None or self.low >= self.high:
-                raise ValueError("low/high: give low < high")
+            if self.low is None or self.high is None:
+                raise ValueError(f"low/high: a {self.dist} distribution needs both low and high")
+            if not (math.isfinite(self.low) and math.isfinite(self.high)):
+                raise ValueError(f"low/high: give finite bounds (got {self.low}, {self.high})")
+            if self.low >= self.high:
+                raise ValueError(f"low/high: give low < high (got {self.low} >= {self.high})")
             if self.dist == "loguniform" and self.low <= 0:
-                raise ValueError("low: loguniform needs low > 0 (use allow_off: true to include 0)")
+                raise ValueError(f"low: loguniform needs low > 0 (got {self.low}; use allow_off: true to include 0)")
+            if self.dist == "int" and not (self.low.is_integer() and self.high.is_integer()):
+                raise ValueError(f"low/high: an int distribution needs whole-number bounds (got {self.low}, {self.high})")
         return self
 
     def extremes(self) -> list[Any]:
@@ -64,6 +90,13 @@ class ResourcesConfig(_Section):
     gpu_fraction: float = Field(0.25, gt=0, le=1, description="GPU share per trial when gpu is auto")
     max_concurrent: int | None = Field(None, ge=1, description="concurrent trials (default: what fits)")
 
+    @field_validator("gpu")
+    @classmethod
+    def _gpu_not_negative(cls, value):
+        if value != "auto" and value < 0:
+            raise ValueError(f"give auto or a GPU count >= 0 (got {value})")
+        return value
+
 
 class StopConfig(_Section):
     collapse_patience: int = Field(3, ge=1, description="stop a trial collapsed at this many evaluations in a row")
@@ -78,6 +111,18 @@ class ClaimConfig(_Section):
     greater: str = Field(description="variant expected to be higher, e.g. pool=avg")
     lesser: str | None = Field(None, description="variant expected to be lower, e.g. pool=max")
     reference: str | None = Field(None, description="or: reference metric to beat, e.g. ref_blank_ssim")
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_known(cls, value: str) -> str:
+        return _check_target(value)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_known(cls, value: str | None) -> str | None:
+        if value is not None and value not in REFERENCE_NAMES:
+            raise ValueError(f"{value!r} is not a reference point; use one of: {', '.join(REFERENCE_NAMES)}")
+        return value
 
     @model_validator(mode="after")
     def _one_comparison(self):
@@ -107,29 +152,100 @@ class SweepConfig(_Section):
     checkpoint_every: int = Field(5, ge=1, description="checkpoint the generator every this many epochs")
     max_failures: int = Field(1, ge=0, description="retries of a failing trial, from its last checkpoint")
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not PLAIN_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a plain name; use letters, digits, _ and - only (it names "
+                             "the output folder, the MLflow experiment and the Optuna studies)")
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_known(cls, value: str) -> str:
+        return _check_target(value)
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives_known(cls, value: dict | None) -> dict | None:
+        if value is not None:
+            if not value:
+                raise ValueError("give at least one metric, or leave objectives out")
+            for name in value:
+                _check_target(name)
+        return value
+
     @model_validator(mode="after")
-    def _axes_nonempty(self):
+    def _base_axes_claim(self):
+        """In this order, so the first error is the cause: the base is a valid trial, every axis
+        is a setting with valid values giving distinct variant names, the claim names variants."""
+        try:
+            build_config(self.trial_base({}))
+        except ConfigError as exc:
+            raise ValueError(f"base: {exc}") from None
+        settings = trial_settings()
         for key, values in self.axes.items():
+            if key not in settings:
+                raise ValueError(f"axes.{key}: not a trial setting; see `harness config` for the names")
             if not values:
                 raise ValueError(f"axes.{key}: give at least one value")
+            for value in values:
+                if "/" in str(value) or "\\" in str(value):
+                    raise ValueError(f"axes.{key}: value {value!r} holds a path separator; a variant name "
+                                     "names folders, so vary a plain value")
+                try:
+                    build_config(self.trial_base({key: value}))
+                except ConfigError as exc:
+                    raise ValueError(f"axes.{key}: value {value!r} is not valid ({exc})") from None
+        names = [name for name, _ in self.variants()]
+        if len(set(names)) < len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"axes: the values give the variant {twice[0]!r} twice; list each value once")
         if self.claim:
-            names = [name for name, _ in self.variants()]
-            for side in (self.claim.greater, self.claim.lesser):
+            for field, side in (("greater", self.claim.greater), ("lesser", self.claim.lesser)):
                 if side is not None and side not in names:
-                    raise ValueError(f"claim: {side!r} is not a variant; variants are {', '.join(names)}")
+                    raise ValueError(f"claim.{field}: {side!r} is not a variant; variants are {', '.join(names)}")
+            if self.claim.lesser == self.claim.greater:
+                raise ValueError(f"claim.lesser: {self.claim.lesser!r} is also claim.greater; compare two "
+                                 "different variants")
         return self
 
     # -- derived -----------------------------------------------------------------------------
     def variants(self) -> list[tuple[str, dict[str, Any]]]:
-        """(variant name, flat settings of the axes) for every combination of the axes."""
+        """(variant name, flat settings of the axes) for every combination of the axes. A name
+        joins `<key>=<value>` with `__`, each key shortened to its last dotted part, or to as
+        many trailing parts as tell it apart from the other axes (`pool=avg`, but
+        `classifier.dropout=0.1__generator.dropout=0.5`)."""
         if not self.axes:
             return [("all", {})]
         keys = list(self.axes)
+        short = short_keys(keys)
         out = []
         for combo in itertools.product(*(self.axes[k] for k in keys)):
             settings = dict(zip(keys, combo))
-            out.append(("__".join(f"{k.split('.')[-1]}={v}" for k, v in settings.items()), settings))
+            out.append(("__".join(f"{short[k]}={v}" for k, v in settings.items()), settings))
         return out
+
+    def largest_tuning_seed(self) -> int:
+        """The largest seed (generator `seed` or `classifier.seed`) a tuning trial can run with:
+        the base's, an axis value, the top of a searched range, or, without a search, the last of
+        the `num_samples` consecutive seeds a sweep then runs."""
+        seeds = []
+        for _, settings in self.variants():
+            cfg = build_config(self.trial_base(settings))
+            seeds += [cfg.classifier.seed, cfg.seed + (self.budget.num_samples - 1 if not self.search else 0)]
+        for key in ("seed", "classifier.seed"):
+            dist = self.search.get(key)
+            if dist is not None:
+                seeds += [int(v) for v in dist.extremes() if isinstance(v, (int, float))]
+        return max(seeds)
+
+    def confirmation_seeds(self, n: int) -> list[int]:
+        """`n` seeds for the confirmation runs, disjoint from every tuning seed: they start at
+        1000, or after the largest tuning seed if that is higher. Reusing a tuning seed would rerun
+        the selected winner itself (a winner's-curse bias)."""
+        start = max(CONFIRM_SEED_START, self.largest_tuning_seed() + 1)
+        return list(range(start, start + n))
 
     def trial_base(self, variant_settings: dict[str, Any]) -> dict:
         """The full nested trial config of a variant, before the searched values."""
@@ -144,9 +260,49 @@ class SweepConfig(_Section):
         return build_config(self.trial_base(variant_settings)).train.epochs
 
 
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Each dotted key's shortest trailing part that no other key ends with (the full key when
+    none is: `seed` beside `classifier.seed`)."""
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        out[key] = key
+        for k in range(1, len(parts)):
+            tail = ".".join(parts[-k:])
+            if not any(other != key and (other == tail or other.endswith("." + tail)) for other in keys):
+                out[key] = tail
+                break
+    return out
+
+
+def clean_searched(config: dict) -> dict:
+    """A trial's searched settings as the trial sees them: `<key>.on` flags folded into 0."""
+    out = {k: v for k, v in config.items() if not k.endswith(OFF_SUFFIX)}
+    out.update({k[:-len(OFF_SUFFIX)]: 0.0 for k, v in config.items() if k.endswith(OFF_SUFFIX) and v is False})
+    return out
+
+
+def settings_of(config: dict, fixed: dict[int, dict] | None = None) -> dict:
+    """The dotted settings a trial runs with: its entry of a fixed list (`__fixed__` = index),
+    or its searched values."""
+    if "__fixed__" in config:
+        return dict((fixed or {})[config["__fixed__"]])
+    return clean_searched(config)
+
+
+def resolve_trial(base: dict, settings: dict) -> TrialConfig:
+    """The full trial configuration: the variant's base with the trial's dotted settings on top."""
+    return build_config(deep_merge(base, unflatten(settings)))
+
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> SweepConfig:
-    """Read and validate a sweep file; every variant x searched extreme must be a valid trial."""
-    data = deep_merge(load_yaml(path), parse_overrides(overrides))
+    """Read and validate a sweep file before anything runs: every key is known, every searched
+    key is a setting, every variant and each end of every searched range is a valid trial, and
+    ASHA's grace period fits every variant's epochs. Errors raise ConfigError naming the field."""
+    raw = load_yaml(path)
+    if not raw:
+        raise ConfigError(f"config: {path} is empty; a sweep file needs at least a name")
+    data = deep_merge(raw, parse_overrides(overrides))
     if smoke:
         data = deep_merge(data, {"budget": {"num_samples": 2, "epochs": 2, "steps_per_epoch": 3},
                                  "base": {"eval": {"per_class": 10}}})
@@ -154,15 +310,22 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
         sweep = SweepConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error_sweep(exc)) from None
+    settings_names = trial_settings()
+    for key in sweep.search:
+        if key not in settings_names:
+            raise ConfigError(f"search.{key}: not a trial setting; see `harness config` for the names")
+        if key in sweep.axes:
+            raise ConfigError(f"search.{key}: also an axis; vary a setting or search it, not both")
     for variant, settings in sweep.variants():
         base = sweep.trial_base(settings)
         try:
-            build_config(base)
+            epochs = build_config(base).train.epochs
         except ConfigError as exc:
-            raise ConfigError(f"base/axes ({variant}): {exc}") from None
+            raise ConfigError(f"axes ({variant}): {exc}") from None
+        if sweep.asha.enabled and sweep.asha.grace_period > epochs:
+            raise ConfigError(f"asha.grace_period: {sweep.asha.grace_period} is more than the {epochs} epochs of "
+                              f"variant {variant}; lower it or raise budget.epochs")
         for key, dist in sweep.search.items():
-            if key not in flatten(TrialConfig().model_dump()):
-                raise ConfigError(f"search.{key}: not a trial setting; see `harness config` for the names")
             for value in dist.extremes():
                 try:
                     build_config(deep_merge(base, unflatten({key: value})))
@@ -175,10 +338,36 @@ def _format_error_sweep(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"{loc}: unknown key in the sweep file"
+        section = _sweep_section(first["loc"][:-1])
+        allowed = f"; allowed here: {', '.join(section.model_fields)}" if section else ""
+        return f"{loc}: unknown key in the sweep file{allowed}"
     if first["type"] == "missing":
         return f"{loc}: required"
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] != "value_error" and "input" in first:
+        msg += f" (got {first['input']!r})"
     return f"{loc}: {msg}" if loc else msg
+
+
+def _sweep_section(loc) -> type[BaseModel] | None:
+    """The model of the sweep-file section at `loc` (for the list of allowed keys)."""
+    model: type[BaseModel] = SweepConfig
+    parts = list(loc)
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
+        if field is None:
+            return None
+        annotation = field.annotation
+        if typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+            if parts:
+                parts.pop(0)  # the dict's key (e.g. the searched setting)
+        elif typing.get_args(annotation):
+            annotation = next((a for a in typing.get_args(annotation)
+                               if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,39 +24,20 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from harness.config import flatten
+from harness.mlflow_store import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, TAG_CLASSIFIER_KEY,  # noqa: F401
+                                  TAG_KIND, TAG_NOTE, TAG_OPTUNA_STORAGE, TAG_OPTUNA_STUDY, TAG_OPTUNA_TRIAL,
+                                  TAG_OUTCOME, TAG_PHASE, TAG_STOP_REASON, TAG_SWEEP_DIR, TAG_TRIAL_ID,
+                                  TAG_VARIANT, child_runs, client_for, default_tracking_uri)
+from harness.sweep_config import resolve_trial, settings_of
 
 log = logging.getLogger(__name__)
 
-TAG_SWEEP_DIR = "harness.sweep_dir"
-TAG_TRIAL_ID = "harness.trial_id"
-TAG_VARIANT = "harness.variant"
-TAG_PHASE = "harness.phase"
-TAG_STOP_REASON = "harness.stop_reason"
-TAG_CLASSIFIER_KEY = "harness.classifier_cache_key"
-TAG_KIND = "harness.kind"
-TAG_OUTCOME = "harness.outcome"  # finished / pruned / collapsed / nonfinite / failed
-TAG_OPTUNA_STUDY = "harness.optuna_study"
-TAG_OPTUNA_TRIAL = "harness.optuna_trial"
-TAG_OPTUNA_STORAGE = "harness.optuna_storage"  # on the parent: the sweep's DIR/optuna.db
-TAG_NOTE = "mlflow.note.content"  # the run's description in MLflow's UI
-# The experiment kind MLflow's own kind selector writes for training experiments. The 3.17 UI
-# (workflow-based navigation) ignores it when choosing the first page and follows its GenAI /
-# Model training switch, GenAI by default: hence `runs_table_url`, printed after every sweep.
-EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-
 # the allow rule for child-run metrics (see the module docstring)
 EPOCH_METRICS = ("epoch", "loss", "nonfinite", "evaluated", "epoch_seconds", "collapse_streak")
-ONCE_METRICS = ("classifier_test_acc", "evaluator_heldout_acc", "classifier_cache_hit", "setup_seconds")
+ONCE_METRICS = ("classifier_test_acc", "evaluator_heldout_acc", "classifier_cache_hit", "setup_seconds",
+                "classifier_train_acc", "classifier_train_loss", "classifier_grad_norm", "classifier_parameters",
+                "params_per_train_pixel", "kkt_residual_train", "kkt_residual_heldout")
 NONFINITE_METRICS = ("score", "collapsed")
-
-
-def default_tracking_uri(out_dir: Path) -> str:
-    return f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
-
-
-def client_for(uri: str) -> MlflowClient:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    return MlflowClient(tracking_uri=uri)
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_dir: Path | None) -> str:
@@ -122,10 +102,6 @@ def start_parent(client: MlflowClient, experiment_id: str, run_name: str, sweep_
     return run.info.run_id
 
 
-def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
-    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)
-
-
 def finish_open_runs(client: MlflowClient, experiment_id: str, parent_id: str, status: str, reason: str) -> None:
     """End every child still RUNNING (e.g. after an interrupt) and the parent."""
     for run in child_runs(client, experiment_id, parent_id):
@@ -155,11 +131,14 @@ class MlflowTrialLogger(Callback):
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_config: dict,
                  max_epochs: int, tags: dict[str, str] | None = None, fixed: dict[int, dict] | None = None,
-                 metric: str = "score", objectives: list[str] | None = None, recorder=None):
-        from harness.metrics import METRIC_NAMES, REFERENCE_NAMES
+                 metric: str = "score", objectives: list[str] | None = None, recorder=None,
+                 collapse_patience: int | None = None, collapse_min_epoch: int = 1):
+        from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
 
         self.uri, self.experiment_id, self.parent = tracking_uri, experiment_id, parent_run_id
         self.base_config, self.max_epochs, self.tags = base_config, max_epochs, tags or {}
+        # the collapse stopper's rule (None: no such stopper), to tell its stops from ASHA's
+        self.collapse_patience, self.collapse_min_epoch = collapse_patience, collapse_min_epoch
         self.fixed = fixed or {}  # grid index -> settings, for trials of a fixed list (no search)
         self.metric, self.objectives, self.recorder = metric, objectives or [metric], recorder
         self.evaluation_names = (*METRIC_NAMES, *REFERENCE_NAMES)
@@ -212,9 +191,7 @@ class MlflowTrialLogger(Callback):
             if self.client.get_run(run_id).info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
             return run_id
-        from harness.config import build_config, deep_merge, unflatten
-        # the config the trial runs with (the base carries the trial's threads = its CPUs)
-        resolved = build_config(deep_merge(self.base_config, unflatten(self.settings_of(trial.config)))).model_dump()
+        resolved = resolve_trial(self.base_config, self.settings_of(trial.config)).model_dump()
         tags = {"mlflow.parentRunId": self.parent, TAG_TRIAL_ID: trial.trial_id, **self.tags}
         run = self.client.create_run(self.experiment_id, run_name=f"{self.tags.get(TAG_VARIANT, 'trial')}-{trial.trial_id}",
                                      tags=tags)
@@ -229,8 +206,7 @@ class MlflowTrialLogger(Callback):
 
     def settings_of(self, config: dict) -> dict:
         """The dotted settings a trial runs with (searched values, or its fixed list entry)."""
-        from harness.sweep import clean_searched
-        return self.fixed[config["__fixed__"]] if "__fixed__" in config else clean_searched(config)
+        return settings_of(config, self.fixed)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
@@ -262,8 +238,8 @@ class MlflowTrialLogger(Callback):
             return
         try:
             with checkpoint.as_directory() as d:
-                for name in ("grid.png", "nearest.png", "samples.pt", "config.yaml", "metrics.json",
-                             "per_train_best_ssim.json"):
+                for name in ("grid.png", "nearest.png", "reconstructions.png", "samples.pt", "config.yaml",
+                             "metrics.json", "per_train_best_ssim.json"):
                     if (Path(d) / name).exists():
                         self.client.log_artifact(run_id, str(Path(d) / name))
         except Exception as exc:  # an artifact problem must not fail the sweep
@@ -310,13 +286,20 @@ class MlflowTrialLogger(Callback):
             outcome, status, reason = "nonfinite", "KILLED", f"stopped: the loss became NaN/inf at epoch {epoch}"
         elif epoch >= self.max_epochs:
             outcome, status, reason = "finished", "FINISHED", f"completed the epoch budget ({epoch} epochs)"
-        elif result.get("collapse_streak", 0) >= 1 and result.get("collapsed"):
+        elif self.stopped_collapsed(result):
             outcome, status, reason = ("collapsed", "KILLED", f"stopped: collapsed at "
                                        f"{int(result['collapse_streak'])} evaluations in a row at epoch {epoch}")
         else:
             outcome, status, reason = "pruned", "KILLED", f"pruned by ASHA at epoch {epoch}"
         self._log_final_artifacts(trial, run_id)
         self._end(trial, run_id, outcome, status, reason, {**result, "epoch": epoch})
+
+    def stopped_collapsed(self, result: dict) -> bool:
+        """Whether the collapse stopper ended the trial: collapsed at `collapse_patience`
+        evaluations in a row, past its minimum epoch (else an early stop was ASHA's)."""
+        return (self.collapse_patience is not None
+                and result.get("collapse_streak", 0) >= self.collapse_patience
+                and result.get("epoch", 0) >= self.collapse_min_epoch)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)

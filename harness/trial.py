@@ -1,14 +1,14 @@
-"""One trial: pretrain (or reuse) the classifier, train the generator against it, evaluate.
+"""One trial: pretrain (or reuse) the classifier, invert it (a generator or direct candidates), evaluate.
 
 `Trial` is the whole science of the harness and knows nothing of Ray or MLflow: `harness run`
 drives it in a loop, the Ray Tune trainable drives it and checkpoints `state_dict()`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -16,11 +16,11 @@ import torch
 import yaml
 
 from harness.cache import CacheEntry, cache_dir
-from harness.classifiers import pretrained_classifier, pretrained_evaluator
+from harness.classifiers import pretrained_classifier, pretrained_evaluator, smoothed_relu
 from harness.config import TrialConfig
 from harness.data import NUM_CLASSES, DATASETS, heldout_set, train_subset
-from harness.generator import Generator, sample_conditioning
-from harness.losses import GeneratedBatch, build_loss_terms
+from harness.inverters import build_inverter
+from harness.losses import build_loss_terms
 from harness.metrics import Evaluation, Evaluator, reference_points
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,13 @@ class Trial:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        # subnormal floats (tiny gradients of a converged reconstruction, softplus tails) make CPU
+        # arithmetic up to 100x slower; flushing them to zero changes no result that matters
+        torch.set_flush_denormal(True)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         self.device = resolve_device(cfg.device)
         start = time.perf_counter()
         self.classifier, self.classifier_info = pretrained_classifier(cfg, self.device)
@@ -62,82 +69,60 @@ class Trial:
         self.setup_seconds = time.perf_counter() - start
 
         torch.manual_seed(cfg.seed)
-        self.generator = Generator(cfg.generator).to(self.device)
-        self.generator_step = torch.compile(self.generator) if cfg.train.compile else self.generator
-        self.terms = build_loss_terms(cfg.loss, self.classifier, self.generator, cfg.data.train_size,
+        self.inverter = build_inverter(cfg, self.device)
+        self.terms = build_loss_terms(cfg.loss, self.classifier, self.inverter, cfg.data.train_size,
                                       cfg.train.batch_size, cfg.seed).to(self.device)
         self.weights = {name: getattr(cfg.loss, name) for name in self.terms}
-        t = cfg.train
-        self.optimizer = torch.optim.Adam([*self.generator.parameters(), *self.terms.parameters()],
-                                          lr=t.lr, betas=(t.beta1, 0.999))
+        self.optimizer = self.inverter.make_optimizer(list(self.terms.parameters()))
         self.rng = torch.Generator().manual_seed(cfg.seed)
-        eval_rng = torch.Generator().manual_seed(cfg.eval.latent_seed)
-        n_eval = cfg.eval.per_class * NUM_CLASSES
-        self.eval_labels = torch.arange(NUM_CLASSES).repeat_interleave(cfg.eval.per_class)
-        self.eval_z = torch.randn(n_eval, cfg.generator.latent_dim, generator=eval_rng)
         self.epoch = 0
         self.history: list[dict] = []
         self.resumed = False
         self.last_evaluation: Evaluation | None = None
 
-    # -- training ---------------------------------------------------------------------------
-    def _batch(self) -> GeneratedBatch:
-        b = self.cfg.train.batch_size
-        labels = torch.arange(b) % NUM_CLASSES
-        labels = labels[torch.randperm(b, generator=self.rng)]
-        c = sample_conditioning(labels, self.cfg.generator.soft_fraction, self.cfg.generator.soft_temperature,
-                                self.rng).to(self.device)
-        z = torch.randn(b, self.cfg.generator.latent_dim, generator=self.rng).to(self.device)
-        x, pre = self.generator_step(z, c, return_pre_tanh=True)
-        with contextlib.ExitStack() as stack:
-            for term in self.terms.values():
-                stack.enter_context(term.capture())
-            logits, feats = self.classifier(x)
-        return GeneratedBatch(x, pre, c, labels.to(self.device), logits, feats, z)
+    @property
+    def classifier_metrics(self) -> dict[str, float]:
+        """What training left the classifier at, logged beside every run (see classifiers.py)."""
+        info = self.classifier_info
+        keys = ("test_acc", "train_acc", "train_loss", "grad_norm", "parameters")
+        out = {f"classifier_{k}": float(info[k]) for k in keys if k in info}
+        out.update({k: float(info[k]) for k in ("kkt_residual_train", "kkt_residual_heldout") if k in info})
+        if "parameters" in info:  # the reconstruction literature's axis: parameters per training pixel
+            out["params_per_train_pixel"] = info["parameters"] / (28 * 28 * self.cfg.data.train_size)
+        return out
 
+    # -- training ---------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
         """One epoch of generator steps; returns the mean of each term and of the total loss."""
         if self.cfg.fault == "raise_once" and self.epoch == 2 and not self.resumed:
             raise InjectedFault("injected fault (fault: raise_once) at epoch 3")
-        self.generator.train()
+        self.inverter.train()
         sums = {name: 0.0 for name in self.terms} | {"loss": 0.0}
         steps = self.cfg.train.steps_per_epoch
-        for _ in range(steps):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.amp):
-                batch = self._batch()
-                values = {name: term(batch).float() for name, term in self.terms.items()}
-                total = sum(self.weights[name] * v for name, v in values.items())
-            if self.cfg.fault == "nan" and self.epoch >= 1:
-                total = total * float("nan")
-            if not torch.isfinite(total):
-                sums = {k: float("nan") for k in sums}
-                break
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
-            for name, v in values.items():
-                sums[name] += v.item() / steps
-            sums["loss"] += total.item() / steps
+        with smoothed_relu(self.classifier, self.cfg.train.relu_alpha):
+            for _ in range(steps):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.amp):
+                    batch = self.inverter.batch(self.classifier, self.terms, self.rng)
+                    values = {name: term(batch).float() for name, term in self.terms.items()}
+                    total = sum(self.weights[name] * v for name, v in values.items())
+                if self.cfg.fault == "nan" and self.epoch >= 1:
+                    total = total * float("nan")
+                if not torch.isfinite(total):
+                    sums = {k: float("nan") for k in sums}
+                    break
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                self.optimizer.step()
+                for name, v in values.items():
+                    sums[name] += v.item() / steps
+                sums["loss"] += total.item() / steps
         self.epoch += 1
         return {f"loss_{k}" if k != "loss" else k: v for k, v in sums.items()}
 
     # -- evaluation --------------------------------------------------------------------------
-    @torch.no_grad()
     def generate_eval_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fixed evaluation set: hot conditioning, per_class images per class, BatchNorm in
-        eval mode, dropout masks (if eval.sample_dropout) from the fixed evaluation seed."""
-        self.generator.eval()
-        if self.cfg.eval.sample_dropout:
-            for m in self.generator.modules():
-                if isinstance(m, torch.nn.Dropout2d):
-                    m.train()
-        c = torch.nn.functional.one_hot(self.eval_labels, NUM_CLASSES).float().to(self.device)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.cfg.eval.latent_seed)
-            images = torch.cat([self.generator(self.eval_z[i:i + 500].to(self.device), c[i:i + 500])
-                                for i in range(0, len(c), 500)])
-        self.generator.train()
-        return images.cpu(), self.eval_labels.clone()
+        """The fixed evaluation set of the inverter (see `Inverter.eval_images`), on the CPU."""
+        return self.inverter.eval_images()
 
     def evaluate(self) -> Evaluation:
         self.last_evaluation = self.evaluator(*self.generate_eval_images())
@@ -151,13 +136,15 @@ class Trial:
         row.update(losses)
         row["nonfinite"] = float(not all(math.isfinite(v) for v in losses.values()))
         due = self.epoch % self.cfg.train.eval_every == 0 or self.epoch >= self.cfg.train.epochs
-        row["evaluated"] = float(not row["nonfinite"] and (due or self.last_evaluation is None))
+        evaluated = False
         if row["nonfinite"]:
             row.update(self.nonfinite_metrics())
         elif due or self.last_evaluation is None:
             row.update(self.evaluate().metrics)
+            evaluated = True
         else:
             row.update(self.last_evaluation.metrics)
+        row["evaluated"] = float(evaluated)
         row["epoch_seconds"] = time.perf_counter() - start
         self.history.append(row)
         return row
@@ -174,16 +161,23 @@ class Trial:
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "terms": self.terms.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
-                "torch_rng": torch.get_rng_state(), "epoch": self.epoch, "history": self.history}
+        state = {"inverter": self.inverter.state_dict(), "terms": self.terms.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
+                 "torch_rng": torch.get_rng_state(), "epoch": self.epoch, "history": self.history}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.load_state_dict(state["generator"])
+        """Restore a checkpoint written by `state_dict` (load it with map_location="cpu": tensors
+        move to this trial's device here, RNG states stay on the CPU)."""
+        self.inverter.load_state_dict(state["inverter"])
         self.terms.load_state_dict(state["terms"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.rng.set_state(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        self.rng.set_state(state["rng"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.epoch, self.history = state["epoch"], list(state["history"])
         self.resumed = True
 
@@ -192,29 +186,35 @@ class Trial:
         return dict(self.history[-1]) if self.history else {}
 
     def write_outputs(self, out_dir: str | Path) -> dict[str, Path]:
-        """metrics.json, history.json, grid.png, nearest.png, samples.pt, generator.pt, config.yaml."""
-        from harness.plots import save_grid, save_nearest_pairs
+        """metrics.json, history.json, grid.png, nearest.png, reconstructions.png, samples.pt,
+        per_train_best_ssim.json, inverter.pt, config.yaml."""
+        from harness.plots import save_grid, save_nearest_pairs, save_reconstructions
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         evaluation = self.last_evaluation or self.evaluate()
         images, labels = self.generate_eval_images()
-        metrics = {**evaluation.metrics, "epoch": self.epoch,
-                   "classifier_test_acc": self.classifier_info["test_acc"],
+        metrics = {**evaluation.metrics, "epoch": self.epoch, **self.classifier_metrics,
                    "evaluator_heldout_acc": self.evaluator_info["heldout_acc"],
                    "nonfinite": self.history[-1]["nonfinite"] if self.history else 0.0}
         paths = {name: out / name for name in ("metrics.json", "history.json", "grid.png", "nearest.png",
-                                                "samples.pt", "generator.pt", "config.yaml",
-                                                "per_train_best_ssim.json")}
+                                                "reconstructions.png", "samples.pt", "inverter.pt",
+                                                "config.yaml", "per_train_best_ssim.json")}
         paths["metrics.json"].write_text(json.dumps(metrics, indent=2))
         paths["history.json"].write_text(json.dumps(self.history, indent=1))
         paths["per_train_best_ssim.json"].write_text(json.dumps([round(v, 5) for v in evaluation.per_train_best_ssim.tolist()]))
         names = DATASETS[self.cfg.data.dataset].class_names
-        save_grid(images, labels, paths["grid.png"], per_class=min(10, self.cfg.eval.per_class), class_names=names)
+        per_class = min(10, int((labels == 0).sum()))
+        save_grid(images, labels, paths["grid.png"], per_class=per_class, class_names=names)
         save_nearest_pairs(images, labels, evaluation.nearest_train_index, evaluation.nearest_train_ssim,
                            self.train_set.images, paths["nearest.png"], class_names=names)
+        side_index, train_best, train_which = evaluation.train_side
+        held_best, held_which = evaluation.heldout_side
+        save_reconstructions(self.train_set.images[side_index], train_best, images[train_which.clamp(min=0)],
+                             self.evaluator.heldout.images, held_best, images[held_which.clamp(min=0)],
+                             paths["reconstructions.png"], threshold=self.cfg.eval.recon_threshold)
         torch.save({"images": images, "labels": labels, "nearest_train_index": evaluation.nearest_train_index,
                     "nearest_train_ssim": evaluation.nearest_train_ssim}, paths["samples.pt"])
-        torch.save(self.generator.state_dict(), paths["generator.pt"])
+        torch.save(self.inverter.state_dict(), paths["inverter.pt"])
         paths["config.yaml"].write_text(yaml.safe_dump(self.cfg.model_dump(), sort_keys=False))
         return paths

@@ -68,6 +68,39 @@ def ray_address(session_cache, tmp_path_factory):
                    check=True, env=env, capture_output=True, timeout=120)
     address = f"127.0.0.1:{port}"
     yield address
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    stop_processes_of(str(temp))
+
+
+def stop_processes_of(temp: str) -> None:
+    """End this session's Ray head only: the processes started with its temp folder and their
+    children (workers and agents rename themselves). `ray stop` would end every Ray on the
+    machine, other users' included."""
+    import psutil
+
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if temp in " ".join(proc.info["cmdline"] or []) and proc.pid != os.getpid():
+                roots.append(proc)
+        except psutil.Error:
+            continue
+    procs = {}
+    for root in roots:
+        try:
+            procs.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+        except psutil.Error:
+            continue
+    procs.pop(os.getpid(), None)
+    for proc in procs.values():
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
 
 

@@ -31,6 +31,8 @@ def test_step_benchmark(tmp_path):
     assert set(fig["per_term"]) == {"ce", "tv", "kkt"}
     assert fig["per_term"]["ce"]["vs_ce"] == 1.0
     assert fig["ce_step_gflop"] > 0 and 0 < fig["matmul_share"]
+    direct = fig["direct_kkt"]
+    assert direct["candidates"] == 200 and direct["ms_per_candidate"] > 0 and direct["step_gflop"] > 0
 
 
 def test_metrics_benchmark(tmp_path):

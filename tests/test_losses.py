@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from harness.config import GeneratorConfig, LossConfig
-from harness.generator import Generator
+from harness.config import LossConfig, build_config
+from harness.inverters import GeneratorInverter
 from harness.losses import LOSS_TERMS, GeneratedBatch, build_loss_terms
 
 K = 10
@@ -26,10 +26,14 @@ class LinearClassifier(nn.Module):
         return self.fc(feats), feats
 
 
+def generator_inverter():
+    return GeneratorInverter(build_config(), torch.device("cpu"))
+
+
 def term(name, classifier=None, **options):
     cfg = LossConfig(**options)
     classifier = classifier or LinearClassifier()
-    return LOSS_TERMS[name](cfg, classifier, Generator(GeneratorConfig()), 1000, 8, 0)
+    return LOSS_TERMS[name](cfg, classifier, generator_inverter(), 1000, 8, 0)
 
 
 def batch(x=None, logits=None, features=None, y=None, c=None, pre_tanh=None, z=None):
@@ -129,7 +133,7 @@ def test_kkt_with_vanishing_lambda_is_one_and_trains_generator_and_lambda():
     value = t2(batch())
     value.backward()
     assert t2.a.grad is not None and t2.a.grad.abs().sum() > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t2.generator[0].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t2.inverter[0].parameters())
 
 
 def test_kkt_lambda_penalty():
@@ -160,5 +164,5 @@ def test_bn_matches_features_entering_batchnorm():
 
 def test_zero_weight_terms_are_not_built():
     cfg = LossConfig(ce=1, kl=0, kkt=0, bn=0.5, tv=0.1)
-    terms = build_loss_terms(cfg, LinearClassifier(), Generator(GeneratorConfig()), 1000, 8, 0)
+    terms = build_loss_terms(cfg, LinearClassifier(), generator_inverter(), 1000, 8, 0)
     assert list(terms) == ["ce", "tv"]  # bn asked for, but this classifier has no BatchNorm

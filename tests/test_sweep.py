@@ -1,10 +1,13 @@
 """The sweep layer on a real Ray head (`ray start --head` on loopback, one per test session) and
 a real MLflow store: SQLite, and a real `mlflow server` over HTTP."""
 import json
+import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -262,3 +265,35 @@ def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, 
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     for t in study.trials:
         assert client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["harness.optuna_trial"] == str(t.number)
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+
+
+def test_without_address_a_private_ray_starts_even_when_another_runs(ray_address):
+    """RAY_ADDRESS makes a plain `ray.init()` join the session's running head, as a user's own
+    `ray start --head` (or its stale address file) would; the harness must start its own."""
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        proc = _python("import ray; from harness.sweep import init_ray; "
+                       f"cluster = init_ray(None, num_cpus=1, temp_dir={temp!r}); "
+                       "print(ray.get_runtime_context().gcs_address, cluster['CPU']); ray.shutdown()",
+                       RAY_ADDRESS=ray_address)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    address, cpus = proc.stdout.split()[-2:]
+    assert address != ray_address and float(cpus) == 1.0  # its own instance, with the CPUs it asked for
+
+
+def test_workers_see_the_drivers_data_and_cache_settings(ray_address, tmp_path):
+    """The session's head was started with other settings: the workers get the driver's."""
+    proc = _python("import os, ray; from harness.sweep import init_ray; "
+                   f"init_ray({ray_address!r}); "
+                   "env = ray.remote(lambda: [os.environ.get(k) for k in ('HARNESS_DATA_ROOT', 'HARNESS_CACHE_DIR')]); "
+                   "print(*ray.get(env.remote()))",
+                   HARNESS_DATA_ROOT=str(tmp_path / "data"), HARNESS_CACHE_DIR=str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == [str(tmp_path / "data"), str(tmp_path / "cache")]

@@ -1,0 +1,190 @@
+"""The two ways of inverting a frozen classifier, behind one small interface the trial drives.
+
+- `generator`: the study's method, a conditioned generator G(z, c) trained against the classifier;
+- `direct`: a bank of free candidate images with fixed labels, optimised directly (Haim et al.'s
+  reconstruction when the loss is `kkt` + `pixel`; DeepInversion's when it is `ce` + `bn` + `tv`).
+
+An inverter builds itself from the trial config, draws the step's `GeneratedBatch` (the classifier
+forward included, under the loss terms' captures), builds its optimiser over its own parameters and
+the loss terms' (the KKT multipliers), hands out the candidates the `kkt` term sums over, and gives
+the fixed images and labels that the metrics score. Its `state_dict` is its part of a checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.config import TrialConfig
+from harness.data import NUM_CLASSES
+from harness.generator import Generator, sample_conditioning
+from harness.losses import GeneratedBatch
+
+
+def jitter(x: torch.Tensor, pixels: int, rng: torch.Generator) -> torch.Tensor:
+    """Roll the whole batch by a random offset of up to ±pixels in each direction (DeepInversion)."""
+    if not pixels:
+        return x
+    dx, dy = (torch.randint(-pixels, pixels + 1, (2,), generator=rng)).tolist()
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def classify(classifier: nn.Module, terms: nn.ModuleDict, x: torch.Tensor):
+    """The classifier's (logits, features) on x, with every loss term's capture active."""
+    with contextlib.ExitStack() as stack:
+        for term in terms.values():
+            stack.enter_context(term.capture())
+        return classifier(x)
+
+
+class Inverter(nn.Module):
+    """Interface: `batch`, `make_optimizer`, `kkt_bank`, `kkt_images`, `eval_images`."""
+
+    kkt_layers_default = 0
+
+    def __init__(self, cfg: TrialConfig, device: torch.device):
+        super().__init__()
+        self.cfg, self.device = cfg, device
+
+    def batch(self, classifier: nn.Module, terms: nn.ModuleDict, rng: torch.Generator) -> GeneratedBatch:
+        raise NotImplementedError
+
+    def make_optimizer(self, term_params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def kkt_bank(self, seed: int) -> tuple[torch.Tensor, bool]:
+        """(labels of the M candidates the kkt term sums over, whether each step takes all of them)."""
+        raise NotImplementedError
+
+    def kkt_images(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class GeneratorInverter(Inverter):
+    """Trains G(z, c): each step a batch of soft/hot conditioned samples; evaluated on fixed latents."""
+
+    kkt_layers_default = 2
+
+    def __init__(self, cfg: TrialConfig, device: torch.device):
+        super().__init__(cfg, device)
+        self.generator = Generator(cfg.generator)
+        self.step_fn = torch.compile(self.generator) if cfg.train.compile else self.generator
+        eval_rng = torch.Generator().manual_seed(cfg.eval.latent_seed)
+        self.register_buffer("eval_labels", torch.arange(NUM_CLASSES).repeat_interleave(cfg.eval.per_class),
+                             persistent=False)
+        self.register_buffer("eval_z", torch.randn(len(self.eval_labels), cfg.generator.latent_dim,
+                                                   generator=eval_rng), persistent=False)
+        self.bank_z: torch.Tensor | None = None
+
+    @property
+    def latent_dim(self) -> int:
+        return self.generator.latent_dim
+
+    def batch(self, classifier, terms, rng):
+        g, b = self.cfg.generator, self.cfg.train.batch_size
+        labels = torch.arange(b) % NUM_CLASSES
+        labels = labels[torch.randperm(b, generator=rng)]
+        c = sample_conditioning(labels, g.soft_fraction, g.soft_temperature, rng).to(self.device)
+        z = torch.randn(b, g.latent_dim, generator=rng).to(self.device)
+        x, pre = self.step_fn(z, c, return_pre_tanh=True)
+        logits, feats = classify(classifier, terms, jitter(x, self.cfg.train.jitter, rng))
+        return GeneratedBatch(x, pre, c, labels.to(self.device), logits, feats, z)
+
+    def make_optimizer(self, term_params):
+        t = self.cfg.train
+        return torch.optim.Adam([*self.generator.parameters(), *term_params], lr=t.lr, betas=(t.beta1, 0.999))
+
+    def kkt_bank(self, seed):
+        """A fixed bank of (z, label) codes: M = kkt_codes_per_class_per_100 x classes x N/100."""
+        loss = self.cfg.loss
+        per_class = max(round(loss.kkt_codes_per_class_per_100 * self.cfg.data.train_size / 100),
+                        -(-loss.kkt_min_codes // NUM_CLASSES))
+        m = per_class * NUM_CLASSES
+        gen = torch.Generator().manual_seed(seed + 7919)
+        self.bank_z = torch.randn(m, self.latent_dim, generator=gen).to(self.device)
+        return torch.arange(m) % NUM_CLASSES, False
+
+    def kkt_images(self, idx):
+        """The codes' images with dropout off and BatchNorm in eval mode: each code is one fixed
+        candidate, as the KKT condition needs (gradients still flow into the generator)."""
+        labels = idx % NUM_CLASSES
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            return self.generator(self.bank_z[idx], F.one_hot(labels, NUM_CLASSES).float().to(self.device))
+        finally:
+            self.generator.train(was_training)
+
+    @torch.no_grad()
+    def eval_images(self):
+        """Hot conditioning, per_class images per class, BatchNorm in eval mode, dropout masks
+        (if eval.sample_dropout) from the fixed evaluation seed."""
+        was_training = self.generator.training
+        self.generator.eval()
+        if self.cfg.eval.sample_dropout:
+            for m in self.generator.modules():
+                if isinstance(m, nn.Dropout2d):
+                    m.train()
+        c = F.one_hot(self.eval_labels, NUM_CLASSES).float()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.eval.latent_seed)
+            images = torch.cat([self.generator(self.eval_z[i:i + 500], c[i:i + 500])
+                                for i in range(0, len(c), 500)])
+        self.generator.train(was_training)
+        return images.cpu(), self.eval_labels.cpu().clone()
+
+
+class DirectInverter(Inverter):
+    """A bank of `candidates_per_class` x classes free images with fixed labels, all optimised at
+    every step (the losses and `kkt` see the whole bank: exact sums, no minibatches)."""
+
+    def __init__(self, cfg: TrialConfig, device: torch.device):
+        super().__init__(cfg, device)
+        d = cfg.direct
+        per_class = d.candidates_per_class or max(1, 2 * cfg.data.train_size // NUM_CLASSES)
+        gen = torch.Generator().manual_seed(cfg.seed + 104729)
+        self.register_buffer("labels", torch.arange(NUM_CLASSES).repeat_interleave(per_class))
+        self.images = nn.Parameter(torch.randn(len(self.labels), 1, 28, 28, generator=gen) * d.init_scale)
+
+    def batch(self, classifier, terms, rng):
+        x = self.images
+        logits, feats = classify(classifier, terms, jitter(x, self.cfg.train.jitter, rng))
+        c = F.one_hot(self.labels, NUM_CLASSES).float()
+        return GeneratedBatch(x, x, c, self.labels, logits, feats, None)
+
+    def make_optimizer(self, term_params):
+        d = self.cfg.direct
+        groups = [{"params": [self.images], "lr": d.lr}]
+        if term_params:
+            groups.append({"params": list(term_params), "lr": d.lambda_lr or d.lr})
+        if d.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=d.lr, momentum=0.9)
+        return torch.optim.Adam(groups, lr=d.lr)
+
+    def kkt_bank(self, seed):
+        return self.labels.cpu(), True
+
+    def kkt_images(self, idx):
+        return self.images[idx.to(self.images.device)]
+
+    @torch.no_grad()
+    def eval_images(self):
+        x = self.images.detach()
+        if self.cfg.direct.rescale == "minmax":
+            flat = x.flatten(1)
+            low, high = flat.min(1).values, flat.max(1).values
+            x = (x - low[:, None, None, None]) / (high - low).clamp_min(1e-8)[:, None, None, None] * 2 - 1
+        return x.clamp(-1, 1).cpu(), self.labels.cpu().clone()
+
+
+INVERTERS: dict[str, type[Inverter]] = {"generator": GeneratorInverter, "direct": DirectInverter}
+
+
+def build_inverter(cfg: TrialConfig, device: torch.device) -> Inverter:
+    return INVERTERS[cfg.inverter](cfg, device).to(device)

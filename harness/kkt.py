@@ -1,0 +1,86 @@
+"""The KKT stationarity condition of a classifier trained to a max-margin point (Haim et al. 2022;
+Buzaglo et al. 2023 for the multiclass margin), shared by the `kkt` loss term and the classifier's
+stationarity diagnostic.
+
+For a homogeneous network trained to convergence, θ ≈ Σ_i λ_i ∇_θ m_i(x_i) with λ_i ≥ 0 and the
+multiclass margin m_i = Φ_{y_i}(x_i) − max_{j≠y_i} Φ_j(x_i) (`margin: max`). At a stationary point
+of cross-entropy + weight decay the condition is exact with one multiplier per (image, other class)
+pair: θ = Σ_i Σ_{j≠y_i} λ_ij ∇_θ (Φ_{y_i}(x_i) − Φ_j(x_i)), λ_ij = p_ij / (n · wd) ≥ 0 (`margin:
+all`, Buzaglo et al.'s multiclass form). The residual of that equation, relative to ‖θ‖², is what
+reconstruction drives to 0 over candidate images.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+
+def parameterised_layers(model: nn.Module) -> list[nn.Module]:
+    """Conv and Linear layers in forward order (the θ that `grad` and `kkt` act on)."""
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def theta_params(model: nn.Module, last_layers: int) -> dict[str, torch.Tensor]:
+    """Detached, grad-requiring copies of the classifier parameters θ of its last `last_layers`
+    Conv/Linear layers (0 = all), keyed for `torch.func.functional_call`."""
+    layers = parameterised_layers(model)
+    chosen = {id(m) for m in (layers[-last_layers:] if last_layers else layers)}
+    theta = {}
+    for mod_name, mod in model.named_modules():
+        if id(mod) in chosen:
+            for p_name, p in mod.named_parameters(recurse=False):
+                theta[f"{mod_name}.{p_name}"] = p.detach().requires_grad_(True)
+    return theta
+
+
+def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Own logit minus the largest other logit, per row."""
+    own = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).max(1).values
+    return own - others
+
+
+def kkt_residual(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                 lam: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """‖θ − scale · Σ_i λ_i ∇_θ m_i(x_i)‖² / ‖θ‖², differentiable in x and λ (θ from `theta_params`).
+    λ of shape (n,) weighs the max-other-class margin; λ of shape (n, K) weighs every
+    own-minus-other logit difference (the entry at the own class is ignored)."""
+    logits, _ = functional_call(model, theta, (x,))
+    if lam.dim() == 2:
+        others = 1 - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+        weighted = (lam * others * (logits.gather(1, y[:, None]) - logits)).sum() * scale
+    else:
+        weighted = (lam * margins(logits, y)).sum() * scale
+    params = list(theta.values())
+    grads = torch.autograd.grad(weighted, params, create_graph=True)
+    residual = sum((p - g).pow(2).sum() for p, g in zip(params, grads))
+    return residual / sum(p.pow(2).sum() for p in params)
+
+
+def multiplier_shape(n: int, num_classes: int, margin: str) -> tuple[int, ...]:
+    return (n, num_classes) if margin == "all" else (n,)
+
+
+def fitted_residual(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 0.05,
+                    margin: str = "all", num_classes: int = 10) -> float:
+    """The smallest KKT residual that the images `x` reach when only their multipliers λ = a² are
+    fitted (Adam, `steps` steps, all parameters, model in eval mode). Near 0 for the training images
+    of a classifier at a KKT point, near 1 for images it has never seen."""
+    was_training = model.training
+    model.eval()
+    theta = theta_params(model, 0)
+    a = torch.full(multiplier_shape(len(y), num_classes, margin), 0.1, device=x.device, requires_grad=True)
+    opt = torch.optim.Adam([a], lr=lr)
+    best = float("inf")
+    with torch.enable_grad():
+        for _ in range(steps):
+            r = kkt_residual(model, theta, x, y, a.pow(2))
+            best = min(best, r.item())
+            opt.zero_grad(set_to_none=True)
+            r.backward()
+            opt.step()
+    model.train(was_training)
+    return best
+

@@ -1,0 +1,10 @@
+"""The names of the metrics a trial reports (no torch here: sweep files are checked against
+these names before anything heavy is imported). Definitions are in `harness.metrics`."""
+
+METRIC_NAMES = (
+    "ssim_nn_train_mean", "ssim_nn_train_median", "recon_rate", "ssim_nn_test_mean",
+    "memorization_gap", "train_coverage", "heldout_coverage", "coverage_gap", "train_top10",
+    "heldout_top10", "top10_gap", "target_acc", "evaluator_acc", "diversity", "unique_nn_frac", "collapsed",
+    "fd_eval", "score",
+)
+REFERENCE_NAMES = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim", "ref_heldout_diversity")

@@ -1,0 +1,61 @@
+"""Reading and addressing the MLflow store: tag names, the client, paginated searches.
+MLflow only (no torch, no Ray): `harness report` reads a study through this module."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+TAG_SWEEP_DIR = "harness.sweep_dir"
+TAG_TRIAL_ID = "harness.trial_id"
+TAG_VARIANT = "harness.variant"
+TAG_PHASE = "harness.phase"
+TAG_STOP_REASON = "harness.stop_reason"
+TAG_CLASSIFIER_KEY = "harness.classifier_cache_key"
+TAG_KIND = "harness.kind"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_OUTCOME = "harness.outcome"  # finished / pruned / collapsed / nonfinite / failed
+TAG_OPTUNA_STUDY = "harness.optuna_study"
+TAG_OPTUNA_TRIAL = "harness.optuna_trial"
+TAG_OPTUNA_STORAGE = "harness.optuna_storage"  # on the parent: the sweep's DIR/optuna.db
+TAG_NOTE = "mlflow.note.content"  # the run's description in MLflow's UI
+# The experiment kind MLflow's own kind selector writes for training experiments. The 3.17 UI
+# (workflow-based navigation) ignores it when choosing the first page and follows its GenAI /
+# Model training switch, GenAI by default: hence `runs_table_url`, printed after every sweep.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+PAGE_SIZE = 1000
+
+
+def default_tracking_uri(out_dir: Path) -> str:
+    return f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
+
+
+def client_for(uri: str) -> MlflowClient:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return MlflowClient(tracking_uri=uri)
+
+
+def search_all(client: MlflowClient, experiment_id: str, filter_string: str = "",
+               order_by: list[str] | None = None, limit: int | None = None) -> list:
+    """Every run matching `filter_string`, page by page (one search returns at most a page)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=PAGE_SIZE,
+                                  order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token or (limit is not None and len(runs) >= limit):
+            return runs[:limit] if limit is not None else runs
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
+    return search_all(client, experiment_id, f"tags.`{TAG_PARENT}` = '{parent_id}'")
+
+
+def newest_parent(client: MlflowClient, experiment_id: str, kind: str):
+    """The newest parent run of `kind` (study or sweep), found by its tag, or None."""
+    found = client.search_runs([experiment_id], f"tags.`{TAG_KIND}` = '{kind}'", max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    return found[0] if found else None

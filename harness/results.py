@@ -1,0 +1,53 @@
+"""How trials are summarised: the one rule that picks the best trial, and the confidence
+interval over seeds. Pure Python and scipy (no torch, no Ray, no MLflow): the sweep summary,
+`harness ablate` and `harness report` all decide through these functions."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, NamedTuple, TypeVar
+
+T = TypeVar("T")
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def qualifies(failed: bool, metrics: dict[str, Any], metric: str) -> bool:
+    """Whether a trial may be called best: it finished or was stopped early (pruned, collapsed),
+    never failed, its loss never became NaN/inf, and its `metric` is a finite number."""
+    return not failed and not metrics.get("nonfinite") and is_finite_number(metrics.get(metric))
+
+
+def best_trials(trials: Iterable[T], metric: str, mode: str, top: int | None = 1, *,
+                metrics: Callable[[T], dict], failed: Callable[[T], bool]) -> list[T]:
+    """The `top` best qualifying trials by `metric` (`mode` max or min), best first; ties keep
+    the input order. `metrics(t)` and `failed(t)` read a trial, whatever its container."""
+    ok = [t for t in trials if qualifies(failed(t), metrics(t), metric)]
+    ranked = sorted(ok, key=lambda t: metrics(t)[metric], reverse=mode == "max")
+    return ranked if top is None else ranked[:top]
+
+
+class MeanCI(NamedTuple):
+    """Mean and confidence interval of the finite values; n is how many were averaged."""
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def mean_ci(values: Iterable[Any], confidence: float = 0.95) -> MeanCI:
+    """Student-t interval over seeds of the finite values (NaN, inf and missing values are left
+    out and not counted); a single value has an infinite interval, none gives NaN."""
+    from scipy import stats
+
+    vals = [float(v) for v in values if is_finite_number(v)]
+    n = len(vals)
+    if not vals:
+        return MeanCI(float("nan"), float("nan"), float("nan"), 0)
+    mean = sum(vals) / n
+    if n < 2:
+        return MeanCI(mean, float("-inf"), float("inf"), 1)
+    sd = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / n ** 0.5
+    return MeanCI(mean, mean - half, mean + half, n)

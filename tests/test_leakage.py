@@ -1,0 +1,254 @@
+"""Per-image leakage, the direct inverter, the KKT condition and the reconstruction classifier
+regime, each on a case whose answer is known in advance."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from harness.classifiers import MLP, build_classifier, classifier_spec, training_state
+from harness.config import DataConfig, EvalConfig, build_config
+from harness.data import NUM_CLASSES, Split, classifier_training_set, heldout_set, train_subset
+from harness.kkt import fitted_residual, kkt_residual, theta_params
+from harness.metrics import Evaluator, top_fraction_mean
+from harness.trial import Trial
+from tests.conftest import tiny_overrides
+
+K = NUM_CLASSES
+
+
+class BiasFreeLinear(nn.Module):
+    """logits = W x (a homogeneous classifier whose KKT condition has a closed form)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.fc = nn.Linear(weight.shape[1], K, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)), x.flatten(1)
+
+
+def test_kkt_residual_of_a_linear_classifier_matches_its_closed_form():
+    # m_i = (w_y - w_j) . x_i with j the largest other logit: grad_W m_i = (e_y - e_j) x_i^T
+    g = torch.Generator().manual_seed(0)
+    d, n = 784, 6
+    weight = torch.randn(K, d, generator=g)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    y = torch.arange(n) % K
+    lam = torch.rand(n, generator=g)
+    model = BiasFreeLinear(weight)
+    logits = x.flatten(1) @ weight.T
+    other = logits.masked_fill(nn.functional.one_hot(y, K).bool(), -math.inf).argmax(1)
+    expected = weight.clone()
+    for i in range(n):
+        expected[y[i]] -= lam[i] * x[i].flatten()
+        expected[other[i]] += lam[i] * x[i].flatten()
+    closed_form = (expected.pow(2).sum() / weight.pow(2).sum()).item()
+    got = kkt_residual(model, theta_params(model, 0), x, y, lam).item()
+    assert got == pytest.approx(closed_form, rel=1e-5)
+
+
+def test_all_class_kkt_residual_of_a_linear_classifier_matches_its_closed_form():
+    # one multiplier per (image, other class): grad_W of (w_y - w_j) . x_i = (e_y - e_j) x_i^T
+    g = torch.Generator().manual_seed(2)
+    n = 4
+    weight = torch.randn(K, 784, generator=g)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    y = torch.tensor([0, 3, 3, 9])
+    lam = torch.rand(n, K, generator=g)
+    expected = weight.clone()
+    for i in range(n):
+        for j in range(K):
+            if j != y[i]:
+                expected[y[i]] -= lam[i, j] * x[i].flatten()
+                expected[j] += lam[i, j] * x[i].flatten()
+    closed_form = (expected.pow(2).sum() / weight.pow(2).sum()).item()
+    model = BiasFreeLinear(weight)
+    assert kkt_residual(model, theta_params(model, 0), x, y, lam).item() == pytest.approx(closed_form, rel=1e-5)
+
+
+def test_fitted_multipliers_reach_the_closed_form_of_orthogonal_images():
+    # images on disjoint pixels: the margin gradients g_i = (e_y - e_j) x_i^T are orthogonal, so
+    # the best residual over lambda >= 0 is 1 - sum_i max(0, <g_i, W>)^2 / (|g_i|^2 |W|^2), with
+    # <g_i, W> = m_i (the margin) and |g_i|^2 = 2 |x_i|^2
+    n = 5
+    x = torch.zeros(n, 1, 28, 28)
+    for i in range(n):
+        x.view(n, -1)[i, 10 * i: 10 * i + 10] = 1.0
+    y = torch.arange(n)
+    weight = 0.03 * torch.randn(K, 784, generator=torch.Generator().manual_seed(1))
+    for i in range(n - 1):  # the last image stays misclassified or barely classified: lambda 0 there
+        weight[y[i]] += (i + 1) * 0.2 * x[i].flatten()
+    logits = x.flatten(1) @ weight.T
+    own = logits[torch.arange(n), y]
+    other = logits.masked_fill(nn.functional.one_hot(y, K).bool(), -math.inf).max(1).values
+    margins = (own - other).clamp(min=0)
+    expected = 1 - (margins.pow(2) / 20.0).sum().item() / weight.pow(2).sum().item()
+    got = fitted_residual(BiasFreeLinear(weight), x, y, steps=3000, lr=0.05, margin="max")
+    assert got == pytest.approx(expected, abs=2e-3)
+    assert expected < 0.9  # the case is not trivial: the multipliers explain part of W
+
+
+def test_top_fraction_mean_known_values():
+    assert top_fraction_mean(torch.arange(20.0)) == pytest.approx(18.5)  # best 2 of 20
+    assert top_fraction_mean(torch.tensor([0.3, float("nan"), 0.9])) == pytest.approx(0.9)
+
+
+@pytest.fixture(scope="module")
+def reconstruction_trial():
+    """A direct-inverter trial on a bias-free MLP (tiny budget; the classifier is not the point)."""
+    cfg = build_config(None, tiny_overrides(**{
+        "inverter": "direct", "data.train_size": 100, "classifier.arch": "mlp", "classifier.widths": "[64]",
+        "classifier.norm": "none", "classifier.bias": "false", "classifier.dropout": 0,
+        "classifier.optimizer": "gd", "classifier.steps": 20, "classifier.lr": 0.1,
+        "classifier.stationarity_steps": 5, "loss.ce": 0, "loss.bn": 0, "loss.tv": 0, "loss.kkt": 1,
+        "loss.pixel": 1, "direct.rescale": "clamp", "train.relu_alpha": 20}))
+    return Trial(cfg)
+
+
+def test_direct_bank_at_the_training_images_recovers_every_training_image(reconstruction_trial):
+    trial = reconstruction_trial
+    train = trial.train_set
+    assert len(trial.inverter.images) == 2 * len(train)  # default: 2n candidates
+    with torch.no_grad():  # candidates 0..n-1 of each class = that class's training images
+        order = torch.cat([(train.labels == k).nonzero().squeeze(1) for k in range(K)])
+        per_class = len(trial.inverter.labels) // K
+        for k in range(K):
+            members = order[train.labels[order] == k]
+            trial.inverter.images[k * per_class: k * per_class + len(members)] = train.images[members]
+    metrics = trial.evaluate().metrics
+    assert metrics["train_coverage"] == pytest.approx(1.0)
+    assert metrics["train_top10"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["heldout_coverage"] < 0.5
+    assert metrics["coverage_gap"] == pytest.approx(1.0 - metrics["heldout_coverage"])
+
+
+def test_direct_trial_trains_candidates_and_multipliers(reconstruction_trial):
+    trial = reconstruction_trial
+    before = trial.inverter.images.detach().clone()
+    lam_before = trial.terms["kkt"].lam.detach().clone()
+    row = trial.step()
+    assert not torch.equal(before, trial.inverter.images.detach())
+    assert not torch.equal(lam_before, trial.terms["kkt"].lam.detach())
+    assert trial.terms["kkt"].batch_size == trial.terms["kkt"].num_codes == 2 * len(trial.train_set)
+    assert trial.terms["kkt"].layers == 0  # all parameters by default for the direct inverter
+    assert math.isfinite(row["loss_kkt"]) and row["evaluated"] == 0.0  # epoch 1 of eval_every 2
+    for key in ("classifier_train_loss", "classifier_grad_norm", "kkt_residual_train", "kkt_residual_heldout",
+                "params_per_train_pixel"):
+        assert key in trial.classifier_metrics
+
+
+class TinyJudge(nn.Module):
+    """A stand-in classifier / evaluator for tests of the image metrics (its accuracy is not checked)."""
+    num_features = K
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, K)
+
+    def forward(self, x):
+        logits = self.fc(x.flatten(1))
+        return logits, logits
+
+
+def test_train_and_heldout_sides_have_equal_size_and_balance():
+    # N = 5000 asks for 500 per class; the held-out half of MNIST's test split has fewer of some
+    # classes, so both sides are capped at the same count per class
+    train, _ = train_subset(DataConfig(train_size=5000))
+    held = heldout_set(DataConfig(), 500)
+    available = min(int((held.labels == k).sum()) for k in range(K))
+    assert available < 500
+    judge = TinyJudge().eval()
+    refs = {"ref_heldout_diversity": 0.8}
+    ev = Evaluator(EvalConfig(topk=3, diversity_pairs=10), train, held, judge, judge, refs)
+    train_side = train.labels[ev.train_side_index]
+    for k in range(K):
+        assert int((train_side == k).sum()) == int((ev.heldout.labels == k).sum()) == available
+    # candidates = the held-out side itself: every held-out image is found, as a known answer
+    evaluation = ev(ev.heldout.images, ev.heldout.labels)
+    assert evaluation.metrics["heldout_coverage"] == pytest.approx(1.0)
+    assert evaluation.metrics["heldout_top10"] == pytest.approx(1.0, abs=1e-5)
+    assert len(evaluation.train_side[1]) == len(evaluation.heldout_side[0]) == available * K
+
+
+def test_negative_control_subset_is_disjoint_and_balanced():
+    cfg = DataConfig(train_size=200, classifier_subset="disjoint")
+    scored, _ = train_subset(cfg)
+    seen = classifier_training_set(cfg)
+    assert len(seen) == 200 and all(int((seen.labels == k).sum()) == 20 for k in range(K))
+    flat = {tuple(v.tolist()) for v in scored.images.flatten(1).to(torch.int16)}
+    assert not any(tuple(v.tolist()) in flat for v in seen.images.flatten(1).to(torch.int16))
+    same = classifier_training_set(DataConfig(train_size=200))
+    assert torch.equal(same.images, scored.images)
+
+
+@pytest.mark.parametrize("option", [
+    "classifier.norm=none", "classifier.bias=false", "classifier.activation=relu", "classifier.init_scale=0.1",
+    "classifier.optimizer=gd", "classifier.steps=10", "classifier.momentum=0.5", "classifier.weight_decay=0.001",
+    "classifier.widths=[100]", "classifier.dropout=0", "data.classifier_subset=disjoint",
+])
+def test_each_classifier_option_changes_the_cache_key(option):
+    from harness.cache import content_key
+    assert content_key(classifier_spec(build_config(None, [option]))) != content_key(classifier_spec(build_config()))
+
+
+def test_init_scale_scales_the_first_layer_only():
+    base = build_config(None, ["classifier.arch=mlp", "classifier.widths=[32,32]"]).classifier
+    small = base.model_copy(update={"init_scale": 0.1})
+    torch.manual_seed(0)
+    a = build_classifier(base)
+    torch.manual_seed(0)
+    b = build_classifier(small)
+    layers_a = [m for m in a.modules() if isinstance(m, nn.Linear)]
+    layers_b = [m for m in b.modules() if isinstance(m, nn.Linear)]
+    assert torch.allclose(layers_b[0].weight, 0.1 * layers_a[0].weight)
+    assert torch.equal(layers_b[1].weight, layers_a[1].weight)
+
+
+def test_training_state_of_a_zero_model_is_the_closed_form():
+    # W = 0: loss log K, accuracy of predicting class 0 (argmax of equal logits), gradient
+    # (p - e_y) x^T averaged over the batch
+    model = MLP(widths=[8], norm="none", bias=False, dropout=0)
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    x = torch.randn(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(20) % K
+    state = training_state(model, Split(x, y), weight_decay=0.0, device="cpu")
+    assert state["train_loss"] == pytest.approx(math.log(K))
+    assert state["train_acc"] == pytest.approx(0.1)
+    assert state["grad_norm"] == pytest.approx(0.0)  # every path through a zero ReLU layer is dead
+
+
+def test_nearest_ssim_on_the_trial_device_matches_the_cpu():
+    # runs on whatever device is present (a GPU when there is one): the same numbers as the CPU
+    from harness.metrics import nearest_ssim
+    from harness.trial import resolve_device
+
+    train, _ = train_subset(DataConfig(train_size=200))
+    held = heldout_set(DataConfig(), 10)
+    device = resolve_device("auto")
+    on_device, index_device = nearest_ssim(held, train, 5, device)
+    on_cpu, index_cpu = nearest_ssim(held, train, 5, "cpu")
+    assert on_device.device.type == "cpu" and torch.allclose(on_device, on_cpu, atol=1e-5)
+    assert torch.equal(index_device, index_cpu)
+
+
+def test_direct_trial_resumes_exactly_from_its_checkpoint(reconstruction_trial):
+    import io
+
+    cfg = reconstruction_trial.cfg.model_copy(update={"train": reconstruction_trial.cfg.train.model_copy(
+        update={"jitter": 2, "epochs": 2})})
+    straight = Trial(cfg)
+    straight.step()
+    buffer = io.BytesIO()
+    torch.save(straight.state_dict(), buffer)
+    straight.step()
+    resumed = Trial(cfg)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=False))
+    resumed.step()
+    assert torch.equal(straight.inverter.images, resumed.inverter.images)  # the bank, jitter draws included
+    assert torch.equal(straight.terms["kkt"].a, resumed.terms["kkt"].a)  # the multipliers
+    assert straight.history[-1]["loss"] == resumed.history[-1]["loss"]

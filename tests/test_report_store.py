@@ -1,0 +1,122 @@
+"""`harness report` on small MLflow stores written by hand with known metrics: every number of
+the report is checked against a value worked out in advance (no Ray, no torch)."""
+import time
+
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from harness.cli import main
+from harness.report import load_study
+
+
+def _run(client, exp, parent, variant, phase, status, metrics, params=None):
+    tags = {"mlflow.parentRunId": parent, "harness.variant": variant, "harness.phase": phase}
+    run_id = client.create_run(exp, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 1) for k, v in metrics.items()],
+                     params=[Param(k, str(v)) for k, v in (params or {}).items()])
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("known", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"harness.kind": "study"}).info.run_id
+    params = {"name": "known", "description": "hand-made", "metric": "score", "mode": "max",
+              "search.loss.tv.dist": "uniform", "claim.statement": "avg leaks more than max",
+              "claim.metric": "ssim_nn_train_mean", "claim.greater": "pool=avg", "claim.lesser": "pool=max",
+              "claim.reference": "None", "seeds": "[1000, 1001, 1002]"}
+    client.log_batch(parent, params=[Param(k, v) for k, v in params.items()])
+    # the two variants stand for two datasets: their reference points differ
+    refs = {"pool=avg": {"ref_heldout_ssim": 0.5, "ref_classmean_ssim": 0.4, "ref_blank_ssim": 0.25,
+                         "ref_heldout_diversity": 0.8},
+            "pool=max": {"ref_heldout_ssim": 0.6, "ref_classmean_ssim": 0.45, "ref_blank_ssim": 0.35,
+                         "ref_heldout_diversity": 0.7}}
+    tune = [  # (variant, status, score, nonfinite, loss.tv)
+        ("pool=avg", "FAILED", 0.9, 0, 0.1),    # failed: never the best, however high
+        ("pool=avg", "KILLED", 0.8, 1, 0.2),    # NaN-stopped: never the best
+        ("pool=avg", "KILLED", 0.5, 0, 0.3),    # pruned by ASHA: the best
+        ("pool=avg", "FINISHED", 0.4, 0, 0.4),
+        ("pool=max", "FINISHED", 0.2, 0, 0.5),
+    ]
+    for variant, status, score, nonfinite, tv in tune:
+        _run(client, exp, parent, variant, "tune", status,
+             {"score": score, "nonfinite": nonfinite, "ssim_nn_train_mean": 0.1, **refs[variant]},
+             {"seed": 0, "classifier.seed": 0, "loss.tv": tv})
+    confirm = {"pool=avg": [0.2, 0.25, 0.3, None], "pool=max": [0.05, 0.06, 0.07]}
+    for variant, values in confirm.items():
+        for i, value in enumerate(values):
+            metrics = {"score": 0.1 * (i + 1), **refs[variant]}
+            if value is not None:  # the fourth avg run never evaluated: nothing to average
+                metrics["ssim_nn_train_mean"] = value
+            _run(client, exp, parent, variant, "confirm", "FINISHED", metrics,
+                 {"seed": 1000 + i, "classifier.seed": 1000 + i, "loss.tv": 0.3})
+    client.set_terminated(parent, "FINISHED")
+    return uri, tmp_path
+
+
+def _row(text: str, first_cell: str, after: str = "") -> list[str]:
+    body = text.split(after, 1)[1] if after else text
+    line = next(l for l in body.splitlines() if l.startswith(f"| {first_cell} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_report_numbers_match_hand_computed_values(store):
+    uri, tmp = store
+    out = tmp / "report"
+    assert main(["report", "--experiment", "known", "--mlflow-uri", uri, "--out", str(out)]) == 0
+    text = (out / "README.md").read_text()
+    header = _row(text, "variant", "## Variants")
+    avg = dict(zip(header, _row(text, "pool=avg", "## Variants")))
+    mx = dict(zip(header, _row(text, "pool=max", "## Variants")))
+    # avg: four runs, three with an nn-SSIM (0.2, 0.25, 0.3): t-interval half-width 0.124
+    assert avg["n"] == "4" and avg["ssim_nn_train_mean"] == "0.250 ± 0.124 (n=3)"
+    assert avg["score"] == "0.250 ± 0.205"  # 0.1..0.4: mean 0.25, sd 0.129, t(3) 3.182
+    assert mx["n"] == "3" and mx["ssim_nn_train_mean"] == "0.060 ± 0.025"  # sd 0.01, t(2) 4.303
+    # the intervals [0.126, 0.374] and [0.035, 0.085] separate
+    assert "**supported**: avg leaks more than max." in text
+    assert "pool=avg 0.250 ± 0.124 (n=3) vs pool=max 0.060 ± 0.025 (n=3)" in text
+    # reference points per variant, never averaged across the two
+    refs_header = _row(text, "variant", "Reference points of each variant")
+    assert dict(zip(refs_header, _row(text, "pool=avg", "Reference points of each variant")))["ref_blank_ssim"] == "0.250"
+    assert dict(zip(refs_header, _row(text, "pool=max", "Reference points of each variant")))["ref_blank_ssim"] == "0.350"
+    assert "pool=max 0.060 (below its all-black image; all-black 0.350" in text
+    # tuning: the best is the pruned 0.5 (not the failed 0.9, not the NaN-stopped 0.8)
+    tuning = _row(text, "pool=avg", "## Tuning")
+    assert tuning == ["pool=avg", "4", "1", "2", "1", "0.500", "loss.tv=0.3"]
+    assert _row(text, "variant", "## Tuning")[5] == "best score"
+    # seeds: which ones confirmed, and that they are not the tuning seed
+    assert "Tuning trials ran with seeds 0" in text
+    assert "- pool=avg: seeds 1000, 1001, 1002, 1003" in text and "- pool=max: seeds 1000, 1001, 1002" in text
+    assert "The confirmation seeds are disjoint from the tuning seeds." in text
+
+
+def test_report_flags_confirmation_seeds_that_repeat_a_tuning_seed(store, tmp_path):
+    uri, _ = store
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("known").experiment_id
+    parent = client.search_runs([exp], "tags.`harness.kind` = 'study'")[0].info.run_id
+    _run(client, exp, parent, "pool=max", "confirm", "FINISHED", {"score": 0.1, "ssim_nn_train_mean": 0.06},
+         {"seed": 0, "classifier.seed": 0})
+    assert main(["report", "--experiment", "known", "--mlflow-uri", uri, "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "README.md").read_text()
+    assert "Confirmation seeds overlap the tuning seeds (0)" in text
+
+
+def test_load_study_finds_its_parent_beyond_the_newest_thousand_runs(tmp_path):
+    """A study with more trials than one search page: the parent is the oldest run."""
+    uri = f"sqlite:///{tmp_path / 'big.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("big", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"harness.kind": "study"}).info.run_id
+    n = 1050
+    tags = [RunTag("mlflow.parentRunId", parent)]
+    for _ in range(n):
+        client.create_run(exp, tags={t.key: t.value for t in tags})
+    _, found, children = load_study("big", uri)
+    assert found.info.run_id == parent
+    assert len(children) == n and len({c.info.run_id for c in children}) == n

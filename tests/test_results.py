@@ -1,0 +1,132 @@
+"""Known answers for the decision logic: the confidence interval, the best-trial rule and the
+claim verdict, on fixed numbers (no Ray, no MLflow, no torch)."""
+import math
+
+import pytest
+
+from harness.report import claim_verdict, yardstick
+from harness.results import MeanCI, best_trials, mean_ci
+
+
+# -- mean_ci: Student t, values from scipy.stats.t.interval(0.95, n - 1, loc=mean, scale=sem) --
+@pytest.mark.parametrize("values, mean, low, high", [
+    ([1, 2, 3, 4], 2.5, 0.4457397432394794, 4.554260256760521),
+    ([0.2, 0.25, 0.3], 0.25, 0.12579311441248353, 0.37420688558751647),
+    ([0.5, 0.7], 0.6, -0.6706204736174691, 1.870620473617469),
+])
+def test_mean_ci_is_students_t_interval(values, mean, low, high):
+    got = mean_ci(values)
+    assert got.mean == pytest.approx(mean, abs=1e-12)
+    assert got.low == pytest.approx(low, abs=1e-9) and got.high == pytest.approx(high, abs=1e-9)
+    assert got.n == len(values)
+
+
+def test_mean_ci_counts_only_the_values_it_averages():
+    got = mean_ci([1, float("nan"), 2, None, 3, float("inf"), 4])
+    assert got.n == 4 and got.mean == 2.5
+    assert (got.high - got.low) / 2 == pytest.approx(2.0542602567605206, abs=1e-9)
+    single = mean_ci([0.3, float("nan")])
+    assert single == (0.3, -math.inf, math.inf, 1)
+    empty = mean_ci([float("nan")])
+    assert empty.n == 0 and math.isnan(empty.mean)
+
+
+# -- the one best-trial rule ------------------------------------------------------------------
+def _trial(name, score, failed=False, nonfinite=0.0):
+    return {"name": name, "failed": failed, "metrics": {"score": score, "nonfinite": nonfinite}}
+
+
+TRIALS = [
+    _trial("failed", 0.9, failed=True),        # FAILED: never best, however high
+    _trial("nan_stopped", 0.8, nonfinite=1.0),  # its loss became NaN: never best
+    _trial("no_metric", float("nan")),
+    _trial("pruned", 0.5),                      # stopped early by ASHA: may be best
+    _trial("finished", 0.4),
+    _trial("pruned_tie", 0.5),
+]
+
+
+def _best(mode, top=1):
+    found = best_trials(TRIALS, "score", mode, top, metrics=lambda t: t["metrics"], failed=lambda t: t["failed"])
+    return [t["name"] for t in found]
+
+
+def test_best_trial_rule():
+    assert _best("max") == ["pruned"]
+    assert _best("max", top=2) == ["pruned", "pruned_tie"]  # a tie keeps the input order
+    assert _best("min") == ["finished"]
+    assert _best("max", top=None) == ["pruned", "pruned_tie", "finished"]
+
+
+def test_sweep_summary_and_ablate_pick_use_the_rule():
+    from harness.sweep import VariantOutcome, best_rows
+
+    rows = [{"variant": "v", "config": {"loss.tv": t["metrics"]["score"]}, "metrics": t["metrics"],
+             "error": t["failed"], "name": t["name"]} for t in TRIALS]
+    outcome = VariantOutcome("v", {}, rows=rows)
+    assert [r["name"] for r in best_rows([outcome], "score", "max", top=1)] == ["pruned"]
+    assert [r["name"] for r in best_rows([outcome], "score", "min", top=2)] == ["finished", "pruned"]
+
+
+# -- claim_verdict in every branch --------------------------------------------------------------
+PARAMS = {"claim.statement": "avg leaks more than max", "claim.metric": "ssim_nn_train_mean",
+          "claim.greater": "pool=avg", "claim.lesser": "pool=max", "claim.reference": "None"}
+
+
+def _stats(avg, mx):
+    return {"pool=avg": {"ssim_nn_train_mean": MeanCI(*avg, 3)}, "pool=max": {"ssim_nn_train_mean": MeanCI(*mx, 3)}}
+
+
+@pytest.mark.parametrize("avg, mx, verdict", [
+    ((0.30, 0.25, 0.35), (0.10, 0.05, 0.15), "**supported**"),
+    ((0.10, 0.05, 0.15), (0.30, 0.25, 0.35), "**not supported** (the opposite holds)"),
+    # the means differ but the intervals overlap: no verdict either way
+    ((0.30, 0.20, 0.40), (0.25, 0.15, 0.35), "**inconclusive**"),
+    ((0.25, 0.20, 0.40), (0.30, 0.15, 0.35), "**inconclusive**"),
+    # intervals that touch do not separate
+    ((0.30, 0.25, 0.35), (0.20, 0.15, 0.25), "**inconclusive**"),
+])
+def test_claim_between_variants(avg, mx, verdict):
+    text = claim_verdict(PARAMS, _stats(avg, mx), {})
+    assert text.startswith(verdict + ":") or text.startswith(verdict + " "), text
+    assert "n=3" in text
+
+
+def test_claim_on_a_variant_without_runs_is_inconclusive():
+    stats = {"pool=avg": {"ssim_nn_train_mean": MeanCI(0.3, 0.25, 0.35, 3)}}
+    assert claim_verdict(PARAMS, stats, {}).startswith("**inconclusive**: avg leaks more than max: variant pool=max")
+    assert claim_verdict({**PARAMS, "claim.metric": "None"}, stats, {}).startswith("No claim")
+
+
+REF_PARAMS = {**PARAMS, "claim.lesser": "None", "claim.reference": "ref_blank_ssim",
+              "claim.statement": "the inversions beat the all-black image"}
+# each variant has its own reference point (e.g. two datasets); their mean 0.35 must not be used
+REFS = {"pool=avg": {"ref_blank_ssim": 0.25}, "pool=max": {"ref_blank_ssim": 0.45}}
+
+
+@pytest.mark.parametrize("greater, interval, verdict", [
+    ("pool=avg", (0.33, 0.31, 0.35), "**supported**"),      # above its own 0.25
+    ("pool=max", (0.33, 0.31, 0.35), "**not supported**"),  # below its own 0.45
+    ("pool=avg", (0.26, 0.20, 0.32), "**inconclusive**"),   # contains 0.25
+])
+def test_claim_against_the_variants_own_reference(greater, interval, verdict):
+    stats = {greater: {"ssim_nn_train_mean": MeanCI(*interval, 3)}}
+    text = claim_verdict({**REF_PARAMS, "claim.greater": greater}, stats, REFS)
+    assert text.startswith(verdict + ":"), text
+    assert f"{REFS[greater]['ref_blank_ssim']:.3f}" in text
+
+
+def test_claim_against_a_missing_reference_is_inconclusive():
+    stats = {"pool=avg": {"ssim_nn_train_mean": MeanCI(0.9, 0.85, 0.95, 3)}}
+    assert claim_verdict({**REF_PARAMS, "claim.greater": "pool=avg"}, stats, {}).startswith("**inconclusive**")
+
+
+def test_yardstick_places_each_variant_against_its_own_references():
+    stats = {"train_size=500": {"ssim_nn_train_mean": MeanCI(0.30, 0.2, 0.4, 3)},
+             "train_size=10000": {"ssim_nn_train_mean": MeanCI(0.30, 0.2, 0.4, 3)}}
+    refs = {"train_size=500": {"ref_blank_ssim": 0.25, "ref_classmean_ssim": 0.40},
+            "train_size=10000": {"ref_blank_ssim": 0.35, "ref_classmean_ssim": 0.45}}
+    text = yardstick(stats, refs)
+    assert "train_size=500 0.300 (above its all-black image, below its class-mean image" in text
+    assert "train_size=10000 0.300 (below its all-black image" in text
+    assert "No variant beats" not in text

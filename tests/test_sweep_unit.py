@@ -1,0 +1,191 @@
+"""The sweep layer's decisions without a Ray cluster: the collapse streak and stopper, the stop
+reason logged to MLflow, how Ray is started or reached, what runs on which node."""
+import socket
+import types
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+import harness.sweep
+from harness.cli import main
+from harness.config import ClusterError, ConfigError
+from harness.sweep import (CollapseNanStopper, check_shared_storage, collapse_streak, init_ray, trial_resources,
+                           worker_env)
+from harness.sweep_config import SweepConfig
+from tests.conftest import free_port
+
+
+# -- the collapse streak counts evaluations, not epochs ---------------------------------------
+def _rows(evaluated, collapsed):
+    return [{"epoch": i + 1, "evaluated": float(e), "collapsed": float(c)}
+            for i, (e, c) in enumerate(zip(evaluated, collapsed))]
+
+
+def test_streak_ignores_epochs_without_an_evaluation():
+    # eval_every 2: epochs 3 and 5 repeat the evaluation before them
+    rows = _rows([1, 1, 0, 1, 0, 1], [0, 1, 1, 1, 1, 1])
+    assert [collapse_streak(rows[:i + 1], 2, 6) for i in range(6)] == [0, 1, 1, 2, 2, 3]
+    # a repeated non-collapsed evaluation does not restart anything either
+    rows = _rows([1, 1, 0, 1], [1, 0, 0, 1])
+    assert [collapse_streak(rows[:i + 1], 2, 4) for i in range(4)] == [1, 0, 0, 1]
+
+
+def test_streak_without_the_flag_follows_the_evaluation_schedule():
+    rows = [{"epoch": e, "collapsed": 1.0} for e in range(1, 8)]  # eval_every 3, 7 epochs: 1, 3, 6, 7
+    assert [collapse_streak(rows[:i + 1], 3, 7) for i in range(7)] == [1, 1, 2, 2, 2, 3, 4]
+
+
+def test_stopper_patience_is_counted_in_evaluations():
+    """collapse_patience 3 with eval_every 2: stop at the third collapsed evaluation (epoch 6),
+    not at the third collapsed epoch (epoch 4)."""
+    stopper = CollapseNanStopper(patience=3, min_epoch=2)
+    rows = _rows([1, 1, 0, 1, 0, 1, 0, 1], [0] + [1] * 7)
+    stopped = [r["epoch"] for i, r in enumerate(rows)
+               if stopper("t", {**r, "collapse_streak": collapse_streak(rows[:i + 1], 2, 8)})]
+    assert stopped[0] == 6
+    assert stopper("t", {"epoch": 1, "nonfinite": 1.0})  # a NaN loss stops at once
+
+
+# -- the stop reason logged to MLflow --------------------------------------------------------
+@pytest.mark.parametrize("streak, epoch, reason", [
+    (1, 3, "pruned by ASHA at epoch 3"),       # collapsed now, but not for `patience` evaluations
+    (3, 3, "stopped: collapsed at 3 evaluations in a row"),
+    (3, 1, "pruned by ASHA at epoch 1"),       # before the stopper's minimum epoch
+])
+def test_trial_is_labelled_collapsed_only_at_the_stoppers_patience(tmp_path, streak, epoch, reason):
+    from harness.tracking import MlflowTrialLogger
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    parent = client.create_run(exp).info.run_id
+    logger = MlflowTrialLogger(uri, exp, parent, {}, max_epochs=6, collapse_patience=3, collapse_min_epoch=2)
+    trial = types.SimpleNamespace(trial_id="t1", config={}, last_result={}, checkpoint=None)
+    logger.on_trial_result(0, [], trial, {"epoch": epoch, "collapsed": 1.0, "collapse_streak": streak, "score": 0.0})
+    logger.on_trial_complete(0, [], trial)
+    run = client.get_run(logger.runs["t1"])
+    assert run.info.status == "KILLED" and run.data.tags["harness.stop_reason"] == reason
+
+
+# -- starting or reaching Ray ------------------------------------------------------------------
+class FakeRay:
+    def __init__(self, error=None):
+        self.calls, self.error = [], error
+
+    def install(self, monkeypatch):
+        import ray
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray, "init", self.init)
+        monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}},
+                                                   {"Alive": False, "Resources": {"CPU": 64.0}}])
+        monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+        return self
+
+    def init(self, **kwargs):
+        self.calls.append(kwargs)
+        if self.error:
+            raise self.error
+
+
+@pytest.fixture
+def env(monkeypatch):
+    for name in ("HARNESS_DATA_ROOT", "HARNESS_CACHE_DIR", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HARNESS_DATA_ROOT", "/shared/data")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", "/shared/cache")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_worker_env_forwards_only_what_is_set(env):
+    assert worker_env() == {"HARNESS_DATA_ROOT": "/shared/data", "HARNESS_CACHE_DIR": "/shared/cache",
+                            "OMP_NUM_THREADS": "1"}
+    assert worker_env({"PATH": "/bin", "MKL_NUM_THREADS": ""}) == {}
+
+
+def test_without_address_a_private_instance_is_started(monkeypatch, env):
+    ray = FakeRay().install(monkeypatch)
+    cluster = init_ray(None, num_cpus=2)
+    (call,) = ray.calls
+    assert call["address"] == "local"  # never join a Ray that happens to run on this machine
+    assert call["object_store_memory"] and call["num_cpus"] == 2
+    assert call["runtime_env"] == {"env_vars": {"HARNESS_DATA_ROOT": "/shared/data",
+                                                "HARNESS_CACHE_DIR": "/shared/cache", "OMP_NUM_THREADS": "1"}}
+    assert cluster["nodes"] == [{"CPU": 2.0}]  # live nodes only
+
+
+def test_with_address_ray_is_joined_with_the_workers_env(monkeypatch, env):
+    ray = FakeRay().install(monkeypatch)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        init_ray(address)
+    (call,) = ray.calls
+    assert call["address"] == address and "object_store_memory" not in call and "num_cpus" not in call
+    assert call["runtime_env"]["env_vars"]["HARNESS_CACHE_DIR"] == "/shared/cache"
+
+
+def test_ray_start_failure_is_one_line(monkeypatch, env):
+    FakeRay(ValueError("When connecting to an existing cluster, object_store_memory must not be provided\n"
+                       "more detail")).install(monkeypatch)
+    with pytest.raises(ClusterError) as err:
+        init_ray(None)
+    assert "\n" not in str(err.value) and "object_store_memory must not be provided" in str(err.value)
+
+
+def _write_sweep(path, **spec):
+    path.write_text(yaml.safe_dump({"name": "c", "base": {"train": {"epochs": 2}}, "budget": {"num_samples": 1},
+                                    "asha": {"enabled": False}, **spec}))
+    return path
+
+
+def test_unreachable_address_exits_non_zero_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(harness.sweep, "open_tracking", lambda *a, **k: pytest.fail("tracking opened"))
+    file = _write_sweep(tmp_path / "s.yaml")
+    out = tmp_path / "out"
+    code = main(["sweep", str(file), "--out", str(out), "--address", f"127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err
+    assert code == 3 and err.count("\n") == 1 and "nothing answers there" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+# -- clusters: shared storage and per-node resources -----------------------------------------
+class Reached(Exception):
+    """Raised where the driver would open the MLflow parent run: every check before it passed."""
+
+
+def test_multi_node_cluster_needs_shared_storage(tmp_path, capsys, monkeypatch):
+    two_nodes = {"CPU": 4.0, "nodes": [{"CPU": 2.0}, {"CPU": 2.0}]}
+    monkeypatch.setattr(harness.sweep, "init_ray", lambda address, **k: two_nodes)
+
+    def reached(*args, **kwargs):
+        raise Reached
+    monkeypatch.setattr(harness.sweep, "open_tracking", reached)
+    file = _write_sweep(tmp_path / "s.yaml")
+    out = tmp_path / "out"
+    assert main(["sweep", str(file), "--out", str(out), "--address", "10.0.0.1:6379"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--shared-storage" in err and "2 nodes" in err and str(out) in err
+    assert not out.exists()
+    with pytest.raises(Reached):
+        main(["sweep", str(file), "--out", str(out), "--address", "10.0.0.1:6379", "--shared-storage"])
+
+
+@pytest.mark.parametrize("cluster, address, shared", [
+    ({"CPU": 2.0, "nodes": [{"CPU": 2.0}]}, "127.0.0.1:6379", False),  # one node: its own disk is shared
+    ({"CPU": 4.0, "nodes": [{"CPU": 2.0}, {"CPU": 2.0}]}, "10.0.0.1:6379", True),  # the user says so
+    ({"CPU": 4.0, "nodes": [{"CPU": 2.0}, {"CPU": 2.0}]}, None, False),  # no --address: private instance
+])
+def test_shared_storage_check_passes(cluster, address, shared, tmp_path):
+    check_shared_storage(address, cluster, shared, tmp_path, "/cache")
+
+
+def test_cpu_request_is_checked_against_the_largest_node():
+    sweep = SweepConfig.model_validate({"name": "r", "resources": {"cpu": 6}})
+    with pytest.raises(ConfigError, match="resources.cpu: 6 per trial but the largest node has 4 CPUs"):
+        trial_resources(sweep, {"CPU": 8.0, "nodes": [{"CPU": 4.0}, {"CPU": 4.0}]})
+    assert trial_resources(sweep, {"CPU": 10.0, "nodes": [{"CPU": 4.0}, {"CPU": 6.0}]}) == {"cpu": 6, "gpu": 0.0}
+    gpu = SweepConfig.model_validate({"name": "r", "resources": {"cpu": 1, "gpu": 2}})
+    with pytest.raises(ConfigError, match="resources.gpu: 2.0 per trial but the largest node has 1"):
+        trial_resources(gpu, {"CPU": 8.0, "GPU": 2.0, "nodes": [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]})
