@@ -261,9 +261,19 @@ def pretrained_classifier(cfg: TrialConfig, device) -> tuple[nn.Module, dict]:
 
     start = time.perf_counter()
     payload, hit = entry.get_or_build(build)
+    meta = payload["meta"]
+    if meta.get("train_acc", 1.0) <= 2.0 / NUM_CLASSES:  # chance is 1/K: nothing was learnt
+        raise ClassifierDidNotTrain(
+            f"classifier: pretraining left it at training accuracy {meta['train_acc']:.2f} (loss "
+            f"{meta.get('train_loss', float('nan')):.4f}, chance level): every inversion of it would be "
+            f"meaningless; lower classifier.lr (now {c.lr:g}) or raise classifier.init_scale (now {c.init_scale:g})")
     model = load_weights(build_classifier(c), payload["state_dict"], device)
-    info = {"cache_key": entry.key, "cache_hit": hit, "seconds": time.perf_counter() - start, **payload["meta"]}
+    info = {"cache_key": entry.key, "cache_hit": hit, "seconds": time.perf_counter() - start, **meta}
     return model, info
+
+
+class ClassifierDidNotTrain(RuntimeError):
+    """Pretraining ended at chance level (e.g. a bias-free ReLU network whose units all died)."""
 
 
 def stationarity(model: nn.Module, cfg: TrialConfig, device) -> dict[str, float]:
