@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.cache import CacheEntry, cache_dir
-from harness.config import ClassifierConfig, EvaluatorConfig, TrialConfig
+from harness.config import ClassifierConfig, ConfigError, EvaluatorConfig, TrialConfig
 from harness.data import NUM_CLASSES, Split, classifier_training_set, evaluator_set, full_test_set, heldout_set
 from harness.kkt import fitted_residual, parameterised_layers
 
@@ -272,8 +272,9 @@ def pretrained_classifier(cfg: TrialConfig, device) -> tuple[nn.Module, dict]:
     return model, info
 
 
-class ClassifierDidNotTrain(RuntimeError):
-    """Pretraining ended at chance level (e.g. a bias-free ReLU network whose units all died)."""
+class ClassifierDidNotTrain(ConfigError):
+    """Pretraining ended at chance level (e.g. a bias-free ReLU network whose units all died): a
+    configuration problem, reported like one (one line naming the settings to change, exit 2)."""
 
 
 def stationarity(model: nn.Module, cfg: TrialConfig, device) -> dict[str, float]:

@@ -252,3 +252,14 @@ def test_direct_trial_resumes_exactly_from_its_checkpoint(reconstruction_trial):
     assert torch.equal(straight.inverter.images, resumed.inverter.images)  # the bank, jitter draws included
     assert torch.equal(straight.terms["kkt"].a, resumed.terms["kkt"].a)  # the multipliers
     assert straight.history[-1]["loss"] == resumed.history[-1]["loss"]
+
+
+def test_a_classifier_left_at_chance_level_is_refused(tmp_path):
+    # gradient descent at an absurd learning rate diverges: the harness must not invert what is left
+    from harness.classifiers import ClassifierDidNotTrain, pretrained_classifier
+
+    cfg = build_config(None, ["data.train_size=20", "classifier.arch=mlp", "classifier.widths=[16]",
+                              "classifier.optimizer=gd", "classifier.steps=5", "classifier.lr=1e6",
+                              "classifier.stationarity_steps=0", f"cache_dir={tmp_path}"])
+    with pytest.raises(ClassifierDidNotTrain, match="classifier.lr"):
+        pretrained_classifier(cfg, torch.device("cpu"))
