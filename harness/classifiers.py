@@ -282,7 +282,7 @@ def stationarity(model: nn.Module, cfg: TrialConfig, device) -> dict[str, float]
     multipliers are fitted, beside the same for as many class-balanced held-out images: a
     classifier from which reconstruction can work shows a clearly lower value for its training
     images (Haim et al.'s condition holds for them, not for other images of the same classes)."""
-    steps = cfg.classifier.stationarity_steps
+    steps = cfg.classifier.stationarity_budget
     if not steps:
         return {}
     train = classifier_training_set(cfg.data)

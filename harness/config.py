@@ -79,9 +79,16 @@ class ClassifierConfig(_Section):
     lr: float = Field(1e-3, gt=0, description="Pretraining learning rate (Adam or gd).")
     weight_decay: float = Field(1e-5, ge=0, description="Pretraining weight decay (Adam's, or gd's L2 term).")
     seed: int = Field(0, description="Seed of the classifier's initialisation and batch order.")
-    stationarity_steps: int = Field(
-        200, ge=0, description="Adam steps that fit the KKT multipliers of the real training images (and of "
-        "as many held-out images) for the stationarity diagnostic kkt_residual_train / _heldout; 0 = skip.")
+    stationarity_steps: int | None = Field(
+        None, ge=0, description="Adam steps that fit the KKT multipliers of the real training images (and of "
+        "as many held-out images) for the stationarity diagnostic kkt_residual_train / _heldout; 0 = skip; "
+        "default: 200 for optimizer gd (the reconstruction regime), 0 for adam.")
+
+    @property
+    def stationarity_budget(self) -> int:
+        if self.stationarity_steps is not None:
+            return self.stationarity_steps
+        return 200 if self.optimizer == "gd" else 0
 
     @model_validator(mode="after")
     def _widths_ok(self):

@@ -273,10 +273,11 @@ def seeds_section(tuned: dict[str, list], confirmed: dict[str, list], basis: dic
     confirmation seed equal to a tuning seed reruns the selected winner itself)."""
     tune_runs = [r for runs in tuned.values() for r in runs]
     tuning = sorted(set(_seeds(tune_runs)) | set(_seeds(tune_runs, "classifier.seed")))
+    used = (f"seeds {_join(_seeds(tune_runs))} (generator / candidates) with classifier seeds "
+            f"{_join(_seeds(tune_runs, 'classifier.seed'))}")
     if not confirmed:
-        return ["## Seeds", "", f"Tuning trials ran with seeds {_join(tuning)} (generator and classifier); "
-                "there is no confirmation phase.", ""]
-    lines = ["## Seeds", "", f"Tuning trials ran with seeds {_join(tuning)} (generator and classifier). "
+        return ["## Seeds", "", f"Tuning trials ran with {used}; there is no confirmation phase.", ""]
+    lines = ["## Seeds", "", f"Tuning trials ran with {used}. "
              "Confirmation runs, each setting both seeds to the same value:", ""]
     for v, runs in sorted(confirmed.items()):
         seeds = _seeds(runs)

@@ -263,3 +263,9 @@ def test_a_classifier_left_at_chance_level_is_refused(tmp_path):
                               "classifier.stationarity_steps=0", f"cache_dir={tmp_path}"])
     with pytest.raises(ClassifierDidNotTrain, match="classifier.lr"):
         pretrained_classifier(cfg, torch.device("cpu"))
+
+
+def test_stationarity_diagnostic_runs_by_default_only_in_the_reconstruction_regime():
+    assert build_config().classifier.stationarity_budget == 0  # adam: the study's classifiers
+    assert build_config(None, ["classifier.optimizer=gd"]).classifier.stationarity_budget == 200
+    assert build_config(None, ["classifier.optimizer=gd", "classifier.stationarity_steps=7"]).classifier.stationarity_budget == 7
