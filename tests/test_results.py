@@ -130,3 +130,11 @@ def test_yardstick_places_each_variant_against_its_own_references():
     assert "train_size=500 0.300 (above its all-black image, below its class-mean image" in text
     assert "train_size=10000 0.300 (below its all-black image" in text
     assert "No variant beats" not in text
+
+
+def test_yardstick_does_not_call_a_per_image_claim_a_failure_of_the_mean():
+    stats = {"a": {"ssim_nn_train_mean": MeanCI(0.10, 0.05, 0.15, 3)}}
+    refs = {"a": {"ref_blank_ssim": 0.20, "ref_classmean_ssim": 0.40}}
+    assert "the verdict compares failures" in yardstick(stats, refs, "ssim_nn_train_mean")
+    per_image = yardstick(stats, refs, "coverage_gap")
+    assert "judged per image (coverage_gap)" in per_image and "compares failures" not in per_image
