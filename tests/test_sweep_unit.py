@@ -50,7 +50,7 @@ def test_stopper_patience_is_counted_in_evaluations():
 # -- the stop reason logged to MLflow --------------------------------------------------------
 @pytest.mark.parametrize("streak, epoch, reason", [
     (1, 3, "pruned by ASHA at epoch 3"),       # collapsed now, but not for `patience` evaluations
-    (3, 3, "stopped: collapsed at 3 evaluations in a row"),
+    (3, 3, "stopped: collapsed at 3 evaluations in a row at epoch 3"),
     (3, 1, "pruned by ASHA at epoch 1"),       # before the stopper's minimum epoch
 ])
 def test_trial_is_labelled_collapsed_only_at_the_stoppers_patience(tmp_path, streak, epoch, reason):
