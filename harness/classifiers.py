@@ -128,6 +128,19 @@ class EvaluatorCNN(nn.Module):
         return self.head(feats), feats
 
 
+class Centered(nn.Module):
+    """`model` applied to x − mean: the per-pixel mean of the training images is a fixed part of the
+    classifier (a buffer, saved with its weights), not a parameter θ."""
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor | None = None):
+        super().__init__()
+        self.model = model
+        self.register_buffer("input_mean", torch.zeros(1, 1, 28, 28) if mean is None else mean.reshape(1, 1, 28, 28))
+
+    def forward(self, x):
+        return self.model(x - self.input_mean)
+
+
 CLASSIFIERS = {
     "cnn": lambda c: ShallowCNN(c.depth, c.pool, c.dropout, norm=c.norm, bias=c.bias, activation=c.activation),
     "mlp": lambda c: MLP(c.depth, c.width, c.dropout, widths=c.widths, norm=c.norm, bias=c.bias,
@@ -135,27 +148,37 @@ CLASSIFIERS = {
 }
 
 
-def build_classifier(cfg: ClassifierConfig) -> nn.Module:
-    """The classifier of `cfg`, freshly initialised (seed it first), first layer x init_scale."""
+def build_classifier(cfg: ClassifierConfig, mean: torch.Tensor | None = None) -> nn.Module:
+    """The classifier of `cfg`, freshly initialised (seed it first), first layer x init_scale; with
+    `center`, wrapped to subtract `mean` (its training images' per-pixel mean) from its input."""
     model = CLASSIFIERS[cfg.arch](cfg)
     if cfg.init_scale != 1.0:
         with torch.no_grad():
             parameterised_layers(model)[0].weight.mul_(cfg.init_scale)
-    return model
+    return Centered(model, mean) if cfg.center else model
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """The learning rate of gd step `step` (0-based): lr · (step + 1) / warmup_steps during the
+    warm-up, lr after it."""
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+
+
 def fit_gd(model: nn.Module, data: Split, steps: int, lr: float, momentum: float, weight_decay: float,
-           device: torch.device) -> nn.Module:
-    """Full-batch gradient descent with momentum and L2 weight decay: the regime in which a
-    classifier approaches a stationary (KKT) point of its training loss."""
+           device: torch.device, warmup_steps: int = 0) -> nn.Module:
+    """Full-batch gradient descent with momentum and L2 weight decay (learning rate warmed up
+    linearly over `warmup_steps`): the regime in which a classifier approaches a stationary (KKT)
+    point of its training loss."""
     model.to(device).train()
     images, labels = data.images.to(device), data.labels.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    for _ in range(steps):
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = warmup_lr(step, lr, warmup_steps)
         loss = F.cross_entropy(model(images)[0], labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -166,7 +189,7 @@ def fit_gd(model: nn.Module, data: Split, steps: int, lr: float, momentum: float
 def fit_classifier(model: nn.Module, data: Split, c: ClassifierConfig, device) -> nn.Module:
     torch.manual_seed(c.seed)
     if c.optimizer == "gd":
-        return fit_gd(model, data, c.steps, c.lr, c.momentum, c.weight_decay, device)
+        return fit_gd(model, data, c.steps, c.lr, c.momentum, c.weight_decay, device, c.warmup_steps)
     return fit(model, data, c.epochs, c.batch_size, c.lr, c.weight_decay, c.seed, device)
 
 
@@ -251,7 +274,7 @@ def pretrained_classifier(cfg: TrialConfig, device) -> tuple[nn.Module, dict]:
         start = time.perf_counter()
         train = classifier_training_set(cfg.data)
         torch.manual_seed(c.seed)
-        model = fit_classifier(build_classifier(c), train, c, device)
+        model = fit_classifier(build_classifier(c, train.images.mean(0)), train, c, device)
         meta = {"test_acc": accuracy(model, full_test_set(cfg.data), device),
                 **training_state(model, train, c.weight_decay, device),
                 "parameters": count_parameters(model), "train_seconds": time.perf_counter() - start}

@@ -68,6 +68,10 @@ class ClassifierConfig(_Section):
     activation: Literal["leaky_relu", "relu"] = Field("leaky_relu", description="Hidden activation: "
                                                       "LeakyReLU(0.2) or ReLU.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout after each block / hidden layer.")
+    center: bool = Field(False, description="Subtract the per-pixel mean of the classifier's own training images "
+                         "from its input (Haim et al.'s dataset-mean subtraction; the mean is part of the "
+                         "classifier, so inverters still work on images, and the direct inverter's candidates "
+                         "start at that mean image).")
     init_scale: float = Field(1.0, gt=0, description="Multiplies the first layer's initial weights (small "
                               "initialisation drives training towards a max-margin KKT point).")
     optimizer: Literal["adam", "gd"] = Field("adam", description="Pretraining: adam (minibatches, `epochs`) or gd "
@@ -75,6 +79,9 @@ class ClassifierConfig(_Section):
     epochs: int = Field(20, ge=1, description="adam: pretraining epochs over the training subset.")
     batch_size: int = Field(100, ge=1, description="adam: pretraining batch size.")
     steps: int = Field(3000, ge=1, description="gd: full-batch steps.")
+    warmup_steps: int = Field(0, ge=0, description="gd: the learning rate rises linearly from lr/warmup_steps to lr "
+                              "over this many first steps (0 = none); without it a bias-free ReLU MLP at lr 0.1 "
+                              "can lose every unit in its first steps and stay at chance level.")
     momentum: float = Field(0.9, ge=0, lt=1, description="gd: momentum.")
     lr: float = Field(1e-3, gt=0, description="Pretraining learning rate (Adam or gd).")
     weight_decay: float = Field(1e-5, ge=0, description="Pretraining weight decay (Adam's, or gd's L2 term).")
@@ -170,9 +177,11 @@ class DirectConfig(_Section):
     lr: float = Field(0.01, gt=0, description="Learning rate of the candidate images.")
     lambda_lr: float | None = Field(None, gt=0, description="Learning rate of the KKT multipliers (default: lr).")
     init_scale: float = Field(0.1, gt=0, description="Standard deviation of the candidates' Gaussian initialisation.")
-    rescale: Literal["minmax", "clamp"] = Field(
+    rescale: Literal["minmax", "range", "clamp"] = Field(
         "minmax", description="How candidates are scored: min-max scaled to [-1, 1] per image (KKT "
-        "reconstruction fixes a candidate only up to its scale, as Haim et al. score it), or clamped.")
+        "reconstruction fixes a candidate only up to its scale, as Haim et al. score it); range: the "
+        "candidate's deviation from the classifier's input mean (0 without classifier.center) stretched "
+        "until its strongest pixels reach ±1 (the scale-only estimate a centred classifier needs); or clamped.")
 
 
 class EvalConfig(_Section):

@@ -44,7 +44,7 @@ class Inverter(nn.Module):
 
     kkt_layers_default = 0
 
-    def __init__(self, cfg: TrialConfig, device: torch.device):
+    def __init__(self, cfg: TrialConfig, device: torch.device, origin: torch.Tensor | None = None):
         super().__init__()
         self.cfg, self.device = cfg, device
 
@@ -71,7 +71,7 @@ class GeneratorInverter(Inverter):
 
     kkt_layers_default = 2
 
-    def __init__(self, cfg: TrialConfig, device: torch.device):
+    def __init__(self, cfg: TrialConfig, device: torch.device, origin: torch.Tensor | None = None):
         super().__init__(cfg, device)
         self.generator = Generator(cfg.generator)
         self.step_fn = torch.compile(self.generator) if cfg.train.compile else self.generator
@@ -142,15 +142,19 @@ class GeneratorInverter(Inverter):
 
 class DirectInverter(Inverter):
     """A bank of `candidates_per_class` x classes free images with fixed labels, all optimised at
-    every step (the losses and `kkt` see the whole bank: exact sums, no minibatches)."""
+    every step (the losses and `kkt` see the whole bank: exact sums, no minibatches). The bank
+    starts as Gaussian noise of std `init_scale` around `origin` (the classifier's input mean when
+    it centres its input, so candidates start near the origin of the network's own input space)."""
 
-    def __init__(self, cfg: TrialConfig, device: torch.device):
+    def __init__(self, cfg: TrialConfig, device: torch.device, origin: torch.Tensor | None = None):
         super().__init__(cfg, device)
         d = cfg.direct
         per_class = d.candidates_per_class or max(1, 2 * cfg.data.train_size // NUM_CLASSES)
         gen = torch.Generator().manual_seed(cfg.seed + 104729)
         self.register_buffer("labels", torch.arange(NUM_CLASSES).repeat_interleave(per_class))
-        self.images = nn.Parameter(torch.randn(len(self.labels), 1, 28, 28, generator=gen) * d.init_scale)
+        origin = torch.zeros(1, 1, 28, 28) if origin is None else origin.detach().cpu().reshape(1, 1, 28, 28)
+        self.register_buffer("origin", origin, persistent=False)
+        self.images = nn.Parameter(origin + torch.randn(len(self.labels), 1, 28, 28, generator=gen) * d.init_scale)
 
     def batch(self, classifier, terms, rng):
         x = self.images
@@ -180,11 +184,28 @@ class DirectInverter(Inverter):
             flat = x.flatten(1)
             low, high = flat.min(1).values, flat.max(1).values
             x = (x - low[:, None, None, None]) / (high - low).clamp_min(1e-8)[:, None, None, None] * 2 - 1
+        elif self.cfg.direct.rescale == "range":
+            x = stretch_to_range(x, self.origin)
         return x.clamp(-1, 1).cpu(), self.labels.cpu().clone()
+
+
+def stretch_to_range(x: torch.Tensor, origin: torch.Tensor, significant: float = 0.2) -> torch.Tensor:
+    """Each image's deviation d = x − origin, stretched by the largest s > 0 that keeps origin + s·d
+    in [-1, 1] on the pixels where |d| is at least `significant` x its largest |d| (the others,
+    left from the initial noise, would otherwise fix s). For a candidate that is an exact multiple
+    c·(t − origin) of an image t with pixels at ±1 this gives t back: s = 1/c."""
+    d = x - origin
+    room = torch.where(d > 0, 1 - origin, -1 - origin).expand_as(d)  # distance to the bound d points at
+    flat_d, flat_room = d.flatten(1), room.flatten(1)
+    keep = flat_d.abs() >= significant * flat_d.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    ratio = torch.where(keep, flat_room / flat_d.where(flat_d != 0, torch.ones_like(flat_d)), torch.inf)
+    s = ratio.amin(1).clamp(min=0).nan_to_num(1.0, posinf=1.0)
+    return origin + s[:, None, None, None] * d
 
 
 INVERTERS: dict[str, type[Inverter]] = {"generator": GeneratorInverter, "direct": DirectInverter}
 
 
-def build_inverter(cfg: TrialConfig, device: torch.device) -> Inverter:
-    return INVERTERS[cfg.inverter](cfg, device).to(device)
+def build_inverter(cfg: TrialConfig, device: torch.device, origin: torch.Tensor | None = None) -> Inverter:
+    """`origin`: where the classifier's input space is centred (its `input_mean`), or None."""
+    return INVERTERS[cfg.inverter](cfg, device, origin).to(device)

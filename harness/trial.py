@@ -69,7 +69,7 @@ class Trial:
         self.setup_seconds = time.perf_counter() - start
 
         torch.manual_seed(cfg.seed)
-        self.inverter = build_inverter(cfg, self.device)
+        self.inverter = build_inverter(cfg, self.device, getattr(self.classifier, "input_mean", None))
         self.terms = build_loss_terms(cfg.loss, self.classifier, self.inverter, cfg.data.train_size,
                                       cfg.train.batch_size, cfg.seed).to(self.device)
         self.weights = {name: getattr(cfg.loss, name) for name in self.terms}

@@ -186,8 +186,8 @@ def test_negative_control_subset_is_disjoint_and_balanced():
 
 @pytest.mark.parametrize("option", [
     "classifier.norm=none", "classifier.bias=false", "classifier.activation=relu", "classifier.init_scale=0.1",
-    "classifier.optimizer=gd", "classifier.steps=10", "classifier.momentum=0.5", "classifier.weight_decay=0.001",
-    "classifier.widths=[100]", "classifier.dropout=0", "data.classifier_subset=disjoint",
+    "classifier.optimizer=gd", "classifier.steps=10", "classifier.warmup_steps=10", "classifier.momentum=0.5", "classifier.weight_decay=0.001",
+    "classifier.widths=[100]", "classifier.dropout=0", "classifier.center=true", "data.classifier_subset=disjoint",
 ])
 def test_each_classifier_option_changes_the_cache_key(option):
     from harness.cache import content_key
@@ -269,3 +269,83 @@ def test_stationarity_diagnostic_runs_by_default_only_in_the_reconstruction_regi
     assert build_config().classifier.stationarity_budget == 0  # adam: the study's classifiers
     assert build_config(None, ["classifier.optimizer=gd"]).classifier.stationarity_budget == 200
     assert build_config(None, ["classifier.optimizer=gd", "classifier.stationarity_steps=7"]).classifier.stationarity_budget == 7
+
+
+def test_gd_warmup_scales_the_first_steps_learning_rate():
+    from harness.classifiers import fit_gd, warmup_lr
+    from harness.data import Split
+    assert [warmup_lr(s, 0.1, 4) for s in (0, 1, 3, 10)] == pytest.approx([0.025, 0.05, 0.1, 0.1])
+    assert warmup_lr(0, 0.1, 0) == 0.1
+    # one plain gd step (no momentum, no weight decay) moves every weight by -lr/warmup · gradient
+    torch.manual_seed(0)
+    model = MLP(widths=[8], norm="none", bias=False, dropout=0)
+    data = Split(torch.randn(20, 1, 28, 28), torch.arange(20) % K)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(model(data.images)[0], data.labels)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    fit_gd(model, data, steps=1, lr=0.5, momentum=0.0, weight_decay=0.0, device="cpu", warmup_steps=10)
+    for p, p0, g in zip(model.parameters(), before, grads):
+        assert torch.allclose(p.detach(), p0 - 0.05 * g, atol=1e-7)
+
+
+def test_centered_classifier_sees_its_input_minus_the_training_mean():
+    c = build_config(None, ["classifier.arch=mlp", "classifier.widths=[16]", "classifier.center=true",
+                            "classifier.dropout=0", "classifier.norm=none"]).classifier
+    mean = torch.full((1, 28, 28), 0.25)
+    torch.manual_seed(0)
+    model = build_classifier(c, mean).eval()
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(model(x)[0], model.model(x - 0.25)[0])
+    # the mean is saved with the weights (a buffer), and is no parameter θ of the KKT condition
+    assert torch.equal(model.state_dict()["input_mean"], mean.reshape(1, 1, 28, 28))
+    assert not any("input_mean" in name for name, _ in model.named_parameters())
+    plain = build_classifier(c.model_copy(update={"center": False}))
+    assert not hasattr(plain, "input_mean")
+
+
+def test_direct_bank_starts_at_the_origin_it_is_given():
+    from harness.inverters import build_inverter
+    cfg = build_config(None, ["inverter=direct", "data.train_size=100", "direct.init_scale=0.01"])
+    origin = torch.linspace(-1, 1, 784).reshape(1, 1, 28, 28)
+    plain = build_inverter(cfg, torch.device("cpu"))
+    moved = build_inverter(cfg, torch.device("cpu"), origin)
+    assert torch.allclose(moved.images - plain.images, origin.expand_as(plain.images))
+    assert plain.images.std().item() == pytest.approx(0.01, rel=0.05)
+
+
+def test_stretch_to_range_undoes_a_scaled_deviation_from_the_origin():
+    from harness.inverters import stretch_to_range
+    gen = torch.Generator().manual_seed(0)
+    origin = torch.rand(1, 1, 28, 28, generator=gen) * 1.6 - 0.9
+    t = (torch.rand(4, 1, 28, 28, generator=gen) > 0.7).float() * 2 - 1  # pixels at ±1, like MNIST
+    c = torch.tensor([0.05, 0.3, 1.0, 3.0]).view(4, 1, 1, 1)
+    assert torch.allclose(stretch_to_range(origin + c * (t - origin), origin), t, atol=1e-5)
+    # a faint pixel left over from the initial noise, pointing at a bound it nearly touches, does
+    # not fix the stretch (it is below `significant` x the largest deviation)
+    x = origin + 0.3 * (t - origin)
+    x[:, 0, 0, 0] = origin[0, 0, 0, 0] + 1e-4 * torch.sign(t[:, 0, 0, 0])
+    assert torch.allclose(stretch_to_range(x, origin)[:, :, 1:], t[:, :, 1:], atol=1e-4)
+
+
+def test_centred_classifier_with_range_rescale_scores_a_scaled_training_bank_as_recovered():
+    cfg = build_config(None, tiny_overrides(**{
+        "inverter": "direct", "data.train_size": 100, "classifier.arch": "mlp", "classifier.widths": "[32]",
+        "classifier.norm": "none", "classifier.bias": "false", "classifier.dropout": 0, "classifier.center": "true",
+        "classifier.optimizer": "gd", "classifier.steps": 5, "classifier.lr": 0.1, "classifier.warmup_steps": 2,
+        "classifier.stationarity_steps": 2, "loss.ce": 0, "loss.bn": 0, "loss.tv": 0, "loss.kkt": 1,
+        "direct.rescale": "range"}))
+    trial = Trial(cfg)
+    origin = trial.classifier.input_mean
+    assert torch.allclose(origin, trial.train_set.images.mean(0, keepdim=True), atol=1e-6)
+    assert torch.allclose(trial.inverter.images.mean(0, keepdim=True), origin, atol=0.05)  # the bank starts there
+    train = trial.train_set
+    per_class = len(trial.inverter.labels) // K
+    with torch.no_grad():  # each class's candidates = origin + 0.2 (its training images − origin)
+        for k in range(K):
+            members = train.images[train.labels == k]
+            trial.inverter.images[k * per_class: k * per_class + len(members)] = origin + 0.2 * (members - origin)
+    metrics = trial.evaluate().metrics
+    assert metrics["train_coverage"] == pytest.approx(1.0)
+    assert metrics["train_top10"] == pytest.approx(1.0, abs=1e-4)
+    trial.cfg.direct.rescale = "minmax"  # min-max in image space leaves the mean blended in
+    assert trial.evaluate().metrics["train_top10"] < 0.99
