@@ -130,6 +130,10 @@ class LossConfig(_Section):
     kkt: float = Field(0.0, ge=0, description="KKT-inspired stationarity loss (Haim et al.).")
     bn: float = Field(0.1, ge=0, description="BatchNorm-statistics prior (DeepInversion).")
 
+    bn_form: Literal["squared", "norm"] = Field(
+        "squared", description="bn: squared differences of the BN layers' batch and running means and "
+        "variances (squared), or the norms of those differences (norm: DeepInversion's form, whose "
+        "gradient does not vanish as the statistics approach the running ones).")
     diversity_scope: Literal["class", "all"] = Field(
         "class", description="cos/ortho over same-class pairs (class) or over all pairs (all).")
     pixel_bound: float = Field(1.0, gt=0, description="pixel: penalise pre-Tanh values beyond ±bound.")
@@ -162,6 +166,9 @@ class TrainConfig(_Section):
                       "terms (a GPU switch; off by default: on a CPU it does not pay).")
     jitter: int = Field(0, ge=0, description="Random roll of the images by up to ±jitter pixels before the "
                         "classifier at every step (DeepInversion); 0 = off.")
+    tv_ramp_epochs: int = Field(0, ge=0, description="Ramp the TV weight up linearly over this many first "
+                                "epochs (epoch e: loss.tv · (e + 1) / tv_ramp_epochs), so that early steps shape "
+                                "the images before they are smoothed; 0 = the full weight from the start.")
     relu_alpha: float = Field(0.0, ge=0, description="During inversion, the classifier's ReLUs become "
                               "softplus(α·z)/α (smooth gradients, Haim et al.); 0 = exact ReLU.")
     compile: bool = Field(False, description="torch.compile the generator (a GPU switch; off by default: the "

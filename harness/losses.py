@@ -185,8 +185,10 @@ class KKTStationarity(LossTerm):
 
 
 class BatchNormStatistics(LossTerm):
-    """Σ over the classifier's BN layers of ‖μ_batch − μ_running‖² + ‖σ²_batch − σ²_running‖²,
-    on the features entering each BN layer during the forward of the generated batch."""
+    """Σ over the classifier's BN layers of ‖μ_batch − μ_running‖² + ‖σ²_batch − σ²_running‖²
+    (`bn_form: squared`), or of the norms themselves, ‖μ_batch − μ_running‖₂ + ‖σ²_batch −
+    σ²_running‖₂ (`bn_form: norm`, DeepInversion's form), on the features entering each BN layer
+    during the forward of the generated batch."""
 
     def __init__(self, cfg, classifier, inverter, train_size, batch_size, seed):
         super().__init__(cfg, classifier, inverter, train_size, batch_size, seed)
@@ -210,7 +212,11 @@ class BatchNormStatistics(LossTerm):
             dims = [0] + list(range(2, feats.dim()))
             mean = feats.mean(dims)
             var = feats.var(dims, unbiased=False)
-            total = total + (mean - layer.running_mean).pow(2).sum() + (var - layer.running_var).pow(2).sum()
+            d_mean, d_var = mean - layer.running_mean, var - layer.running_var
+            if self.cfg.bn_form == "norm":
+                total = total + torch.linalg.vector_norm(d_mean) + torch.linalg.vector_norm(d_var)
+            else:
+                total = total + d_mean.pow(2).sum() + d_var.pow(2).sum()
         return total
 
 

@@ -99,12 +99,13 @@ class Trial:
         self.inverter.train()
         sums = {name: 0.0 for name in self.terms} | {"loss": 0.0}
         steps = self.cfg.train.steps_per_epoch
+        weights = self.epoch_weights()
         with smoothed_relu(self.classifier, self.cfg.train.relu_alpha):
             for _ in range(steps):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.amp):
                     batch = self.inverter.batch(self.classifier, self.terms, self.rng)
                     values = {name: term(batch).float() for name, term in self.terms.items()}
-                    total = sum(self.weights[name] * v for name, v in values.items())
+                    total = sum(weights[name] * v for name, v in values.items())
                 if self.cfg.fault == "nan" and self.epoch >= 1:
                     total = total * float("nan")
                 if not torch.isfinite(total):
@@ -118,6 +119,15 @@ class Trial:
                 sums["loss"] += total.item() / steps
         self.epoch += 1
         return {f"loss_{k}" if k != "loss" else k: v for k, v in sums.items()}
+
+    def epoch_weights(self) -> dict[str, float]:
+        """The loss weights of the coming epoch: the configured ones, with the TV weight ramped up
+        linearly over the first `train.tv_ramp_epochs` epochs (epoch e of R: tv · (e + 1) / R)."""
+        weights = dict(self.weights)
+        ramp = self.cfg.train.tv_ramp_epochs
+        if ramp and "tv" in weights:
+            weights["tv"] *= min(1.0, (self.epoch + 1) / ramp)
+        return weights
 
     # -- evaluation --------------------------------------------------------------------------
     def generate_eval_images(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,6 +160,11 @@ def test_bn_matches_features_entering_batchnorm():
     with t.capture():
         logits, feats = net(x)
     assert t(batch(x=x, logits=logits, features=feats, y=torch.zeros(2, dtype=torch.long))).item() == pytest.approx(16.0)
+    # DeepInversion's form: ‖(2, 2, 2, 2)‖₂ + ‖0‖₂ = 4
+    t = term("bn", classifier=net, bn_form="norm")
+    with t.capture():
+        logits, feats = net(x)
+    assert t(batch(x=x, logits=logits, features=feats, y=torch.zeros(2, dtype=torch.long))).item() == pytest.approx(4.0)
 
 
 def test_zero_weight_terms_are_not_built():

@@ -98,3 +98,13 @@ def test_checkpoint_round_trip_resumes_identically(tiny_config):
     while not resumed.done:
         resumed.step()
     assert resumed.final_metrics()["loss"] == pytest.approx(straight.final_metrics()["loss"], rel=1e-6)
+
+
+def test_tv_weight_ramps_up_over_its_epochs(tiny_config):
+    # ce 0, tv only: the total loss of an epoch is the epoch's TV weight x its mean TV value
+    cfg = tiny_config("loss.ce=0", "loss.bn=0", "loss.tv=0.8", "train.tv_ramp_epochs=4", "train.epochs=5",
+                      "train.eval_every=5")
+    trial = Trial(cfg)
+    rows = [trial.step() for _ in range(5)]
+    for epoch, row in enumerate(rows):
+        assert row["loss"] == pytest.approx(0.8 * min(1.0, (epoch + 1) / 4) * row["loss_tv"], rel=1e-5), epoch
