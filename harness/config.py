@@ -7,6 +7,7 @@ field; the CLI turns that into exit code 2 before anything is written.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,6 +159,11 @@ class TrainConfig(_Section):
     epochs: int = Field(20, ge=1, description="Generator epochs.")
     steps_per_epoch: int = Field(100, ge=1, description="Generator steps per epoch.")
     batch_size: int = Field(64, ge=2, description="Generated images per step.")
+    batch_per_train_image: float = Field(0.0, ge=0, description="Grow the generator batch with n: at least this "
+                                         "many generated images per training image (batch = max(batch_size, "
+                                         "ceil(this x n))); 0 = batch_size alone.")
+    channels_last: bool = Field(False, description="Run the classifier (and the generator) in channels_last "
+                                "memory format during inversion, a speed switch (the numbers stay the same).")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of the generator.")
     beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 of the generator.")
     eval_every: int = Field(2, ge=1, description="Evaluate every this many epochs (the last always); "
@@ -235,6 +241,12 @@ class TrialConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     fault: Literal["none", "raise_once", "nan"] = Field(
         "none", description="Test-only fault injection: raise once at epoch 2, or make the loss NaN.")
+
+    @property
+    def generator_batch(self) -> int:
+        """Generated images per step: train.batch_size, grown with n by train.batch_per_train_image."""
+        t = self.train
+        return max(t.batch_size, math.ceil(t.batch_per_train_image * self.data.train_size))
 
     @model_validator(mode="after")
     def _device_ok(self):

@@ -70,8 +70,11 @@ class Trial:
 
         torch.manual_seed(cfg.seed)
         self.inverter = build_inverter(cfg, self.device, getattr(self.classifier, "input_mean", None))
+        if cfg.train.channels_last:
+            self.classifier.to(memory_format=torch.channels_last)
+            self.inverter.to(memory_format=torch.channels_last)
         self.terms = build_loss_terms(cfg.loss, self.classifier, self.inverter, cfg.data.train_size,
-                                      cfg.train.batch_size, cfg.seed).to(self.device)
+                                      cfg.generator_batch, cfg.seed).to(self.device)
         self.weights = {name: getattr(cfg.loss, name) for name in self.terms}
         self.optimizer = self.inverter.make_optimizer(list(self.terms.parameters()))
         self.rng = torch.Generator().manual_seed(cfg.seed)

@@ -108,3 +108,26 @@ def test_tv_weight_ramps_up_over_its_epochs(tiny_config):
     rows = [trial.step() for _ in range(5)]
     for epoch, row in enumerate(rows):
         assert row["loss"] == pytest.approx(0.8 * min(1.0, (epoch + 1) / 4) * row["loss_tv"], rel=1e-5), epoch
+
+
+def test_generator_batch_grows_with_the_training_set(tiny_config):
+    cfg = tiny_config("train.batch_per_train_image=0.5")  # n = 200 -> 100 images per step (batch_size 20)
+    assert cfg.generator_batch == 100
+    trial = Trial(cfg)
+    batch = trial.inverter.batch(trial.classifier, trial.terms, trial.rng)
+    assert batch.x.shape[0] == 100
+    assert tiny_config("train.batch_per_train_image=0.01").generator_batch == 20  # never below batch_size
+
+
+def test_channels_last_changes_the_layout_not_the_numbers(tiny_config):
+    rows, trials = [], []
+    for flag in ("false", "true"):
+        trial = Trial(tiny_config(f"train.channels_last={flag}", "train.epochs=1"))
+        rows.append(trial.step())
+        trials.append(trial)
+    # the second conv (64 x 32 x 3 x 3): a 1-channel first conv is contiguous in both layouts
+    conv_off, conv_on = ([m for m in t.classifier.modules() if isinstance(m, torch.nn.Conv2d)][1] for t in trials)
+    assert conv_on.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv_off.weight.is_contiguous(memory_format=torch.channels_last)
+    for key in ("loss", "loss_ce", "ssim_nn_train_mean"):
+        assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-3), key
