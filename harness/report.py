@@ -217,7 +217,7 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
     lines.append("")
     lines += tuning_section(tuned, params)
     lines += ["## Figures", ""]
-    for title, make in (("Best generator of each variant (top) and its nearest training images (bottom)",
+    for title, make in (("Best inversion of each variant (top: its generator's or candidate bank's images) and their nearest training images (bottom)",
                          lambda: grids_figure(client, basis, variants, figures, params)),
                         ("Sorted per-training-image best SSIM (Haim et al.'s view)",
                          lambda: coverage_figure(client, basis, variants, figures)),
@@ -320,6 +320,8 @@ def tuning_section(tuned: dict[str, list], params: dict) -> list[str]:
         lines.append(f"| {v} | {len(runs)} | {status['FINISHED']} | {status['KILLED']} | {status['FAILED']} | "
                      f"{best.data.metrics[metric]:.3f} | {settings} |" if best else
                      f"| {v} | {len(runs)} | {status['FINISHED']} | {status['KILLED']} | {status['FAILED']} | n/a | - |")
+    if searched:
+        lines += ["", sampler_summary(tuned, params)]
     reasons = defaultdict(int)
     for runs in tuned.values():
         for r in runs:
@@ -328,6 +330,37 @@ def tuning_section(tuned: dict[str, list], params: dict) -> list[str]:
     if reasons:
         lines += ["", "Stopped early: " + ", ".join(f"{k}: {n}" for k, n in sorted(reasons.items()))]
     return lines + [""]
+
+
+def tpe_history(spans: list[tuple[float, float | None]], startup: int) -> tuple[int, list[int]]:
+    """From the (start, end) times of one variant's tuning trials: how many were TPE's random
+    start-up trials (the first `startup` to start), and for each later trial how many trials had
+    ended, and so could be modelled, when it started."""
+    spans = sorted(spans)
+    random = min(startup, len(spans))
+    seen = [sum(1 for s, e in spans if e is not None and e <= start) for start, _ in spans[random:]]
+    return random, seen
+
+
+def sampler_summary(tuned: dict[str, list], params: dict) -> str:
+    """What the tuner actually did, per variant: random start-up trials, TPE trials, and how many
+    ended trials TPE had to model when it drew each of its own."""
+    startup = int(float(params.get("tpe_startup_trials", 10)))
+    limit = params.get("resources.max_concurrent", "None")
+    parts = []
+    for v, runs in sorted(tuned.items()):
+        random, seen = tpe_history([(r.info.start_time, r.info.end_time) for r in runs], startup)
+        part = f"{v}: {random} random start-up, {len(seen)} from TPE"
+        if seen:
+            part += f" (ended trials it could model when each was drawn: {', '.join(map(str, seen))})"
+        parts.append(part)
+    concurrency = "all at once" if limit in ("None", None, "") else f"at most {limit} at a time"
+    note = ""
+    if all(not seen or max(seen) == 0 for _, seen in
+           (tpe_history([(r.info.start_time, r.info.end_time) for r in runs], startup) for runs in tuned.values())):
+        note = " No TPE trial had an ended trial to model: this search was random."
+    return (f"Sampler: seeded TPE, the first {startup} trials of each variant drawn at random (its start-up "
+            f"phase), trials run {concurrency}. " + "; ".join(parts) + "." + note)
 
 
 def _save(fig, figures: Path, name: str) -> str:

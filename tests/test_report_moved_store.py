@@ -41,7 +41,7 @@ def test_report_and_compare_name_the_artifacts_of_a_moved_store(tmp_path, capsys
     section = text.split("## Artifacts that could not be read")[1]
     assert "| all-1 | grid.png |" in section and "does not exist on this machine" in section
     assert str(tmp_path / "there") in section
-    grids = text.split("### Best generator of each variant")[1].split("###")[0]
+    grids = text.split("### Best inversion of each variant")[1].split("###")[0]
     assert "Not drawn:" in grids and "grid.png" in grids
     importance = text.split("### Loss-weight importance (Optuna, per variant)")[1]
     assert "Not drawn: no Optuna study was found" in importance

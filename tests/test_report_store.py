@@ -89,6 +89,10 @@ def test_report_numbers_match_hand_computed_values(store):
     tuning = _row(text, "pool=avg", "## Tuning")
     assert tuning == ["pool=avg", "4", "1", "2", "1", "0.500", "loss.tv=0.3"]
     assert _row(text, "variant", "## Tuning")[5] == "best score"
+    # what the sampler did: no tpe_startup_trials logged -> Optuna's 10; 4 and 1 trials: all random
+    assert ("Sampler: seeded TPE, the first 10 trials of each variant drawn at random (its start-up phase), "
+            "trials run all at once. pool=avg: 4 random start-up, 0 from TPE; pool=max: 1 random start-up, "
+            "0 from TPE. No TPE trial had an ended trial to model: this search was random.") in text
     # seeds: which ones confirmed, and that they are not the tuning seed
     assert "Tuning trials ran with seeds 0" in text
     assert "- pool=avg: seeds 1000, 1001, 1002, 1003" in text and "- pool=max: seeds 1000, 1001, 1002" in text
@@ -120,3 +124,11 @@ def test_load_study_finds_its_parent_beyond_the_newest_thousand_runs(tmp_path):
     _, found, children = load_study("big", uri)
     assert found.info.run_id == parent
     assert len(children) == n and len({c.info.run_id for c in children}) == n
+
+
+def test_tpe_history_counts_what_each_tpe_trial_could_model():
+    from harness.report import tpe_history
+    # (start, end): two start-up trials, then three TPE trials starting at 6, 11 and 12
+    spans = [(11, 30), (0, 10), (6, 20), (1, 5), (12, None)]
+    assert tpe_history(spans, startup=2) == (2, [1, 2, 2])
+    assert tpe_history(spans, startup=10) == (5, [])
