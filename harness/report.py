@@ -347,17 +347,17 @@ def sampler_summary(tuned: dict[str, list], params: dict) -> str:
     ended trials TPE had to model when it drew each of its own."""
     startup = int(float(params.get("tpe_startup_trials", 10)))
     limit = params.get("resources.max_concurrent", "None")
+    history = {v: tpe_history([(r.info.start_time, r.info.end_time) for r in runs], startup)
+               for v, runs in sorted(tuned.items())}
     parts = []
-    for v, runs in sorted(tuned.items()):
-        random, seen = tpe_history([(r.info.start_time, r.info.end_time) for r in runs], startup)
+    for v, (random, seen) in history.items():
         part = f"{v}: {random} random start-up, {len(seen)} from TPE"
         if seen:
             part += f" (ended trials it could model when each was drawn: {', '.join(map(str, seen))})"
         parts.append(part)
     concurrency = "all at once" if limit in ("None", None, "") else f"at most {limit} at a time"
     note = ""
-    if all(not seen or max(seen) == 0 for _, seen in
-           (tpe_history([(r.info.start_time, r.info.end_time) for r in runs], startup) for runs in tuned.values())):
+    if all(not any(seen) for _, seen in history.values()):
         note = " No TPE trial had an ended trial to model: this search was random."
     return (f"Sampler: seeded TPE, the first {startup} trials of each variant drawn at random (its start-up "
             f"phase), trials run {concurrency}. " + "; ".join(parts) + "." + note)
