@@ -21,7 +21,7 @@ from harness.results import MeanCI, best_trials, mean_ci  # noqa: E402
 
 TABLE_METRICS = ("score", "ssim_nn_train_mean", "ssim_nn_test_mean", "memorization_gap", "diversity",
                  "evaluator_acc", "train_coverage", "heldout_coverage", "coverage_gap", "train_top10",
-                 "heldout_top10", "top10_gap", "collapsed", "fd_eval")
+                 "heldout_top10", "top10_gap", "collapsed", "fd_eval", "params_per_train_pixel")
 LAW_METRICS = ("coverage_gap", "train_top10", "heldout_top10")
 REFERENCES = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim", "ref_heldout_diversity")
 
@@ -94,6 +94,71 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[
     if g.high < ref_value:
         return f"**not supported**: {statement}. {numbers}; the interval lies below the reference."
     return f"**inconclusive**: {statement}. {numbers}; the interval contains the reference."
+
+
+CONTROL_METRICS = ("ssim_nn_train_mean", "diversity", "evaluator_acc", "train_top10", "heldout_top10", "top10_gap",
+                   "coverage_gap")
+
+
+def verdict_kind(verdict: str) -> str:
+    """supported / not supported / inconclusive / none, from the bold word that opens a verdict."""
+    for kind in ("supported", "not supported", "inconclusive"):
+        if verdict.startswith(f"**{kind}**"):
+            return kind
+    return "none"
+
+
+def control_reading(inverted: str, control: str) -> str:
+    """What the claim's verdict on the study's inversions (`inverted`) and on the class-level
+    control (`control`, the same classifiers inverted directly) say together."""
+    if inverted == "none" or control == "none":
+        return "No claim to read the control against."
+    if inverted == control == "supported":
+        return ("Both inversions show it: the difference lies in the classifiers, not in how the generator "
+                "inverts them.")
+    if inverted == control:
+        return f"Both inversions agree ({inverted}): the control does not change the reading."
+    if "not supported" in (inverted, control):
+        return f"The two inversions disagree (generator: {inverted}; control: {control}): read neither alone."
+    if inverted == "supported":
+        return ("Only the generator shows it: a direct inversion of the same classifiers does not, so the "
+                "difference may come from how the generator inverts each classifier rather than from what the "
+                "classifiers hold.")
+    if control == "supported":
+        return ("The classifiers differ (the direct inversion shows it) but the generator does not carry the "
+                "difference through: the study's inversion is the limit here.")
+    return f"The two inversions disagree (generator: {inverted}; control: {control}): read neither alone."
+
+
+def control_section(params: dict, stats: dict[str, dict[str, MeanCI]], controlled: dict[str, list],
+                    refs: dict[str, dict[str, float]]) -> list[str]:
+    """The class-level control: the same classifiers (one per confirmation seed) inverted with the
+    study's `control` settings, untuned; its table, the claim judged on it, and the joint reading."""
+    if not controlled:
+        return []
+    variants = sorted(controlled)
+    cstats = {v: {m: mean_ci(r.data.metrics.get(m) for r in controlled[v]) for m in CONTROL_METRICS} for v in variants}
+    metric = params.get("claim.metric")
+    if metric and metric != "None" and metric not in CONTROL_METRICS:
+        for v in variants:
+            cstats[v][metric] = mean_ci(r.data.metrics.get(metric) for r in controlled[v])
+    metrics = list(cstats[variants[0]]) if variants else list(CONTROL_METRICS)
+    inverter = {v: sorted({r.data.params.get("inverter", "?") for r in controlled[v]}) for v in variants}
+    seeds = {v: _seeds(controlled[v]) for v in variants}
+    lines = ["## Class-level control", "",
+             "The classifiers of the confirmation seeds inverted once more with the study's fixed `control` "
+             "settings (no tuning): " + "; ".join(f"{v}: {_join(inverter[v])} inverter, seeds {_join(seeds[v])}"
+                                                 for v in variants) + ".", "",
+             "| variant | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    lines += [f"| {v} | {len(controlled[v])} | " + " | ".join(_fmt(cstats[v][m]) for m in metrics) + " |"
+              for v in variants]
+    control_verdict = claim_verdict(params, cstats, refs)
+    inverted = claim_verdict(params, stats, refs)
+    lines += ["", f"The claim on the control: {control_verdict}", "",
+              control_reading(verdict_kind(inverted), verdict_kind(control_verdict)), "",
+              yardstick(cstats, refs, metric).replace("Against the reference points", "The control against the "
+                                                       "reference points", 1), ""]
+    return lines
 
 
 PER_IMAGE_METRICS = ("train_coverage", "heldout_coverage", "coverage_gap", "train_top10", "heldout_top10",
@@ -215,6 +280,7 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
     lines += [f"| {v} | " + " | ".join(f"{refs.get(v, {}).get(k, float('nan')):.3f}" for k in REFERENCES) + " |"
               for v in variants]
     lines.append("")
+    lines += control_section(params, stats, by_phase.get("control", {}), refs)
     lines += tuning_section(tuned, params)
     lines += ["## Figures", ""]
     for title, make in (("Best inversion of each variant (top: its generator's or candidate bank's images) and their nearest training images (bottom)",

@@ -4,6 +4,10 @@ variant rerun over S seeds at full budget with no pruning (phase `confirm`). The
 seeds are disjoint from every seed a tuning trial used (`SweepConfig.confirmation_seeds`), so no
 confirmation run repeats the selected winner itself. One MLflow parent run per study; every trial
 a child tagged with its variant and phase.
+
+A study file's `control` adds a third phase: for every variant and confirmation seed, one untuned
+run of the control's settings (e.g. the direct inverter) against the classifier that seed trains,
+so the report can say whether a difference between variants is the classifiers' or the generator's.
 """
 from __future__ import annotations
 
@@ -19,6 +23,12 @@ def confirm_settings(best_config: dict, seed: int) -> dict:
     """The tuned weights with the seed of both the generator and the classifier set to `seed`:
     the confirmation measures the variant, not one lucky classifier."""
     return {**best_config, "seed": seed, "classifier.seed": seed}
+
+
+def control_settings(seed: int) -> dict:
+    """The control run of a confirmation seed: the classifier that seed trains, inverted with the
+    control's own settings (no tuned weights)."""
+    return {"seed": seed, "classifier.seed": seed}
 
 
 def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: str | None = None,
@@ -57,5 +67,12 @@ def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: s
             record()
             if confirmed.interrupted:
                 raise SweepInterrupted(variant)
+            if sweep.control:
+                control = run_variant(sweep.control_sweep(), variant, settings, out_dir, resources, tracking,
+                                      "control", resume, fixed_params=[control_settings(s) for s in seeds])
+                outcomes[variant]["control"] = control
+                record()
+                if control.interrupted:
+                    raise SweepInterrupted(variant)
     return outcomes
 

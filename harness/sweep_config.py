@@ -149,6 +149,11 @@ class SweepConfig(_Section):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     stop: StopConfig = Field(default_factory=StopConfig)
     claim: ClaimConfig | None = Field(None, description="what the study tests (harness report)")
+    control: dict[str, Any] | None = Field(
+        None, description="harness ablate: a class-level control, trial settings (nested like base, e.g. "
+        "{inverter: direct, ...}) that replace the base's for one untuned run per variant and confirmation "
+        "seed (phase control): the same classifier inverted another way, so a report can tell a difference "
+        "of the classifiers from one of the generator")
     checkpoint_every: int = Field(5, ge=1, description="checkpoint the generator every this many epochs")
     max_failures: int = Field(1, ge=0, description="retries of a failing trial, from its last checkpoint")
 
@@ -201,6 +206,14 @@ class SweepConfig(_Section):
         if len(set(names)) < len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"axes: the values give the variant {twice[0]!r} twice; list each value once")
+        if self.control is not None:
+            if not self.control:
+                raise ValueError("control: give the control's trial settings (e.g. {inverter: direct}) or leave it out")
+            for name, settings in self.variants():
+                try:
+                    build_config(self.control_base(settings))
+                except ConfigError as exc:
+                    raise ValueError(f"control: not a valid trial for variant {name} ({exc})") from None
         if self.claim:
             for field, side in (("greater", self.claim.greater), ("lesser", self.claim.lesser)):
                 if side is not None and side not in names:
@@ -255,6 +268,18 @@ class SweepConfig(_Section):
         if self.budget.steps_per_epoch:
             budget["train.steps_per_epoch"] = self.budget.steps_per_epoch
         return deep_merge(self.base, unflatten({**budget, **variant_settings}))
+
+    def control_base(self, variant_settings: dict[str, Any]) -> dict:
+        """The control trial of a variant: the base with `control` merged over it (the budget's
+        epochs and steps do not apply: the control states its own), then the variant's axes."""
+        return deep_merge(deep_merge(self.base, self.control or {}), unflatten(dict(variant_settings)))
+
+    def control_sweep(self) -> "SweepConfig":
+        """This study as the control phase runs it: the control's settings as the base, no
+        search, no pruning, no collapse stop, no control of its own."""
+        return self.model_copy(update={"base": deep_merge(self.base, self.control or {}), "search": {},
+                                       "budget": BudgetConfig(num_samples=1), "asha": AshaConfig(enabled=False),
+                                       "stop": StopConfig(collapse_patience=10 ** 6), "control": None})
 
     def epochs(self, variant_settings: dict[str, Any]) -> int:
         return build_config(self.trial_base(variant_settings)).train.epochs

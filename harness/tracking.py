@@ -7,7 +7,7 @@ creating a second one; runs of trials that a killed driver lost are deleted on r
 
 What a child run logs, by an explicit allow rule (Ray's own result keys never reach MLflow):
 every epoch the losses (`loss`, `loss_<term>`), `epoch`, `nonfinite`, `evaluated`,
-`epoch_seconds` and `collapse_streak`; the evaluation metrics only on the epochs where they were
+`epoch_seconds`, `train_seconds` and `collapse_streak`; the evaluation metrics only on the epochs where they were
 computed (`evaluated` = 1; on a NaN/inf epoch the `score` 0 and `collapsed` 1 the scheduler saw);
 the classifier's and evaluator's accuracies, the cache hit and set-up time once.
 """
@@ -33,7 +33,7 @@ from harness.sweep_config import resolve_trial, settings_of
 log = logging.getLogger(__name__)
 
 # the allow rule for child-run metrics (see the module docstring)
-EPOCH_METRICS = ("epoch", "loss", "nonfinite", "evaluated", "epoch_seconds", "collapse_streak")
+EPOCH_METRICS = ("epoch", "loss", "nonfinite", "evaluated", "epoch_seconds", "train_seconds", "collapse_streak")
 ONCE_METRICS = ("classifier_test_acc", "evaluator_heldout_acc", "classifier_cache_hit", "setup_seconds",
                 "classifier_train_acc", "classifier_train_loss", "classifier_grad_norm", "classifier_parameters",
                 "params_per_train_pixel", "kkt_residual_train", "kkt_residual_heldout")

@@ -79,6 +79,7 @@ class Trial:
         self.optimizer = self.inverter.make_optimizer(list(self.terms.parameters()))
         self.rng = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
+        self.train_seconds = 0.0  # inverter training time so far (train.max_seconds)
         self.history: list[dict] = []
         self.resumed = False
         self.last_evaluation: Evaluation | None = None
@@ -103,6 +104,7 @@ class Trial:
         sums = {name: 0.0 for name in self.terms} | {"loss": 0.0}
         steps = self.cfg.train.steps_per_epoch
         weights = self.epoch_weights()
+        start = time.perf_counter()
         with smoothed_relu(self.classifier, self.cfg.train.relu_alpha):
             for _ in range(steps):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.amp):
@@ -120,6 +122,7 @@ class Trial:
                 for name, v in values.items():
                     sums[name] += v.item() / steps
                 sums["loss"] += total.item() / steps
+        self.train_seconds += time.perf_counter() - start
         self.epoch += 1
         return {f"loss_{k}" if k != "loss" else k: v for k, v in sums.items()}
 
@@ -148,7 +151,7 @@ class Trial:
         losses = self.train_epoch()
         row.update(losses)
         row["nonfinite"] = float(not all(math.isfinite(v) for v in losses.values()))
-        due = self.epoch % self.cfg.train.eval_every == 0 or self.epoch >= self.cfg.train.epochs
+        due = self.epoch % self.cfg.train.eval_every == 0 or self.epoch >= self.cfg.train.epochs or self.out_of_time
         evaluated = False
         if row["nonfinite"]:
             row.update(self.nonfinite_metrics())
@@ -158,6 +161,7 @@ class Trial:
         else:
             row.update(self.last_evaluation.metrics)
         row["evaluated"] = float(evaluated)
+        row["train_seconds"] = self.train_seconds
         row["epoch_seconds"] = time.perf_counter() - start
         self.history.append(row)
         return row
@@ -169,14 +173,21 @@ class Trial:
         return base
 
     @property
+    def out_of_time(self) -> bool:
+        limit = self.cfg.train.max_seconds
+        return bool(limit) and self.train_seconds >= limit
+
+    @property
     def done(self) -> bool:
-        return self.epoch >= self.cfg.train.epochs or bool(self.history and self.history[-1]["nonfinite"])
+        return (self.epoch >= self.cfg.train.epochs or self.out_of_time
+                or bool(self.history and self.history[-1]["nonfinite"]))
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {"inverter": self.inverter.state_dict(), "terms": self.terms.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
-                 "torch_rng": torch.get_rng_state(), "epoch": self.epoch, "history": self.history}
+                 "torch_rng": torch.get_rng_state(), "epoch": self.epoch, "history": self.history,
+                 "train_seconds": self.train_seconds}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -192,6 +203,7 @@ class Trial:
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.epoch, self.history = state["epoch"], list(state["history"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self.resumed = True
 
     # -- outputs -----------------------------------------------------------------------------

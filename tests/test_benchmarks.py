@@ -71,3 +71,13 @@ def test_memory_benchmark(tmp_path):
     # the sweep half is the smoke sweep plus the sampler that test_sweep_overhead_benchmark runs
     fig = bench("memory", tmp_path, "--no-sweep")
     assert fig["one trial, tiny"]["peak_rss_mb"] > 100
+
+
+def test_levers_benchmark(tmp_path):
+    fig = bench("levers", tmp_path, "--figure", str(tmp_path / "frontier.png"))
+    arms = fig["arms"]
+    assert len(arms) == 2 and all(len(a["runs"]) == 1 for a in arms.values())
+    base = next(iter(arms.values()))
+    assert base["delta_ssim_vs_baseline"] == 0.0  # the baseline against itself
+    assert all(r["epoch"] >= 1 and 0 < r["ssim_nn_train_mean"] <= 1 for a in arms.values() for r in a["runs"])
+    assert (tmp_path / "frontier.png").stat().st_size > 0

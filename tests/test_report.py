@@ -34,6 +34,9 @@ def study(tmp_path_factory, ray_address):
         "max_failures": 0,
         "resources": {"cpu": 1},
         "tpe_startup_trials": 2,
+        # the class-level control: the confirmation seeds' classifiers inverted directly, untuned
+        "control": {"inverter": "direct", "direct": {"candidates_per_class": 2},
+                    "train": {"epochs": 1, "steps_per_epoch": 2}},
         "claim": {"statement": "avg leaks more than max", "metric": "ssim_nn_train_mean",
                   "greater": "pool=avg", "lesser": "pool=max"},
     }
@@ -53,13 +56,23 @@ def test_study_tracks_both_phases(study):
     runs = client.search_runs([exp.experiment_id], max_results=100)
     kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     phases = {(r.data.tags["harness.variant"], r.data.tags["harness.phase"]) for r in kids}
-    assert phases == {("pool=avg", "tune"), ("pool=max", "tune"), ("pool=avg", "confirm"), ("pool=max", "confirm")}
+    assert phases == {(v, p) for v in ("pool=avg", "pool=max") for p in ("tune", "confirm", "control")}
     statuses = {r.info.status for r in kids}
     assert "FAILED" in statuses and "KILLED" in statuses and "RUNNING" not in statuses
     confirm = [r for r in kids if r.data.tags["harness.phase"] == "confirm"]
     # confirmation seeds after the tuning seed 0: no confirmation run repeats a tuning trial
     assert len(confirm) == 4 and {r.data.params["seed"] for r in confirm} == {"1000", "1001"}
     assert {r.data.params["classifier.seed"] for r in confirm} == {"1000", "1001"}
+    # the control inverts the same classifiers (the confirmation seeds) with its own settings only
+    control = [r for r in kids if r.data.tags["harness.phase"] == "control"]
+    assert len(control) == 4 and {r.data.params["classifier.seed"] for r in control} == {"1000", "1001"}
+    assert {r.data.params["inverter"] for r in control} == {"direct"}
+    assert {r.data.params["train.epochs"] for r in control} == {"1"}
+    assert {r.data.params["loss.tv"] for r in control} == {"1.0"}  # the default, not the tuned weight
+    for v in ("pool=avg", "pool=max"):
+        keys = {r.data.tags["harness.classifier_cache_key"] for r in kids
+                if r.data.tags["harness.variant"] == v and r.data.tags["harness.phase"] != "tune"}
+        assert len(keys) == 2  # per seed, one classifier shared by its confirmation and control runs
 
 
 def test_report_of_a_real_study_has_every_part(study):
@@ -74,6 +87,9 @@ def test_report_of_a_real_study_has_every_part(study):
         assert f"- {variant}: seeds 1000, 1001" in text
     assert "The confirmation seeds are disjoint from the tuning seeds." in text
     assert "Reference points of each variant" in text and "Against the reference points" in text
+    control = text.split("## Class-level control")[1].split("## ")[0]
+    assert "pool=avg: direct inverter, seeds 1000, 1001" in control and "| pool=max | 2 | " in control
+    assert "The claim on the control: **" in control
     for figure in ("grids.png", "per_train_best_ssim.png", "score_vs_epoch.png", "collapse_rate.png"):
         assert (out / "figures" / figure).stat().st_size > 0, figure
     # every tuning trial was stopped early or failed: the promised importance figure is replaced
@@ -93,6 +109,7 @@ def test_study_outcome_on_parent_and_trial_states_in_optuna(study):
     tune = [r for r in kids if r.data.tags["harness.phase"] == "tune"]
     m = parent.data.metrics
     assert m["trials_total"] == len(tune) == 4 and m["confirm_trials_finished"] == 4
+    assert m["control_trials_finished"] == 4
     assert m["trials_failed"] == sum(r.info.status == "FAILED" for r in tune)
     assert m["trials_collapsed"] + m["trials_pruned"] == sum(r.info.status == "KILLED" for r in tune)
     for variant in ("pool:avg", "pool:max"):

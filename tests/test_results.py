@@ -138,3 +138,42 @@ def test_yardstick_does_not_call_a_per_image_claim_a_failure_of_the_mean():
     assert "the verdict compares failures" in yardstick(stats, refs, "ssim_nn_train_mean")
     per_image = yardstick(stats, refs, "coverage_gap")
     assert "judged per image (coverage_gap)" in per_image and "compares failures" not in per_image
+
+
+def _control_run(seed: int, **metrics):
+    from types import SimpleNamespace
+    return SimpleNamespace(data=SimpleNamespace(metrics=metrics, params={"seed": str(seed), "inverter": "direct"}))
+
+
+def test_control_reading_of_each_pair_of_verdicts():
+    from harness.report import control_reading, verdict_kind
+    assert verdict_kind("**supported**: a. b") == "supported"
+    assert verdict_kind("**not supported** (the opposite holds): a") == "not supported"
+    assert verdict_kind("**inconclusive**: a") == "inconclusive"
+    assert verdict_kind("No claim is attached to this study") == "none"
+    assert control_reading("supported", "supported").startswith("Both inversions show it: the difference lies in the classifiers")
+    assert control_reading("supported", "inconclusive").startswith("Only the generator shows it")
+    assert control_reading("inconclusive", "supported").startswith("The classifiers differ")
+    assert control_reading("inconclusive", "inconclusive").startswith("Both inversions agree (inconclusive)")
+    assert control_reading("supported", "not supported").startswith("The two inversions disagree")
+
+
+def test_control_section_judges_the_claim_on_the_control_runs():
+    from harness.report import control_section
+    from harness.results import mean_ci
+    params = {"claim.metric": "ssim_nn_train_mean", "claim.greater": "pool=avg", "claim.lesser": "pool=max",
+              "claim.statement": "avg leaks more"}
+    # the study's own (generator) inversions: overlapping -> inconclusive
+    stats = {"pool=avg": {"ssim_nn_train_mean": mean_ci([0.30, 0.31, 0.32])},
+             "pool=max": {"ssim_nn_train_mean": mean_ci([0.29, 0.31, 0.33])}}
+    # the control: avg 0.40 ± t(2)·0.01/√3·... vs max 0.30: the intervals separate
+    controlled = {"pool=avg": [_control_run(s, ssim_nn_train_mean=v) for s, v in zip((1000, 1001, 1002), (0.39, 0.40, 0.41))],
+                  "pool=max": [_control_run(s, ssim_nn_train_mean=v) for s, v in zip((1000, 1001, 1002), (0.29, 0.30, 0.31))]}
+    refs = {v: {"ref_blank_ssim": 0.25, "ref_classmean_ssim": 0.40, "ref_heldout_ssim": 0.49} for v in controlled}
+    text = "\n".join(control_section(params, stats, controlled, refs))
+    assert "pool=avg: direct inverter, seeds 1000, 1001, 1002" in text
+    # mean 0.400, half-width t(0.975, 2) x 0.01 / sqrt(3) = 4.303 x 0.005774 = 0.0248
+    assert "| pool=avg | 3 | 0.400 ± 0.025 |" in text
+    assert "The claim on the control: **supported**" in text
+    assert "The classifiers differ (the direct inversion shows it)" in text
+    assert control_section(params, stats, {}, refs) == []

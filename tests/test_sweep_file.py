@@ -91,6 +91,9 @@ MALFORMED = {
               claim={"statement": "s", "greater": "dropout=0.1__dropout=0.5", "reference": "ref_blank_ssim"}),
         [], "claim.greater"),
     "bad mode": (_with(mode="maximum"), [], "mode"),
+    "control with an unknown setting": (_with(control={"inverter": "direct", "direct": {"lrr": 0.1}}), [], "control"),
+    "control with a bad value": (_with(control={"inverter": "gradient"}), [], "control"),
+    "empty control": (_with(control={}), [], "control"),
     "top level is a list": ("- name: x\n", [], "config"),
     "YAML syntax error": ("name: good\nsearch: {loss.tv: {dist: uniform\n", [], "config"),
     "empty file": ("", [], "config"),
@@ -177,3 +180,14 @@ def test_confirmation_seeds_are_disjoint_from_tuning_seeds(spec, seeds):
     base = {"name": "s", "search": {"loss.tv": {"dist": "uniform", "low": 0.0, "high": 0.5}}}
     sweep = SweepConfig.model_validate({**base, **spec})
     assert sweep.confirmation_seeds(3) == seeds
+
+
+def test_control_replaces_the_base_and_keeps_the_axes():
+    sweep = SweepConfig.model_validate(yaml.safe_load(_with(control={"inverter": "direct", "train": {"epochs": 2},
+                                                                     "loss": {"tv": 0.7}})))
+    merged = sweep.control_base({"classifier.pool": "max"})
+    assert merged["inverter"] == "direct" and merged["train"]["epochs"] == 2 and merged["loss"]["tv"] == 0.7
+    assert merged["classifier"]["pool"] == "max"  # the variant's classifier, not the base's
+    phase = sweep.control_sweep()
+    assert phase.search == {} and not phase.asha.enabled and phase.control is None
+    assert phase.trial_base({"classifier.pool": "max"}) == merged and phase.epochs({}) == 2

@@ -131,3 +131,18 @@ def test_channels_last_changes_the_layout_not_the_numbers(tiny_config):
     assert not conv_off.weight.is_contiguous(memory_format=torch.channels_last)
     for key in ("loss", "loss_ce", "ssim_nn_train_mean"):
         assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-3), key
+
+
+def test_max_seconds_stops_training_at_the_time_budget(tiny_config):
+    # a budget every epoch exceeds: one epoch, evaluated, then done, out of 4
+    trial = Trial(tiny_config("train.max_seconds=1e-9", "train.epochs=4", "train.eval_every=4"))
+    row = trial.step()
+    assert trial.done and trial.epoch == 1 and row["evaluated"] == 1.0
+    assert row["train_seconds"] == pytest.approx(trial.train_seconds) and trial.train_seconds > 0
+    unlimited = Trial(tiny_config("train.max_seconds=0", "train.epochs=2", "train.eval_every=2"))
+    unlimited.step()
+    assert not unlimited.done  # 0 = epochs alone
+    # the clock survives a checkpoint: a resumed trial keeps counting from where it stopped
+    resumed = Trial(tiny_config("train.max_seconds=1e-9", "train.epochs=4", "train.eval_every=4"))
+    resumed.load_state_dict(trial.state_dict())
+    assert resumed.done and resumed.train_seconds == trial.train_seconds
