@@ -34,7 +34,6 @@ ARMS: dict[str, list[str]] = {
     "train.batch_per_train_image=0.128 (batch 128)": ["train.batch_per_train_image=0.128"],
     "generator.channels=64": ["generator.channels=64"],
     "train.channels_last=true": ["train.channels_last=true"],
-    "loss.tv=1": ["loss.tv=1"],
     "jitter 2 + tv 1 (the default)": ["train.jitter=2", "loss.tv=1"],
 }
 TINY = ["data.train_size=200", "classifier.epochs=2", "evaluator.epochs=1", "train.steps_per_epoch=3",
@@ -62,7 +61,13 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=2, help="runs at once (each with cores / procs threads)")
     p.add_argument("--arms", default="", help="comma-separated arm names to run (default: all)")
     p.add_argument("--figure", type=Path, default=None, help="write the frontier figure here")
+    p.add_argument("--replot", type=Path, default=None, help="only redraw --figure from this saved --json file")
+    p.add_argument("--extra", action="append", default=[], help="with --replot: one more configuration, "
+                   "label:diversity:nn-SSIM (repeatable)")
     args = p.parse_args()
+    if args.replot:
+        replot(args.replot, args.figure, args.extra)
+        return
     arms = {k: v for k, v in ARMS.items() if not args.arms or k in args.arms.split(",")}
     seconds = 0.5 if args.tiny else args.seconds
     seeds = 1 if args.tiny else args.seeds
@@ -114,27 +119,48 @@ def main() -> None:
             f"{refs['ref_heldout_diversity']:.3f}; wall time {wall:.0f} s"], figures, args.json)
 
 
-def frontier(runs: dict[str, list[dict]], refs: dict, path: Path) -> None:
+def frontier(runs: dict[str, list[dict]], refs: dict, path: Path, extra: list[tuple[str, float, float]] = ()) -> None:
+    """nn-SSIM against diversity: each arm's mean (large marker) and its runs (small, an x over a
+    collapsed one), any `extra` configurations (label, diversity, nn-SSIM), the reference points."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     for i, (name, rs) in enumerate(runs.items()):
-        ax.scatter([r["diversity"] for r in rs], [r["ssim_nn_train_mean"] for r in rs], label=name,
-                   marker="os^vDP*Xh"[i % 9], s=30, facecolors="none" if any(r["collapsed"] for r in rs) else None)
+        color, marker = f"C{i % 10}", "os^vDPhX8"[i % 9]
+        xs, ys = [r["diversity"] for r in rs], [r["ssim_nn_train_mean"] for r in rs]
+        ax.scatter(xs, ys, color=color, marker=marker, s=18, alpha=0.45)
+        ax.scatter([statistics.fmean(xs)], [statistics.fmean(ys)], color=color, marker=marker, s=80,
+                   edgecolors="k", label=f"{name} (mean of {len(rs)})")
+        bad = [(x, y) for x, y, r in zip(xs, ys, rs) if r["collapsed"]]
+        if bad:
+            ax.scatter(*zip(*bad), color="k", marker="x", s=30)
+    for j, (label, x, y) in enumerate(extra):
+        ax.scatter([x], [y], marker="*", s=160, color=f"C{(len(runs) + j) % 10}", edgecolors="k", label=label)
+    ax.scatter([], [], color="k", marker="x", s=30, label="x: a collapsed run")
     ax.axhline(refs["ref_classmean_ssim"], color="C3", ls="--", lw=1, label="class-mean image")
     ax.axhline(refs["ref_blank_ssim"], color="k", ls=":", lw=1, label="all-black image")
     ax.axhline(refs["ref_heldout_ssim"], color="C2", ls="-.", lw=1, label="held-out real images")
     ax.axvline(refs["ref_heldout_diversity"] / 2, color="grey", ls=":", lw=0.8, label="half the held-out diversity")
     ax.set_xlabel("diversity (mean 1 − SSIM, same-class pairs)")
     ax.set_ylabel("ssim_nn_train_mean")
-    ax.set_title("Generator inversions at equal wall time, one point per run")
-    ax.legend(fontsize=6, loc="lower left")
+    ax.set_title("Generator inversions of the default classifier")
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(json_path: Path, figure: Path, extra: list[str]) -> None:
+    """Redraw the frontier from a saved JSON, with extra points given as label:diversity:nn-SSIM."""
+    data = json.loads(json_path.read_text())
+    points = []
+    for item in extra:
+        label, x, y = item.rsplit(":", 2)
+        points.append((label, float(x), float(y)))
+    frontier({k: v["runs"] for k, v in data["arms"].items()}, data["references"], figure, points)
 
 
 if __name__ == "__main__":

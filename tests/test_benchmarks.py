@@ -81,3 +81,8 @@ def test_levers_benchmark(tmp_path):
     assert base["delta_ssim_vs_baseline"] == 0.0  # the baseline against itself
     assert all(r["epoch"] >= 1 and 0 < r["ssim_nn_train_mean"] <= 1 for a in arms.values() for r in a["runs"])
     assert (tmp_path / "frontier.png").stat().st_size > 0
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "levers.py"), "--replot", str(tmp_path / "levers.json"),
+                           "--figure", str(tmp_path / "again.png"), "--extra", "a longer run:0.5:0.3"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "again.png").stat().st_size > 0
