@@ -40,7 +40,7 @@ TINY = ["data.train_size=200", "classifier.epochs=2", "evaluator.epochs=1", "tra
         "train.batch_size=20", "eval.per_class=10", "eval.topk=3", "eval.diversity_pairs=20",
         "eval.reference_per_class=10"]
 KEYS = ("ssim_nn_train_mean", "diversity", "evaluator_acc", "collapsed", "train_top10", "heldout_top10",
-        "unique_nn_frac", "epoch")
+        "unique_nn_frac", "epoch", "train_seconds")
 REFS = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim", "ref_heldout_diversity")
 
 
@@ -59,7 +59,6 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60.0, help="training seconds of every run")
     p.add_argument("--seeds", type=int, default=3, help="generator seeds per arm (0, 1, ...)")
     p.add_argument("--procs", type=int, default=2, help="runs at once (each with cores / procs threads)")
-    p.add_argument("--arms", default="", help="comma-separated arm names to run (default: all)")
     p.add_argument("--figure", type=Path, default=None, help="write the frontier figure here")
     p.add_argument("--replot", type=Path, default=None, help="only redraw --figure from this saved --json file")
     p.add_argument("--extra", action="append", default=[], help="with --replot: one more configuration, "
@@ -68,7 +67,7 @@ def main() -> None:
     if args.replot:
         replot(args.replot, args.figure, args.extra)
         return
-    arms = {k: v for k, v in ARMS.items() if not args.arms or k in args.arms.split(",")}
+    arms = dict(ARMS)
     seconds = 0.5 if args.tiny else args.seconds
     seeds = 1 if args.tiny else args.seeds
     if args.tiny:

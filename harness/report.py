@@ -96,8 +96,8 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[
     return f"**inconclusive**: {statement}. {numbers}; the interval contains the reference."
 
 
-CONTROL_METRICS = ("ssim_nn_train_mean", "diversity", "evaluator_acc", "train_top10", "heldout_top10", "top10_gap",
-                   "coverage_gap")
+CONTROL_METRICS = ("ssim_nn_train_mean", "diversity", "evaluator_acc", "collapsed", "train_top10", "heldout_top10",
+                   "top10_gap", "coverage_gap")
 
 
 def verdict_kind(verdict: str) -> str:
@@ -108,11 +108,22 @@ def verdict_kind(verdict: str) -> str:
     return "none"
 
 
-def control_reading(inverted: str, control: str) -> str:
+def control_reading(inverted: str, control: str, against_reference: bool = False) -> str:
     """What the claim's verdict on the study's inversions (`inverted`) and on the class-level
-    control (`control`, the same classifiers inverted directly) say together."""
+    control (`control`, the same classifiers inverted directly) say together; a claim against a
+    reference point (`against_reference`) is read as whether each inversion beats it."""
     if inverted == "none" or control == "none":
         return "No claim to read the control against."
+    if against_reference:
+        if inverted == control:
+            return f"Both inversions agree ({inverted}): the control does not change the reading."
+        if inverted == "supported":
+            return ("Only the generator beats the reference; a direct inversion of the same classifiers does not: "
+                    "it is how the generator inverts the classifier, not the classifier alone.")
+        if control == "supported":
+            return ("The direct inversion of the same classifiers beats the reference and the generator does not: "
+                    "the classifiers hold it, the study's inversion does not get there.")
+        return f"The two inversions disagree (generator: {inverted}; control: {control}): read neither alone."
     if inverted == control == "supported":
         return ("Both inversions show it: the difference lies in the classifiers, not in how the generator "
                 "inverts them.")
@@ -155,7 +166,8 @@ def control_section(params: dict, stats: dict[str, dict[str, MeanCI]], controlle
     control_verdict = claim_verdict(params, cstats, refs)
     inverted = claim_verdict(params, stats, refs)
     lines += ["", f"The claim on the control: {control_verdict}", "",
-              control_reading(verdict_kind(inverted), verdict_kind(control_verdict)), "",
+              control_reading(verdict_kind(inverted), verdict_kind(control_verdict),
+                              params.get("claim.reference") not in (None, "None")), "",
               yardstick(cstats, refs, metric).replace("Against the reference points", "The control against the "
                                                        "reference points", 1), ""]
     return lines
@@ -255,7 +267,7 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
 
     metrics = _table_metrics(params)
     stats = {v: {m: mean_ci(r.data.metrics.get(m) for r in basis.get(v, [])) for m in metrics} for v in variants}
-    refs = reference_points(children)
+    refs = reference_points([r for r in children if r.data.tags.get(TAG_PHASE) != "control"])
     lines = [f"# Study `{experiment}`", "", params.get("description", ""), ""]
     command = parent.data.tags.get("harness.command")
     if command:

@@ -331,6 +331,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
     if smoke:
         data = deep_merge(data, {"budget": {"num_samples": 2, "epochs": 2, "steps_per_epoch": 3},
                                  "base": {"eval": {"per_class": 10}}})
+        if data.get("control"):  # the control states its own budget: shrink it too
+            data = deep_merge(data, {"control": {"train": {"epochs": 2, "steps_per_epoch": 3, "eval_every": 2}}})
     try:
         sweep = SweepConfig.model_validate(data)
     except ValidationError as exc:
@@ -344,9 +346,14 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
     for variant, settings in sweep.variants():
         base = sweep.trial_base(settings)
         try:
-            epochs = build_config(base).train.epochs
+            trial = build_config(base)
         except ConfigError as exc:
             raise ConfigError(f"axes ({variant}): {exc}") from None
+        epochs = trial.train.epochs
+        timed = [trial] + ([build_config(sweep.control_base(settings))] if sweep.control else [])
+        if "train.max_seconds" in sweep.search or any(t.train.max_seconds for t in timed):
+            raise ConfigError("train.max_seconds: a time budget ends a trial before its epochs, which a sweep "
+                              "would record as stopped early; give trials epochs (budget.epochs) instead")
         if sweep.asha.enabled and sweep.asha.grace_period > epochs:
             raise ConfigError(f"asha.grace_period: {sweep.asha.grace_period} is more than the {epochs} epochs of "
                               f"variant {variant}; lower it or raise budget.epochs")

@@ -219,7 +219,8 @@ class Trial:
         out.mkdir(parents=True, exist_ok=True)
         evaluation = self.last_evaluation or self.evaluate()
         images, labels = self.generate_eval_images()
-        metrics = {**evaluation.metrics, "epoch": self.epoch, **self.classifier_metrics,
+        metrics = {**evaluation.metrics, "epoch": self.epoch, "train_seconds": self.train_seconds,
+                   **self.classifier_metrics,
                    "evaluator_heldout_acc": self.evaluator_info["heldout_acc"],
                    "nonfinite": self.history[-1]["nonfinite"] if self.history else 0.0}
         paths = {name: out / name for name in ("metrics.json", "history.json", "grid.png", "nearest.png",

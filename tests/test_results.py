@@ -156,6 +156,10 @@ def test_control_reading_of_each_pair_of_verdicts():
     assert control_reading("inconclusive", "supported").startswith("The classifiers differ")
     assert control_reading("inconclusive", "inconclusive").startswith("Both inversions agree (inconclusive)")
     assert control_reading("supported", "not supported").startswith("The two inversions disagree")
+    # a claim against a reference point: whether each inversion beats it
+    assert control_reading("supported", "inconclusive", True).startswith("Only the generator beats the reference")
+    assert control_reading("not supported", "supported", True).startswith("The direct inversion of the same classifiers beats")
+    assert control_reading("inconclusive", "inconclusive", True).startswith("Both inversions agree (inconclusive)")
 
 
 def test_control_section_judges_the_claim_on_the_control_runs():
@@ -167,13 +171,17 @@ def test_control_section_judges_the_claim_on_the_control_runs():
     stats = {"pool=avg": {"ssim_nn_train_mean": mean_ci([0.30, 0.31, 0.32])},
              "pool=max": {"ssim_nn_train_mean": mean_ci([0.29, 0.31, 0.33])}}
     # the control: avg 0.40 ± t(2)·0.01/√3·... vs max 0.30: the intervals separate
-    controlled = {"pool=avg": [_control_run(s, ssim_nn_train_mean=v) for s, v in zip((1000, 1001, 1002), (0.39, 0.40, 0.41))],
+    controlled = {"pool=avg": [_control_run(s, ssim_nn_train_mean=v, collapsed=c)
+                               for s, v, c in zip((1000, 1001, 1002), (0.39, 0.40, 0.41), (1.0, 0.0, 0.0))],
                   "pool=max": [_control_run(s, ssim_nn_train_mean=v) for s, v in zip((1000, 1001, 1002), (0.29, 0.30, 0.31))]}
     refs = {v: {"ref_blank_ssim": 0.25, "ref_classmean_ssim": 0.40, "ref_heldout_ssim": 0.49} for v in controlled}
     text = "\n".join(control_section(params, stats, controlled, refs))
     assert "pool=avg: direct inverter, seeds 1000, 1001, 1002" in text
     # mean 0.400, half-width t(0.975, 2) x 0.01 / sqrt(3) = 4.303 x 0.005774 = 0.0248
     assert "| pool=avg | 3 | 0.400 ± 0.025 |" in text
+    header = next(line for line in text.splitlines() if line.startswith("| variant |")).split(" | ")
+    avg = next(line for line in text.splitlines() if line.startswith("| pool=avg |")).split(" | ")
+    assert avg[header.index("collapsed")].startswith("0.333")  # one of the three control runs collapsed
     assert "The claim on the control: **supported**" in text
     assert "The classifiers differ (the direct inversion shows it)" in text
     assert control_section(params, stats, {}, refs) == []

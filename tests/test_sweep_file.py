@@ -94,6 +94,9 @@ MALFORMED = {
     "control with an unknown setting": (_with(control={"inverter": "direct", "direct": {"lrr": 0.1}}), [], "control"),
     "control with a bad value": (_with(control={"inverter": "gradient"}), [], "control"),
     "empty control": (_with(control={}), [], "control"),
+    "time budget in a sweep": (_with(**{"base/train/max_seconds": 30}), [], "train.max_seconds"),
+    "time budget in the control": (_with(control={"inverter": "direct", "train": {"max_seconds": 30}}), [],
+                                   "train.max_seconds"),
     "top level is a list": ("- name: x\n", [], "config"),
     "YAML syntax error": ("name: good\nsearch: {loss.tv: {dist: uniform\n", [], "config"),
     "empty file": ("", [], "config"),
@@ -184,10 +187,21 @@ def test_confirmation_seeds_are_disjoint_from_tuning_seeds(spec, seeds):
 
 def test_control_replaces_the_base_and_keeps_the_axes():
     sweep = SweepConfig.model_validate(yaml.safe_load(_with(control={"inverter": "direct", "train": {"epochs": 2},
-                                                                     "loss": {"tv": 0.7}})))
+                                                                     "loss": {"tv": 0.7}},
+                                                            budget={"num_samples": 2, "epochs": 7,
+                                                                    "steps_per_epoch": 5})))
+    assert sweep.epochs({}) == 7  # the budget applies to the study's own trials ...
     merged = sweep.control_base({"classifier.pool": "max"})
     assert merged["inverter"] == "direct" and merged["train"]["epochs"] == 2 and merged["loss"]["tv"] == 0.7
     assert merged["classifier"]["pool"] == "max"  # the variant's classifier, not the base's
     phase = sweep.control_sweep()
     assert phase.search == {} and not phase.asha.enabled and phase.control is None
-    assert phase.trial_base({"classifier.pool": "max"}) == merged and phase.epochs({}) == 2
+    assert phase.trial_base({"classifier.pool": "max"}) == merged and phase.epochs({}) == 2  # ... not the control's
+    assert "steps_per_epoch" not in merged["train"]  # the base's steps (the default), not the budget's 5
+
+
+def test_smoke_shrinks_the_control_too(tmp_path):
+    file = tmp_path / "s.yaml"
+    file.write_text(_with(control={"inverter": "direct", "train": {"epochs": 9, "steps_per_epoch": 100}}))
+    control = load_sweep(file, smoke=True).control_base({})
+    assert control["train"]["epochs"] == 2 and control["train"]["steps_per_epoch"] == 3

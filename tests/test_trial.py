@@ -139,6 +139,12 @@ def test_max_seconds_stops_training_at_the_time_budget(tiny_config):
     row = trial.step()
     assert trial.done and trial.epoch == 1 and row["evaluated"] == 1.0
     assert row["train_seconds"] == pytest.approx(trial.train_seconds) and trial.train_seconds > 0
+    # a limit reached at epoch 2 of 4 (eval_every 4): that epoch is evaluated, being the last
+    late = Trial(tiny_config("train.max_seconds=1e6", "train.epochs=4", "train.eval_every=4"))
+    late.step()
+    late.cfg.train.max_seconds = 1e-9
+    second = late.step()
+    assert late.done and late.epoch == 2 and second["evaluated"] == 1.0
     unlimited = Trial(tiny_config("train.max_seconds=0", "train.epochs=2", "train.eval_every=2"))
     unlimited.step()
     assert not unlimited.done  # 0 = epochs alone
