@@ -153,7 +153,7 @@ def control_section(params: dict, stats: dict[str, dict[str, MeanCI]], controlle
     if metric and metric != "None" and metric not in CONTROL_METRICS:
         for v in variants:
             cstats[v][metric] = mean_ci(r.data.metrics.get(metric) for r in controlled[v])
-    metrics = list(cstats[variants[0]]) if variants else list(CONTROL_METRICS)
+    metrics = list(cstats[variants[0]])
     inverter = {v: sorted({r.data.params.get("inverter", "?") for r in controlled[v]}) for v in variants}
     seeds = {v: _seeds(controlled[v]) for v in variants}
     lines = ["## Class-level control", "",

@@ -25,12 +25,6 @@ def confirm_settings(best_config: dict, seed: int) -> dict:
     return {**best_config, "seed": seed, "classifier.seed": seed}
 
 
-def control_settings(seed: int) -> dict:
-    """The control run of a confirmation seed: the classifier that seed trains, inverted with the
-    control's own settings (no tuned weights)."""
-    return {"seed": seed, "classifier.seed": seed}
-
-
 def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: str | None = None,
                  resume: bool = False, mlflow_uri: str | None = None,
                  shared_storage: bool = False) -> dict[str, dict[str, VariantOutcome]]:
@@ -69,7 +63,7 @@ def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: s
                 raise SweepInterrupted(variant)
             if sweep.control:
                 control = run_variant(sweep.control_sweep(), variant, settings, out_dir, resources, tracking,
-                                      "control", resume, fixed_params=[control_settings(s) for s in seeds])
+                                      "control", resume, fixed_params=[confirm_settings({}, s) for s in seeds])  # no tuned weights
                 outcomes[variant]["control"] = control
                 record()
                 if control.interrupted:

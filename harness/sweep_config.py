@@ -272,7 +272,7 @@ class SweepConfig(_Section):
     def control_base(self, variant_settings: dict[str, Any]) -> dict:
         """The control trial of a variant: the base with `control` merged over it (the budget's
         epochs and steps do not apply: the control states its own), then the variant's axes."""
-        return deep_merge(deep_merge(self.base, self.control or {}), unflatten(dict(variant_settings)))
+        return self.control_sweep().trial_base(variant_settings)
 
     def control_sweep(self) -> "SweepConfig":
         """This study as the control phase runs it: the control's settings as the base, no
