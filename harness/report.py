@@ -34,6 +34,21 @@ def _fmt(stat: MeanCI) -> str:
     return f"{stat.mean:.3f} ± {(stat.high - stat.low) / 2:.3f}"
 
 
+COUNTED = ("collapsed",)  # 0/1 per run: a count ("1 of 3") reads better than a t-interval
+
+
+def count_cell(values) -> str:
+    """'k of n' for a 0/1 metric over runs: k runs at 1 among the n finite values."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return f"{sum(1 for v in vals if v >= 0.5)} of {len(vals)}" if vals else "n/a"
+
+
+def _cell(metric: str, runs: list, stat: MeanCI) -> str:
+    if metric in COUNTED:
+        return count_cell(r.data.metrics.get(metric) for r in runs)
+    return _fmt(stat)
+
+
 def _ended(run) -> bool:
     """Finished or stopped early (pruned, collapsed, NaN); not failed, not left running."""
     return run.info.status in ("FINISHED", "KILLED")
@@ -161,8 +176,8 @@ def control_section(params: dict, stats: dict[str, dict[str, MeanCI]], controlle
              "settings (no tuning): " + "; ".join(f"{v}: {_join(inverter[v])} inverter, seeds {_join(seeds[v])}"
                                                  for v in variants) + ".", "",
              "| variant | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    lines += [f"| {v} | {len(controlled[v])} | " + " | ".join(_fmt(cstats[v][m]) for m in metrics) + " |"
-              for v in variants]
+    lines += [f"| {v} | {len(controlled[v])} | " + " | ".join(_cell(m, controlled[v], cstats[v][m]) for m in metrics)
+              + " |" for v in variants]
     control_verdict = claim_verdict(params, cstats, refs)
     inverted = claim_verdict(params, stats, refs)
     lines += ["", f"The claim on the control: {control_verdict}", "",
@@ -283,7 +298,8 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
     lines.append("| variant | n | " + " | ".join(metrics) + " |")
     lines.append("|---|---|" + "---|" * len(metrics))
     for v in variants:
-        cells = [_fmt(stats[v][m]) + (f" (n={stats[v][m].n})" if 0 < stats[v][m].n < runs_of[v] else "")
+        cells = [_cell(m, basis.get(v, []), stats[v][m]) + (f" (n={stats[v][m].n})" if 0 < stats[v][m].n < runs_of[v]
+                                                            and m not in COUNTED else "")
                  for m in metrics]
         lines.append(f"| {v} | {runs_of[v]} | " + " | ".join(cells) + " |")
     lines += ["", "Reference points of each variant (same metric code, real data of the variant's dataset "
@@ -292,6 +308,8 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
     lines += [f"| {v} | " + " | ".join(f"{refs.get(v, {}).get(k, float('nan')):.3f}" for k in REFERENCES) + " |"
               for v in variants]
     lines.append("")
+    if confirmed:
+        lines += per_seed_section(basis, refs, params.get("claim.metric"))
     lines += control_section(params, stats, by_phase.get("control", {}), refs)
     lines += tuning_section(tuned, params)
     lines += ["## Figures", ""]
@@ -378,6 +396,49 @@ def seeds_section(tuned: dict[str, list], confirmed: dict[str, list], basis: dic
               "trial, which biases the confirmation towards the selected winner." if overlap else
               "The confirmation seeds are disjoint from the tuning seeds.", ""]
     return lines
+
+
+PER_SEED_METRICS = ("ssim_nn_train_mean", "diversity", "evaluator_acc", "collapsed", "coverage_gap", "top10_gap",
+                    "memorization_gap")
+
+
+def _sd(values: list[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def per_seed_section(basis: dict[str, list], refs: dict[str, dict[str, float]], claim_metric: str | None) -> list[str]:
+    """Every confirmation run on its own line (a mean hides the one seed below the all-black image,
+    or the one that collapsed), and the spread over seeds: the sample standard deviation of
+    nn-SSIM (and of the claim's metric) per variant, with how many seeds sit below the variant's
+    own all-black image."""
+    metrics = list(PER_SEED_METRICS)
+    if claim_metric and claim_metric != "None" and claim_metric not in metrics:
+        metrics.append(claim_metric)
+    lines = ["## Per seed", "", "Each confirmation run (seed = generator and classifier seed):", "",
+             "| variant | seed | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    spread = []
+    for v in sorted(basis):
+        runs = sorted(basis[v], key=lambda r: (_seeds([r]) or [0])[0])
+        for r in runs:
+            cells = []
+            for m in metrics:
+                value = r.data.metrics.get(m)
+                cells.append("n/a" if value is None or not math.isfinite(value) else
+                             ("yes" if value >= 0.5 else "no") if m in COUNTED else f"{value:.3f}")
+            lines.append(f"| {v} | {_join(_seeds([r]))} | " + " | ".join(cells) + " |")
+        nn = [r.data.metrics["ssim_nn_train_mean"] for r in runs
+              if math.isfinite(r.data.metrics.get("ssim_nn_train_mean", float("nan")))]
+        blank = refs.get(v, {}).get("ref_blank_ssim", float("nan"))
+        part = f"{v}: sd {_sd(nn):.3f} over {len(nn)} seeds, {sum(1 for x in nn if x < blank)} below its all-black image"
+        if claim_metric and claim_metric not in ("None", "ssim_nn_train_mean") and claim_metric not in COUNTED:
+            vals = [r.data.metrics[claim_metric] for r in runs
+                    if math.isfinite(r.data.metrics.get(claim_metric, float("nan")))]
+            part += f"; sd of {claim_metric} {_sd(vals):.3f}"
+        spread.append(part)
+    return lines + ["", "Spread over seeds, ssim_nn_train_mean: " + "; ".join(spread) + ".", ""]
 
 
 def _join(values: list) -> str:

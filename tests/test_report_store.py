@@ -50,7 +50,7 @@ def store(tmp_path):
     confirm = {"pool=avg": [0.2, 0.25, 0.3, None], "pool=max": [0.05, 0.06, 0.07]}
     for variant, values in confirm.items():
         for i, value in enumerate(values):
-            metrics = {"score": 0.1 * (i + 1), **refs[variant]}
+            metrics = {"score": 0.1 * (i + 1), "collapsed": float(variant == "pool=avg" and i == 1), **refs[variant]}
             if value is not None:  # the fourth avg run never evaluated: nothing to average
                 metrics["ssim_nn_train_mean"] = value
             _run(client, exp, parent, variant, "confirm", "FINISHED", metrics,
@@ -97,6 +97,17 @@ def test_report_numbers_match_hand_computed_values(store):
     assert "Tuning trials ran with seeds 0" in text
     assert "- pool=avg: seeds 1000, 1001, 1002, 1003" in text and "- pool=max: seeds 1000, 1001, 1002" in text
     assert "The confirmation seeds are disjoint from the tuning seeds." in text
+    # collapsed is a count of runs, not a t-interval over 0/1 values
+    assert avg["collapsed"] == "1 of 4" and mx["collapsed"] == "0 of 3"
+    # every confirmation run on its own line, and the spread over seeds
+    seed_header = _row(text, "variant", "## Per seed")
+    row = dict(zip(seed_header, _row(text, "pool=avg | 1001", "## Per seed")))
+    assert row["ssim_nn_train_mean"] == "0.250" and row["collapsed"] == "yes" and row["diversity"] == "n/a"
+    assert dict(zip(seed_header, _row(text, "pool=avg | 1003", "## Per seed")))["ssim_nn_train_mean"] == "n/a"
+    # sd of (0.2, 0.25, 0.3) = 0.05; of (0.05, 0.06, 0.07) = 0.01; below all-black: 0.2 < 0.25 (0.25 is not),
+    # and all three max runs below their 0.35
+    assert ("Spread over seeds, ssim_nn_train_mean: pool=avg: sd 0.050 over 3 seeds, 1 below its all-black image; "
+            "pool=max: sd 0.010 over 3 seeds, 3 below its all-black image.") in text
 
 
 def test_report_flags_confirmation_seeds_that_repeat_a_tuning_seed(store, tmp_path):
