@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from harness.config import ConfigError  # noqa: E402
 from harness.mlflow_store import (TAG_OPTUNA_STORAGE, TAG_PHASE, TAG_STOP_REASON,  # noqa: E402
                                   TAG_VARIANT, child_runs, client_for, newest_parent)
-from harness.results import MeanCI, best_trials, mean_ci  # noqa: E402
+from harness.results import (MeanCI, best_trials, count_at_one, finite, fisher_greater, mean_ci,  # noqa: E402
+                             sample_sd)
 
 TABLE_METRICS = ("score", "ssim_nn_train_mean", "ssim_nn_test_mean", "memorization_gap", "diversity",
                  "evaluator_acc", "train_coverage", "heldout_coverage", "coverage_gap", "train_top10",
@@ -39,8 +40,8 @@ COUNTED = ("collapsed",)  # 0/1 per run: a count ("1 of 3") reads better than a 
 
 def count_cell(values) -> str:
     """'k of n' for a 0/1 metric over runs: k runs at 1 among the n finite values."""
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return f"{sum(1 for v in vals if v >= 0.5)} of {len(vals)}" if vals else "n/a"
+    k, n = count_at_one(values)
+    return f"{k} of {n}" if n else "n/a"
 
 
 def _cell(metric: str, runs: list, stat: MeanCI) -> str:
@@ -93,6 +94,8 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[
         if lesser not in stats:
             return f"**inconclusive**: {statement}: variant {lesser} has no confirmed runs."
         l_ = stats[lesser][metric]
+        if metric in COUNTED:
+            return count_verdict(statement, metric, greater, g, lesser, l_)
         numbers = (f"{metric}: {greater} {_fmt(g)} (n={g.n}) vs {lesser} {_fmt(l_)} (n={l_.n}) "
                    "(mean ± 95% CI half-width over seeds)")
         if g.low > l_.high:
@@ -109,6 +112,21 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[
     if g.high < ref_value:
         return f"**not supported**: {statement}. {numbers}; the interval lies below the reference."
     return f"**inconclusive**: {statement}. {numbers}; the interval contains the reference."
+
+
+def count_verdict(statement: str, metric: str, greater: str, g: MeanCI, lesser: str, l_: MeanCI) -> str:
+    """A claim on a 0/1 metric (collapsed) compares counts of runs, by Fisher's exact test (one-sided,
+    5%): a t-interval over 0/1 values has zero width at 0 of 3 and 3 of 3 and would call any
+    difference significant."""
+    kg, kl = round(g.mean * g.n), round(l_.mean * l_.n)
+    p, p_reverse = fisher_greater(kg, g.n, kl, l_.n), fisher_greater(kl, l_.n, kg, g.n)
+    numbers = (f"{metric}: {greater} {kg} of {g.n} vs {lesser} {kl} of {l_.n} (Fisher's exact test, one-sided "
+               f"p = {p:.3f}; the reverse p = {p_reverse:.3f})")
+    if p < 0.05:
+        return f"**supported**: {statement}. {numbers}; the counts separate at p < 0.05."
+    if p_reverse < 0.05:
+        return f"**not supported** (the opposite holds): {statement}. {numbers}; the counts separate the other way."
+    return f"**inconclusive**: {statement}. {numbers}; the counts do not separate at p < 0.05."
 
 
 CONTROL_METRICS = ("ssim_nn_train_mean", "diversity", "evaluator_acc", "collapsed", "train_top10", "heldout_top10",
@@ -309,7 +327,7 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
               for v in variants]
     lines.append("")
     if confirmed:
-        lines += per_seed_section(basis, refs, params.get("claim.metric"))
+        lines += per_seed_section(confirmed, refs, params.get("claim.metric"))
     lines += control_section(params, stats, by_phase.get("control", {}), refs)
     lines += tuning_section(tuned, params)
     lines += ["## Figures", ""]
@@ -402,14 +420,11 @@ PER_SEED_METRICS = ("ssim_nn_train_mean", "diversity", "evaluator_acc", "collaps
                     "memorization_gap")
 
 
-def _sd(values: list[float]) -> float:
-    if len(values) < 2:
-        return float("nan")
-    mean = sum(values) / len(values)
-    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+def _number(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "n/a"
 
 
-def per_seed_section(basis: dict[str, list], refs: dict[str, dict[str, float]], claim_metric: str | None) -> list[str]:
+def per_seed_section(confirmed: dict[str, list], refs: dict[str, dict[str, float]], claim_metric: str | None) -> list[str]:
     """Every confirmation run on its own line (a mean hides the one seed below the all-black image,
     or the one that collapsed), and the spread over seeds: the sample standard deviation of
     nn-SSIM (and of the claim's metric) per variant, with how many seeds sit below the variant's
@@ -420,25 +435,24 @@ def per_seed_section(basis: dict[str, list], refs: dict[str, dict[str, float]], 
     lines = ["## Per seed", "", "Each confirmation run (seed = generator and classifier seed):", "",
              "| variant | seed | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     spread = []
-    for v in sorted(basis):
-        runs = sorted(basis[v], key=lambda r: (_seeds([r]) or [0])[0])
+    for v in sorted(confirmed):
+        runs = sorted(confirmed[v], key=lambda r: _seeds([r]) or [-1])
         for r in runs:
             cells = []
             for m in metrics:
-                value = r.data.metrics.get(m)
-                cells.append("n/a" if value is None or not math.isfinite(value) else
-                             ("yes" if value >= 0.5 else "no") if m in COUNTED else f"{value:.3f}")
-            lines.append(f"| {v} | {_join(_seeds([r]))} | " + " | ".join(cells) + " |")
-        nn = [r.data.metrics["ssim_nn_train_mean"] for r in runs
-              if math.isfinite(r.data.metrics.get("ssim_nn_train_mean", float("nan")))]
+                k, n = count_at_one([r.data.metrics.get(m)])
+                cells.append(("yes" if k else "no") if m in COUNTED and n else
+                             _number(float(r.data.metrics.get(m, float("nan")))))
+            seed = _join(_seeds([r])) + ("" if _ended(r) else f" ({r.info.status.lower()})")
+            lines.append(f"| {v} | {seed} | " + " | ".join(cells) + " |")
+        nn = finite(r.data.metrics.get("ssim_nn_train_mean") for r in runs)
         blank = refs.get(v, {}).get("ref_blank_ssim", float("nan"))
-        part = f"{v}: sd {_sd(nn):.3f} over {len(nn)} seeds, {sum(1 for x in nn if x < blank)} below its all-black image"
+        below = f"{sum(1 for x in nn if x < blank)}" if math.isfinite(blank) else "n/a (no all-black reference)"
+        part = f"{v}: ssim_nn_train_mean sd {_number(sample_sd(nn))} over {len(nn)} seeds, {below} below its all-black image"
         if claim_metric and claim_metric not in ("None", "ssim_nn_train_mean") and claim_metric not in COUNTED:
-            vals = [r.data.metrics[claim_metric] for r in runs
-                    if math.isfinite(r.data.metrics.get(claim_metric, float("nan")))]
-            part += f"; sd of {claim_metric} {_sd(vals):.3f}"
+            part += f", {claim_metric} sd {_number(sample_sd(r.data.metrics.get(claim_metric) for r in runs))}"
         spread.append(part)
-    return lines + ["", "Spread over seeds, ssim_nn_train_mean: " + "; ".join(spread) + ".", ""]
+    return lines + ["", "Spread over seeds (sample sd): " + "; ".join(spread) + ".", ""]
 
 
 def _join(values: list) -> str:

@@ -28,6 +28,33 @@ def best_trials(trials: Iterable[T], metric: str, mode: str, top: int | None = 1
     return ranked if top is None else ranked[:top]
 
 
+def finite(values: Iterable[Any]) -> list[float]:
+    """The finite numbers among `values` (None, NaN, inf and non-numbers left out)."""
+    return [float(v) for v in values if is_finite_number(v)]
+
+
+def sample_sd(values: Iterable[Any]) -> float:
+    """Sample standard deviation (n - 1) of the finite values; NaN for fewer than two."""
+    vals = finite(values)
+    if len(vals) < 2:
+        return float("nan")
+    mean = sum(vals) / len(vals)
+    return (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+
+
+def count_at_one(values: Iterable[Any]) -> tuple[int, int]:
+    """(how many of the finite values of a 0/1 metric are 1, how many finite values)."""
+    vals = finite(values)
+    return sum(1 for v in vals if v >= 0.5), len(vals)
+
+
+def fisher_greater(k1: int, n1: int, k2: int, n2: int) -> float:
+    """One-sided p-value of Fisher's exact test that a rate of k1/n1 is larger than k2/n2."""
+    from scipy import stats
+
+    return float(stats.fisher_exact([[k1, n1 - k1], [k2, n2 - k2]], alternative="greater").pvalue)
+
+
 class MeanCI(NamedTuple):
     """Mean and confidence interval of the finite values; n is how many were averaged."""
     mean: float
@@ -41,13 +68,12 @@ def mean_ci(values: Iterable[Any], confidence: float = 0.95) -> MeanCI:
     out and not counted); a single value has an infinite interval, none gives NaN."""
     from scipy import stats
 
-    vals = [float(v) for v in values if is_finite_number(v)]
+    vals = finite(values)
     n = len(vals)
     if not vals:
         return MeanCI(float("nan"), float("nan"), float("nan"), 0)
     mean = sum(vals) / n
     if n < 2:
         return MeanCI(mean, float("-inf"), float("inf"), 1)
-    sd = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / n ** 0.5
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sample_sd(vals) / n ** 0.5
     return MeanCI(mean, mean - half, mean + half, n)

@@ -102,12 +102,12 @@ def test_report_numbers_match_hand_computed_values(store):
     # every confirmation run on its own line, and the spread over seeds
     seed_header = _row(text, "variant", "## Per seed")
     row = dict(zip(seed_header, _row(text, "pool=avg | 1001", "## Per seed")))
-    assert row["ssim_nn_train_mean"] == "0.250" and row["collapsed"] == "yes" and row["diversity"] == "n/a"
+    assert row["ssim_nn_train_mean"] == "0.250" and row["collapsed"] == "yes" and row["evaluator_acc"] == "n/a"
     assert dict(zip(seed_header, _row(text, "pool=avg | 1003", "## Per seed")))["ssim_nn_train_mean"] == "n/a"
     # sd of (0.2, 0.25, 0.3) = 0.05; of (0.05, 0.06, 0.07) = 0.01; below all-black: 0.2 < 0.25 (0.25 is not),
     # and all three max runs below their 0.35
-    assert ("Spread over seeds, ssim_nn_train_mean: pool=avg: sd 0.050 over 3 seeds, 1 below its all-black image; "
-            "pool=max: sd 0.010 over 3 seeds, 3 below its all-black image.") in text
+    assert ("Spread over seeds (sample sd): pool=avg: ssim_nn_train_mean sd 0.050 over 3 seeds, 1 below its all-black "
+            "image; pool=max: ssim_nn_train_mean sd 0.010 over 3 seeds, 3 below its all-black image.") in text
 
 
 def test_report_flags_confirmation_seeds_that_repeat_a_tuning_seed(store, tmp_path):

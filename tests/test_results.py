@@ -185,3 +185,56 @@ def test_control_section_judges_the_claim_on_the_control_runs():
     assert "The claim on the control: **supported**" in text
     assert "The classifiers differ (the direct inversion shows it)" in text
     assert control_section(params, stats, {}, refs) == []
+
+
+# -- claims on a 0/1 metric: counts by Fisher's exact test ------------------------------------
+COLLAPSE = {"claim.metric": "collapsed", "claim.statement": "pert stabilises", "claim.greater": "pert=0.0",
+            "claim.lesser": "pert=1.0", "claim.reference": "None"}
+
+
+@pytest.mark.parametrize("without, with_, verdict, p", [
+    # 6 of 6 against 0 of 6: p = 1 / C(12, 6) = 1/924
+    ((6, 6), (0, 6), "**supported**", "p = 0.001"),
+    # 3 of 3 against 0 of 3: p = 1 / C(6, 3) = 0.05, not below 0.05 (the zero-width t-intervals would separate)
+    ((3, 3), (0, 3), "**inconclusive**", "p = 0.050"),
+    ((0, 6), (6, 6), "**not supported** (the opposite holds)", "p = 1.000; the reverse p = 0.001"),
+    ((0, 3), (0, 3), "**inconclusive**", "p = 1.000"),
+])
+def test_claim_on_collapse_counts_uses_fishers_exact_test(without, with_, verdict, p):
+    def stat(k, n):
+        return {"collapsed": mean_ci([1.0] * k + [0.0] * (n - k))}
+    text = claim_verdict(COLLAPSE, {"pert=0.0": stat(*without), "pert=1.0": stat(*with_)}, {})
+    assert text.startswith(verdict + ":") or text.startswith(verdict + " "), text
+    assert f"collapsed: pert=0.0 {without[0]} of {without[1]} vs pert=1.0 {with_[0]} of {with_[1]}" in text
+    assert p in text
+
+
+def test_sample_sd_and_counts():
+    from harness.results import count_at_one, sample_sd
+    assert sample_sd([1, 2, 3, 4]) == pytest.approx(1.2909944487358056, abs=1e-12)  # sqrt(5/3)
+    assert math.isnan(sample_sd([0.3, float("nan")]))
+    assert count_at_one([1.0, 0.0, 1.0, None, float("nan")]) == (2, 3)
+
+
+def test_per_seed_section_lists_every_run_in_seed_order():
+    from types import SimpleNamespace
+
+    from harness.report import per_seed_section
+
+    def run(seed, status="FINISHED", **metrics):
+        return SimpleNamespace(data=SimpleNamespace(metrics=metrics, params={"seed": str(seed)}),
+                               info=SimpleNamespace(status=status))
+    confirmed = {"kkt=1.0": [run(1002, ssim_nn_train_mean=0.30, diversity=0.6, collapsed=0.0),
+                             run(1000, ssim_nn_train_mean=0.20, diversity=0.4, collapsed=1.0),
+                             run(1001, status="FAILED")],
+                 "kkt=0.0": [run(1000, ssim_nn_train_mean=0.26, diversity=0.5, collapsed=0.0)]}
+    refs = {"kkt=1.0": {"ref_blank_ssim": 0.25}}  # kkt=0.0 has no reference points
+    text = "\n".join(per_seed_section(confirmed, refs, "diversity"))
+    rows = [line for line in text.splitlines() if line.startswith("| kkt=")]
+    assert [r.split(" | ")[1] for r in rows] == ["1000", "1000", "1001 (failed)", "1002"]
+    assert rows[1] == "| kkt=1.0 | 1000 | 0.200 | 0.400 | n/a | yes | n/a | n/a | n/a |"
+    assert rows[2] == "| kkt=1.0 | 1001 (failed) | n/a | n/a | n/a | n/a | n/a | n/a | n/a |"
+    # sd of (0.20, 0.30) = 0.0707, of (0.4, 0.6) = 0.1414; one value: no sd; no reference: no count
+    assert ("Spread over seeds (sample sd): kkt=0.0: ssim_nn_train_mean sd n/a over 1 seeds, n/a (no all-black "
+            "reference) below its all-black image, diversity sd n/a; kkt=1.0: ssim_nn_train_mean sd 0.071 over "
+            "2 seeds, 1 below its all-black image, diversity sd 0.141.") in text
