@@ -118,6 +118,8 @@ def count_verdict(statement: str, metric: str, greater: str, g: MeanCI, lesser: 
     """A claim on a 0/1 metric (collapsed) compares counts of runs, by Fisher's exact test (one-sided,
     5%): a t-interval over 0/1 values has zero width at 0 of 3 and 3 of 3 and would call any
     difference significant."""
+    if not (g.n and l_.n):
+        return f"**inconclusive**: {statement}: {metric} was not recorded for {greater if not g.n else lesser}."
     kg, kl = round(g.mean * g.n), round(l_.mean * l_.n)
     p, p_reverse = fisher_greater(kg, g.n, kl, l_.n), fisher_greater(kl, l_.n, kg, g.n)
     numbers = (f"{metric}: {greater} {kg} of {g.n} vs {lesser} {kl} of {l_.n} (Fisher's exact test, one-sided "

@@ -209,6 +209,12 @@ def test_claim_on_collapse_counts_uses_fishers_exact_test(without, with_, verdic
     assert p in text
 
 
+def test_claim_on_collapse_without_values_is_inconclusive():
+    stats = {"pert=0.0": {"collapsed": mean_ci([1.0, 0.0])}, "pert=1.0": {"collapsed": mean_ci([None, float("nan")])}}
+    assert claim_verdict(COLLAPSE, stats, {}) == ("**inconclusive**: pert stabilises: collapsed was not recorded "
+                                                  "for pert=1.0.")
+
+
 def test_sample_sd_and_counts():
     from harness.results import count_at_one, sample_sd
     assert sample_sd([1, 2, 3, 4]) == pytest.approx(1.2909944487358056, abs=1e-12)  # sqrt(5/3)
