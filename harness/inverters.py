@@ -192,18 +192,36 @@ class DirectInverter(Inverter):
         return x.clamp(-1, 1).cpu(), self.labels.cpu().clone()
 
 
-def stretch_to_range(x: torch.Tensor, origin: torch.Tensor, significant: float = 0.2) -> torch.Tensor:
-    """Each image's deviation d = x − origin, stretched by the largest s > 0 that keeps origin + s·d
-    in [-1, 1] on the pixels where |d| is at least `significant` x its largest |d| (the others,
-    left from the initial noise, would otherwise fix s). For a candidate that is an exact multiple
-    c·(t − origin) of an image t with pixels at ±1 this gives t back: s = 1/c."""
+def stretch_factor(x: torch.Tensor, origin: torch.Tensor, significant: float = 0.2, no_room: float = 0.02,
+                   outliers: float = 0.02) -> torch.Tensor:
+    """Per image, the s > 0 by which `stretch_to_range` multiplies the deviation d = x − origin: the
+    largest stretch that keeps origin + s·d in [-1, 1] on the image's significant pixels (|d| at
+    least `significant` x its largest |d|; the others, left from the initial noise, would otherwise
+    fix s), where
+    - a pixel whose origin lies within `no_room` of the bound its deviation points at is left out:
+      it has no room to move (MNIST's mean image sits at exactly −1 on a third of its pixels, where
+      one small negative deviation would otherwise give s = 0 and turn the candidate into the mean
+      image); it is clamped instead;
+    - the `outliers` fraction of the remaining pixels with the smallest allowed stretch is let
+      through to be clamped, so that one noisy pixel cannot fix s.
+    An image with no such pixel keeps s = 1."""
     d = x - origin
-    room = torch.where(d > 0, 1 - origin, -1 - origin).expand_as(d)  # distance to the bound d points at
-    flat_d, flat_room = d.flatten(1), room.flatten(1)
-    keep = flat_d.abs() >= significant * flat_d.abs().amax(1, keepdim=True).clamp_min(1e-12)
-    ratio = torch.where(keep, flat_room / flat_d.where(flat_d != 0, torch.ones_like(flat_d)), torch.inf)
-    s = ratio.amin(1).clamp(min=0).nan_to_num(1.0, posinf=1.0)
-    return origin + s[:, None, None, None] * d
+    room = torch.where(d > 0, 1 - origin, -1 - origin).expand_as(d).flatten(1)  # to the bound d points at
+    d = d.flatten(1)
+    keep = (d.abs() >= significant * d.abs().amax(1, keepdim=True).clamp_min(1e-12)) & (d != 0)
+    keep &= room.abs() >= no_room
+    ratio = torch.where(keep, room / d.where(d != 0, torch.ones_like(d)), torch.inf).clamp(min=0)
+    count = keep.sum(1)
+    k = (outliers * count).floor().long().clamp(max=(count - 1).clamp(min=0))
+    s = ratio.sort(1).values.gather(1, k[:, None]).squeeze(1)
+    return torch.where(count > 0, s, torch.ones_like(s)).nan_to_num(1.0, posinf=1.0)
+
+
+def stretch_to_range(x: torch.Tensor, origin: torch.Tensor, **options) -> torch.Tensor:
+    """Each image's deviation from `origin` stretched by `stretch_factor` (options pass through).
+    For a candidate that is an exact multiple c·(t − origin) of an image t with pixels at ±1 this
+    gives t back: s = 1/c."""
+    return origin + stretch_factor(x, origin, **options)[:, None, None, None] * (x - origin)
 
 
 INVERTERS: dict[str, type[Inverter]] = {"generator": GeneratorInverter, "direct": DirectInverter}

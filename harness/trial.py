@@ -83,6 +83,7 @@ class Trial:
         self.history: list[dict] = []
         self.resumed = False
         self.last_evaluation: Evaluation | None = None
+        self.evaluated_epoch = 0  # the epoch `last_evaluation` measured
 
     @property
     def classifier_metrics(self) -> dict[str, float]:
@@ -142,16 +143,20 @@ class Trial:
 
     def evaluate(self) -> Evaluation:
         self.last_evaluation = self.evaluator(*self.generate_eval_images())
+        self.evaluated_epoch = self.epoch
         return self.last_evaluation
 
-    def step(self) -> dict[str, float]:
-        """Train one epoch, evaluate when due; the row that is logged and reported."""
+    def step(self, evaluate: bool = False) -> dict[str, float]:
+        """Train one epoch, evaluate when due (or when `evaluate`, e.g. at an epoch whose outputs
+        are written: a checkpoint's images and its metrics must be of the same epoch); the row
+        that is logged and reported."""
         start = time.perf_counter()
         row: dict[str, float] = {"epoch": self.epoch + 1}
         losses = self.train_epoch()
         row.update(losses)
         row["nonfinite"] = float(not all(math.isfinite(v) for v in losses.values()))
-        due = self.epoch % self.cfg.train.eval_every == 0 or self.epoch >= self.cfg.train.epochs or self.out_of_time
+        due = (evaluate or self.epoch % self.cfg.train.eval_every == 0 or self.epoch >= self.cfg.train.epochs
+               or self.out_of_time)
         evaluated = False
         if row["nonfinite"]:
             row.update(self.nonfinite_metrics())
@@ -217,11 +222,15 @@ class Trial:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        evaluation = self.last_evaluation or self.evaluate()
+        nonfinite = bool(self.history and self.history[-1]["nonfinite"])
+        if self.last_evaluation is None or (self.evaluated_epoch != self.epoch and not nonfinite):
+            self.evaluate()  # never pair this epoch's images with an older evaluation's indices
+        evaluation = self.last_evaluation
         images, labels = self.generate_eval_images()
         metrics = {**evaluation.metrics, "epoch": self.epoch, "train_seconds": self.train_seconds,
                    **self.classifier_metrics,
                    "evaluator_heldout_acc": self.evaluator_info["heldout_acc"],
+                   "evaluated_epoch": self.evaluated_epoch,
                    "nonfinite": self.history[-1]["nonfinite"] if self.history else 0.0}
         paths = {name: out / name for name in ("metrics.json", "history.json", "grid.png", "nearest.png",
                                                 "reconstructions.png", "samples.pt", "inverter.pt",

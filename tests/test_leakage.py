@@ -349,3 +349,47 @@ def test_centred_classifier_with_range_rescale_scores_a_scaled_training_bank_as_
     assert metrics["train_top10"] == pytest.approx(1.0, abs=1e-4)
     trial.cfg.direct.rescale = "minmax"  # min-max in image space leaves the mean blended in
     assert trial.evaluate().metrics["train_top10"] < 0.99
+
+
+def _mnist_like_origin_and_targets(gen, n=100):
+    """Targets at ±1 (strokes on a third of the pixels) that are all −1 on a background of 270
+    pixels, and their mean image as the origin: exactly −1 there, as MNIST's mean image is."""
+    background = torch.zeros(1, 1, 28, 28, dtype=torch.bool)
+    background.view(-1)[:270] = True
+    t = ((torch.rand(n, 1, 28, 28, generator=gen) > 0.7).float() * 2 - 1).masked_fill(background, -1.0)
+    return t.mean(0, keepdim=True), t, background
+
+
+def test_stretch_ignores_a_pixel_with_no_room_at_the_bound():
+    from harness.inverters import stretch_factor, stretch_to_range
+    gen = torch.Generator().manual_seed(1)
+    origin, t, background = _mnist_like_origin_and_targets(gen)
+    t = t[:1]
+    x = origin + 0.3 * (t - origin)
+    x.view(-1)[0] = -1.12  # one background pixel pushed below the bound its origin sits on
+    assert background.view(-1)[0]
+    assert stretch_factor(x, origin).item() == pytest.approx(1 / 0.3, rel=1e-5)
+    assert torch.allclose(stretch_to_range(x, origin).clamp(-1, 1), t, atol=1e-5)
+
+
+def test_stretch_of_noisy_reconstructions_keeps_them_recognisable():
+    from harness.inverters import stretch_factor
+    from harness.metrics import paired_ssim
+    gen = torch.Generator().manual_seed(2)
+    origin, t, _ = _mnist_like_origin_and_targets(gen)
+    x = origin + 0.3 * (t - origin) + 0.05 * torch.randn(t.shape, generator=gen)
+    s = stretch_factor(x, origin)
+    # noise adds to the small deviations, so the stretch falls short of 1/0.3; it never nears 0,
+    # which would leave the mean image (SSIM 0.17 against these targets)
+    assert s.min().item() > 0.55 / 0.3 and s.max().item() < 1.0 / 0.3
+    stretched = (origin + s[:, None, None, None] * (x - origin)).clamp(-1, 1)
+    assert paired_ssim(stretched, t).min().item() > 0.7
+    assert paired_ssim(origin.expand_as(t), t).mean().item() < 0.2
+
+
+def test_stretch_leaves_an_image_without_significant_pixels_alone():
+    from harness.inverters import stretch_factor
+    origin = torch.full((1, 1, 28, 28), -1.0)
+    x = origin - 0.01  # every pixel points below a bound it already sits on: no room anywhere
+    assert stretch_factor(x, origin).item() == 1.0
+    assert stretch_factor(origin.clone(), origin).item() == 1.0  # no deviation at all

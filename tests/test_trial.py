@@ -152,3 +152,22 @@ def test_max_seconds_stops_training_at_the_time_budget(tiny_config):
     resumed = Trial(tiny_config("train.max_seconds=1e-9", "train.epochs=4", "train.eval_every=4"))
     resumed.load_state_dict(trial.state_dict())
     assert resumed.done and resumed.train_seconds == trial.train_seconds
+
+
+def test_outputs_written_between_evaluations_are_of_the_current_epoch(tiny_config, tmp_path):
+    # eval_every 3: epoch 2 is not due; its outputs must not pair epoch 2's images with epoch 1's
+    # nearest-image indices, nor label epoch 1's metrics as epoch 2's
+    trial = Trial(tiny_config("train.epochs=4", "train.eval_every=3"))
+    first = trial.step()
+    second = trial.step()
+    assert first["evaluated"] == 1.0 and second["evaluated"] == 0.0 and trial.evaluated_epoch == 1
+    trial.write_outputs(tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epoch"] == 2 and metrics["evaluated_epoch"] == 2
+    samples = torch.load(tmp_path / "samples.pt", weights_only=False)
+    fresh = trial.evaluator(*trial.generate_eval_images())
+    assert torch.equal(samples["nearest_train_index"], fresh.nearest_train_index)
+    assert metrics["ssim_nn_train_mean"] == pytest.approx(fresh.metrics["ssim_nn_train_mean"])
+    # asked to, a step evaluates an epoch that is not due (the sweep asks at every checkpoint epoch)
+    third = trial.step(evaluate=True)
+    assert third["evaluated"] == 1.0 and trial.evaluated_epoch == 3
