@@ -1,8 +1,12 @@
 """The names of the metrics a trial reports (no torch here: sweep files are checked against
-these names before anything heavy is imported). Definitions are in `harness.metrics`."""
+these names before anything heavy is imported). Definitions are in `harness.metrics`.
+
+`ssim_nn_train_mean` is measured against all N training images; `ssim_nn_train_side_mean` and
+`ssim_nn_test_mean` against the two equal sides (the training side capped to as many images per
+class as the held-out side has, when it has fewer): compare those two, as `memorization_gap` does."""
 
 METRIC_NAMES = (
-    "ssim_nn_train_mean", "ssim_nn_train_median", "recon_rate", "ssim_nn_test_mean",
+    "ssim_nn_train_mean", "ssim_nn_train_median", "recon_rate", "ssim_nn_train_side_mean", "ssim_nn_test_mean",
     "memorization_gap", "train_coverage", "heldout_coverage", "coverage_gap", "train_top10",
     "heldout_top10", "top10_gap", "target_acc", "evaluator_acc", "diversity", "unique_nn_frac", "collapsed",
     "fd_eval", "score",

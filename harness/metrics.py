@@ -285,6 +285,7 @@ class Evaluator:
             "ssim_nn_train_mean": nn_train.nanmean().item(),
             "ssim_nn_train_median": nn_train.nanmedian().item(),
             "recon_rate": (nn_train >= bar).float().mean().item(),
+            "ssim_nn_train_side_mean": nn_train_side.nanmean().item(),
             "ssim_nn_test_mean": nn_test.nanmean().item(),
             "memorization_gap": nn_train_side.nanmean().item() - nn_test.nanmean().item(),
             "train_coverage": (per_train_side >= bar).float().mean().item(),

@@ -25,6 +25,16 @@ def confirm_settings(best_config: dict, seed: int) -> dict:
     return {**best_config, "seed": seed, "classifier.seed": seed}
 
 
+CLASSIFIER_KEYS = ("classifier.", "data.")  # searched settings that decide which classifier a seed trains
+
+
+def control_settings(best_config: dict, seed: int) -> dict:
+    """The control's settings for one confirmation seed: none of the tuned loss or inverter
+    weights, but every tuned setting that decides the classifier (`classifier.*`, `data.*`), so
+    that the control inverts the very classifier the confirmation run of that seed inverted."""
+    return confirm_settings({k: v for k, v in best_config.items() if k.startswith(CLASSIFIER_KEYS)}, seed)
+
+
 def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: str | None = None,
                  resume: bool = False, mlflow_uri: str | None = None,
                  shared_storage: bool = False) -> dict[str, dict[str, VariantOutcome]]:
@@ -63,7 +73,7 @@ def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: s
                 raise SweepInterrupted(variant)
             if sweep.control:
                 control = run_variant(sweep.control_sweep(), variant, settings, out_dir, resources, tracking,
-                                      "control", resume, fixed_params=[confirm_settings({}, s) for s in seeds])  # no tuned weights
+                                      "control", resume, fixed_params=[control_settings(best[0]["config"], s) for s in seeds])
                 outcomes[variant]["control"] = control
                 record()
                 if control.interrupted:

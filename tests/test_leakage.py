@@ -171,6 +171,14 @@ def test_train_and_heldout_sides_have_equal_size_and_balance():
     assert evaluation.metrics["heldout_coverage"] == pytest.approx(1.0)
     assert evaluation.metrics["heldout_top10"] == pytest.approx(1.0, abs=1e-5)
     assert len(evaluation.train_side[1]) == len(evaluation.heldout_side[0]) == available * K
+    # candidates = training images beyond the cap: all found among the N training images, not all
+    # on the capped side; the gap compares the two equal sides, never all N against the held-out side
+    beyond = torch.ones(len(train), dtype=torch.bool)
+    beyond[ev.train_side_index] = False
+    extra = ev(train.images[beyond][:200], train.labels[beyond][:200]).metrics
+    assert extra["ssim_nn_train_mean"] == pytest.approx(1.0)
+    assert extra["ssim_nn_train_side_mean"] < 0.95
+    assert extra["memorization_gap"] == pytest.approx(extra["ssim_nn_train_side_mean"] - extra["ssim_nn_test_mean"])
 
 
 def test_negative_control_subset_is_disjoint_and_balanced():

@@ -189,3 +189,14 @@ def test_cpu_request_is_checked_against_the_largest_node():
     gpu = SweepConfig.model_validate({"name": "r", "resources": {"cpu": 1, "gpu": 2}})
     with pytest.raises(ConfigError, match="resources.gpu: 2.0 per trial but the largest node has 1"):
         trial_resources(gpu, {"CPU": 8.0, "GPU": 2.0, "nodes": [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]})
+
+
+def test_control_inverts_the_classifier_the_tuned_settings_train():
+    from harness.study import confirm_settings, control_settings
+    best = {"loss.tv": 0.3, "direct.lr": 0.02, "classifier.weight_decay": 0.002, "data.train_size": 50}
+    # the confirmation run of seed 1001 trains its classifier with the tuned weight decay on n = 50;
+    # the control of that seed must invert that classifier, with none of the tuned inversion weights
+    assert confirm_settings(best, 1001) == {**best, "seed": 1001, "classifier.seed": 1001}
+    assert control_settings(best, 1001) == {"classifier.weight_decay": 0.002, "data.train_size": 50,
+                                            "seed": 1001, "classifier.seed": 1001}
+    assert control_settings({"loss.tv": 0.3}, 7) == {"seed": 7, "classifier.seed": 7}
