@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import sys
@@ -11,6 +12,66 @@ from harness.config import ClusterError, ConfigError
 
 EXIT_CONFIG = 2
 EXIT_CLUSTER = 3
+MAX_MESSAGE = 500  # an error message may quote the input: never more than this on its one line (the
+# longest useful ones list the allowed keys or metric names: under 400)
+
+
+def one_line(message: object, limit: int = MAX_MESSAGE) -> str:
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_out(out: Path, flag: str = "--out") -> None:
+    """The output folder exists as a folder or can be made: no file at it or on its way."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == out else f" (on the way to {out})"
+                raise ConfigError(f"{flag}: {path}{where} is a file, not a folder; choose another {flag}")
+            return
+
+
+def check_sweep_args(sweep, args, out: Path, kind: str) -> None:
+    """What `harness sweep` and `harness ablate` can get wrong on the command line or on this
+    machine, checked before Ray starts and before anything is written."""
+    from harness.mlflow_store import check_tracking_uri, sqlite_path
+    from harness.sweep_config import check_local_machine
+
+    check_out(out)
+    ray_dir = out / "ray"
+    if args.resume and not (ray_dir.is_dir() and any(ray_dir.iterdir())):
+        raise ConfigError(f"--resume: {out} holds no {kind} to continue (nothing in {ray_dir}); drop --resume to "
+                          "start one, or point --out at the interrupted run's folder")
+    if args.mlflow_uri:
+        check_tracking_uri(args.mlflow_uri)
+        db = sqlite_path(args.mlflow_uri)
+        if db is not None and not db.parent.is_dir() and db.parent.resolve() != out.resolve():
+            raise ConfigError(f"--mlflow-uri: folder {db.parent} does not exist; create it, or leave --mlflow-uri "
+                              "out to keep the store in OUT/mlflow.db")
+    if not args.address or args.address == "local":  # a cluster's machines are known only once connected
+        check_local_machine(sweep)
+
+
+def check_claim_decidable(sweep, seeds: int) -> None:
+    """A claim on a count (collapsed) is decided by a one-sided Fisher exact test at p < 0.05,
+    whose smallest attainable p with S runs a side is 1 / C(2S, S): refuse seeds that cannot
+    reach it (3 give exactly 0.05)."""
+    claim = sweep.claim
+    if claim is None or claim.lesser is None:
+        return
+    from harness.report import COUNTED
+    from harness.results import FISHER_ALPHA, fisher_smallest_p
+
+    if claim.metric not in COUNTED:
+        return
+    best = fisher_smallest_p(seeds, seeds)
+    if best < FISHER_ALPHA:
+        return
+    need = next(s for s in itertools.count(seeds) if fisher_smallest_p(s, s) < FISHER_ALPHA)
+    raise ConfigError(f"--seeds: the claim on {claim.metric} (a count) is decided by Fisher's exact test at "
+                      f"p < {FISHER_ALPHA:g}, but with {seeds} seeds per variant the smallest attainable p is "
+                      f"{best:.3g}; use at least {need} seeds (smallest p {fisher_smallest_p(need, need):.3g}): "
+                      f"--seeds {need} or confirm_seeds: {need} in the file")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -43,13 +104,17 @@ def format_table(rows: list[tuple[str, str]], headers=("metric", "value")) -> st
 def cmd_run(args) -> int:
     from harness.config import build_config, load_yaml
 
+    from harness.config import check_data_root
+
     cfg = build_config(load_yaml(args.config) if args.config else {}, args.overrides)  # before heavy imports
+    out = Path(args.out or f"runs/{cfg.name}")
+    check_out(out)
+    check_data_root(cfg.data)
     from tqdm import tqdm
 
     from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
     from harness.trial import Trial
 
-    out = Path(args.out or f"runs/{cfg.name}")
     trial = Trial(cfg)  # data and classifiers load here: input errors surface before any output
     info = trial.classifier_info
     print(f"classifier {cfg.classifier.arch} depth {cfg.classifier.depth}"
@@ -85,9 +150,10 @@ def cmd_sweep(args) -> int:
     from harness.sweep_config import load_sweep
 
     sweep = load_sweep(args.file, args.overrides, smoke=args.smoke)  # validated before Ray starts
+    out = Path(args.out or f"runs/{sweep.name}")
+    check_sweep_args(sweep, args, out, "sweep")
     from harness.sweep import best_rows, run_sweep, summary_table
 
-    out = Path(args.out or f"runs/{sweep.name}")
     variants = sweep.variants()
     print(f"sweep {sweep.name}: {len(variants)} variant(s) x {sweep.budget.num_samples} trials, "
           f"metric {sweep.metric} ({sweep.mode}), ASHA {'on' if sweep.asha.enabled else 'off'}; output {out}/",
@@ -109,13 +175,19 @@ def cmd_ablate(args) -> int:
     from harness.sweep_config import load_sweep
 
     sweep = load_sweep(args.file, args.overrides, smoke=args.smoke)
+    out = Path(args.out or f"runs/{sweep.name}")
+    n_seeds = sweep.confirm_seeds if args.seeds is None else args.seeds
+    if n_seeds < 1:
+        raise ConfigError(f"--seeds: {n_seeds}; give at least 1 confirmation seed")
+    if len(sweep.variants()) < 2:
+        raise ConfigError(f"axes: {sweep.name} has {'no axes' if not sweep.axes else 'one variant'}, so a study "
+                          "has nothing to compare; use `harness sweep` for one configuration, or add axes")
+    check_claim_decidable(sweep, n_seeds)
+    check_sweep_args(sweep, args, out, "study")
     from harness.study import run_ablation
     from harness.sweep import best_rows, summary_table
 
-    out = Path(args.out or f"runs/{sweep.name}")
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds: {args.seeds}; give at least 1 confirmation seed")
-    seeds = sweep.confirmation_seeds(args.seeds)
+    seeds = sweep.confirmation_seeds(n_seeds)
     print(f"study {sweep.name}: {len(sweep.variants())} variant(s), each tuned with {sweep.budget.num_samples} "
           f"trials, then confirmed over seeds {seeds} (disjoint from the tuning seeds); output {out}/", flush=True)
     outcomes = run_ablation(sweep, out, seeds, address=args.address, resume=args.resume, mlflow_uri=args.mlflow_uri,
@@ -131,6 +203,9 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from harness.mlflow_store import require_store
+
+    require_store(args.mlflow_uri)  # reading never creates a store
     from harness.report import compare_runs
 
     print(compare_runs(args.run_ids, args.mlflow_uri))
@@ -138,6 +213,11 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from harness.mlflow_store import require_store
+
+    require_store(args.mlflow_uri)  # reading never creates a store
+    if args.out:
+        check_out(Path(args.out))
     from harness.report import write_report
 
     path = write_report(args.experiment, args.mlflow_uri, Path(args.out) if args.out else None)
@@ -172,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="per-variant tuning with equal budgets, then the best weights over seeds")
     p.add_argument("file", help="sweep file with axes (search_spaces/*.yaml)")
     _add_sweep_args(p)
-    p.add_argument("--seeds", type=int, default=3, help="confirmation seeds per variant (default 3; they start "
-                   "at 1000, or after the largest tuning seed, so none repeats a tuning trial)")
+    p.add_argument("--seeds", type=int, help="confirmation seeds per variant (default: the file's confirm_seeds, "
+                   "3 unless it says otherwise; they start at 1000, or after the largest tuning seed, so none "
+                   "repeats a tuning trial)")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("report", help="tables and figures of a study, read from MLflow")
@@ -199,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     except ClusterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_CLUSTER
     except KeyboardInterrupt:
         print("interrupted; rerun the same command with --resume to continue", file=sys.stderr)

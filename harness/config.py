@@ -8,6 +8,9 @@ field; the CLI turns that into exit code 2 before anything is written.
 from __future__ import annotations
 
 import math
+import os
+import reprlib
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +30,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+SEED_MAX = 2 ** 32 - 1  # numpy's and Optuna's samplers take seeds in [0, 2**32)
+MAX_NAME = 100  # names become folder names (Ray, MLflow, the output folder): keep them short
+MAX_YAML_VALUES = 100_000  # a config or sweep file holds hundreds; more comes from alias expansion
+
+
+def seed_field(default: int, description: str):
+    return Field(default, ge=0, le=SEED_MAX, description=description)
+
+
+def control_character(text: str) -> str | None:
+    """The first control character (NUL, escape, newline, ...) in `text`, or None."""
+    return next((c for c in text if unicodedata.category(c) == "Cc"), None)
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to about `limit` characters, without building the whole repr of a large value."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxtuple, r.maxlist, r.maxdict, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring = r.maxother = r.maxlong = limit
+    return r.repr(value)
+
+
 DATASET_TRAIN_SIZES = {"mnist": 60000, "fashionmnist": 60000}
 
 
@@ -36,7 +61,7 @@ class DataConfig(_Section):
     train_size: int = Field(
         1000, ge=10, description="N: size of the class-balanced training subset the classifier "
         "is trained on (a multiple of the class count, at most the dataset's training split).")
-    subset_seed: int = Field(0, description="Seed that draws the training subset.")
+    subset_seed: int = seed_field(0, "Seed that draws the training subset.")
     classifier_subset: Literal["same", "disjoint"] = Field(
         "same", description="Images the classifier is trained on: the training subset the metrics "
         "score against (same), or an equally sized class-balanced subset disjoint from it (disjoint: "
@@ -73,6 +98,10 @@ class ClassifierConfig(_Section):
                          "from its input (Haim et al.'s dataset-mean subtraction; the mean is part of the "
                          "classifier, so inverters still work on images, and the direct inverter's candidates "
                          "start at that mean image).")
+    center_mean: Literal["own", "disjoint"] = Field(
+        "own", description="With center: the mean of the classifier's own training images, or of 1,000 "
+        "class-balanced training-split images disjoint from the training subset and the negative "
+        "control's subset (the centre then carries no training image).")
     init_scale: float = Field(1.0, gt=0, description="Multiplies the first layer's initial weights (small "
                               "initialisation drives training towards a max-margin KKT point).")
     optimizer: Literal["adam", "gd"] = Field("adam", description="Pretraining: adam (minibatches, `epochs`) or gd "
@@ -86,7 +115,7 @@ class ClassifierConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="gd: momentum.")
     lr: float = Field(1e-3, gt=0, description="Pretraining learning rate (Adam or gd).")
     weight_decay: float = Field(1e-5, ge=0, description="Pretraining weight decay (Adam's, or gd's L2 term).")
-    seed: int = Field(0, description="Seed of the classifier's initialisation and batch order.")
+    seed: int = seed_field(0, "Seed of the classifier's initialisation and batch order.")
     stationarity_steps: int | None = Field(
         None, ge=0, description="Adam steps that fit the KKT multipliers of the real training images (and of "
         "as many held-out images) for the stationarity diagnostic kkt_residual_train / _heldout; 0 = skip; "
@@ -205,7 +234,7 @@ class DirectConfig(_Section):
 
 class EvalConfig(_Section):
     per_class: int = Field(100, ge=2, description="Generated evaluation images per class (hot conditioning).")
-    latent_seed: int = Field(1234, description="Seed of the fixed evaluation latents (and dropout masks).")
+    latent_seed: int = seed_field(1234, "Seed of the fixed evaluation latents (and dropout masks).")
     sample_dropout: bool = Field(
         True, description="Keep the generator's Dropout2d active when sampling the evaluation set "
         "(BatchNorm stays in eval mode): the heavy dropout is this generator's main source of "
@@ -213,6 +242,8 @@ class EvalConfig(_Section):
     topk: int = Field(15, ge=1, description="Nearest-neighbour prefilter: exact SSIM on this many "
                       "candidates by correlation and this many by L2 distance.")
     recon_threshold: float = Field(0.4, gt=0, le=1, description="SSIM at which an image counts as reconstructed.")
+    strict_threshold: float = Field(0.5, gt=0, le=1, description="The stricter bar of the *_coverage_strict "
+                                    "metrics (at 0.4 class-typical images already count at small n).")
     diversity_pairs: int = Field(300, ge=1, description="Image pairs per class sampled for `diversity`.")
     collapse_diversity_frac: float = Field(
         0.25, ge=0, le=1, description="collapsed if diversity < this x ref_heldout_diversity.")
@@ -222,12 +253,12 @@ class EvalConfig(_Section):
 
 class EvaluatorConfig(_Section):
     epochs: int = Field(15, ge=1, description="Training epochs of the independent evaluator.")
-    seed: int = Field(0, description="Seed of the evaluator.")
+    seed: int = seed_field(0, "Seed of the evaluator.")
 
 
 class TrialConfig(_Section):
-    name: str = Field("trial", description="Name of the trial (run names, output folders).")
-    seed: int = Field(0, description="Seed of the generator, its latents and the loss terms' noise.")
+    name: str = Field("trial", max_length=MAX_NAME, description="Name of the trial (run names, output folders).")
+    seed: int = seed_field(0, "Seed of the generator, its latents and the loss terms' noise.")
     device: str = Field("auto", description="torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
     deterministic: bool = Field(False, description="Deterministic kernels only (torch.use_deterministic_algorithms; "
                                 "on a GPU also CUBLAS_WORKSPACE_CONFIG): bit-exact reruns and resumes, a little slower.")
@@ -256,8 +287,11 @@ class TrialConfig(_Section):
 
     @model_validator(mode="after")
     def _device_ok(self):
+        if control_character(self.name) is not None:
+            raise ValueError(f"name: {short_repr(self.name)} holds a control character; it names folders, so "
+                             "use printable text")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
-            raise ValueError(f"device: unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+            raise ValueError(f"device: unknown device {short_repr(self.device)}; use auto, cpu, cuda or cuda:N")
         return self
 
 
@@ -273,7 +307,7 @@ def _format_error(err: ValidationError) -> str:
         msg = msg[len("Value error, "):]
         # model validators report at the section level: their message already names the field
         return f"{loc + '.' if loc else ''}{msg}"
-    return f"{loc}: {msg} (got {first.get('input')!r})"
+    return f"{loc}: {msg} (got {short_repr(first.get('input'))})"
 
 
 def _section_at(loc) -> type[BaseModel] | None:
@@ -293,7 +327,7 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set loss.kkt=1")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw, f"--set {key.strip()}") if raw != "" else ""
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -314,22 +348,95 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config: file {str(path)!r} not found; pass an existing YAML file")
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<:` merges may be overridden by the mapping's own keys
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"key {short_repr(key)} given twice in one mapping (lines {seen[key]} and {line}; "
+                                  "YAML keeps only the last); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, memo: dict[int, int | None], depth: int = 0) -> int:
+    """How many values `node` holds once every alias (*name) is written out in full."""
+    if id(node) in memo:
+        if memo[id(node)] is None:
+            raise ConfigError("an alias refers to a value that holds it; write the values out")
+        return memo[id(node)]
+    if depth > 100:
+        raise ConfigError("values nested more than 100 levels deep; flatten the file")
+    memo[id(node)] = None
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo, depth + 1) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo, depth + 1) + _expanded_size(v, memo, depth + 1) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python values, refusing a key given twice and aliases that expand beyond
+    MAX_YAML_VALUES values (a "billion laughs" file); errors name `where` and the line."""
+    loader = _StrictLoader(text)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config: cannot read {path} ({exc.__class__.__name__}: {exc})") from None
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_VALUES:
+            raise ConfigError(f"more than {MAX_YAML_VALUES:,} values once its aliases (*name) are expanded; "
+                              "write the values out")
+        return loader.construct_document(node)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"config: {path} is not valid YAML ({problem}{where})") from None
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML ({problem[:80]}{at})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: values nested too deep; flatten the file") from None
+    finally:
+        loader.dispose()
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file {short_repr(str(path))} not found; pass an existing YAML file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: cannot read {path} ({exc.__class__.__name__}: {exc})") from None
+    data = parse_yaml(text, f"config: {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping of settings at the top level")
     return data
+
+
+def check_data_root(data: DataConfig) -> None:
+    """Refuse a data folder that was named (data.root or $HARNESS_DATA_ROOT) but does not exist on
+    this machine, before anything runs: torchvision would create it and try to download into it.
+    The default folder is left to torchvision (it downloads there when online)."""
+    if data.root:
+        name, root = "data.root", data.root
+    elif os.environ.get("HARNESS_DATA_ROOT"):
+        name, root = "HARNESS_DATA_ROOT", os.environ["HARNESS_DATA_ROOT"]
+    else:
+        return
+    if not Path(root).expanduser().is_dir():
+        raise ConfigError(f"{name}: folder {short_repr(root)} does not exist; point it at the folder that holds "
+                          f"the {data.dataset} files (torchvision's layout)")
 
 
 def build_config(data: dict | None = None, overrides: list[str] | None = None) -> TrialConfig:

@@ -126,6 +126,23 @@ def classifier_training_set(cfg: DataConfig) -> Split:
     return Split(to_unit_range(images[idx]), labels[idx])
 
 
+CENTRING_PER_CLASS = 100
+
+
+def centring_set(cfg: DataConfig, per_class: int = CENTRING_PER_CLASS) -> Split:
+    """A class-balanced set of training-split images that neither the training subset nor the
+    negative control's disjoint subset holds: where `classifier.center_mean: disjoint` takes the
+    centring mean from, so that the mean the candidates start at carries no training image."""
+    images, labels = load_split(cfg, train=True)
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[train_subset(cfg)[1]] = False
+    gen = torch.Generator().manual_seed(cfg.subset_seed + 1)
+    rest[balanced_indices(labels, cfg.train_size // NUM_CLASSES, gen, rest.nonzero().squeeze(1))] = False
+    idx = balanced_indices(labels, per_class, torch.Generator().manual_seed(cfg.subset_seed + 2),
+                           rest.nonzero().squeeze(1))
+    return Split(to_unit_range(images[idx]), labels[idx])
+
+
 def _test_halves(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     _, labels = load_split(cfg, train=False)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_TEST_SPLIT_SEED))

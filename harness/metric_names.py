@@ -7,7 +7,8 @@ class as the held-out side has, when it has fewer): compare those two, as `memor
 
 METRIC_NAMES = (
     "ssim_nn_train_mean", "ssim_nn_train_median", "recon_rate", "ssim_nn_train_side_mean", "ssim_nn_test_mean",
-    "memorization_gap", "train_coverage", "heldout_coverage", "coverage_gap", "train_top10",
+    "memorization_gap", "train_coverage", "heldout_coverage", "coverage_gap", "train_coverage_strict",
+    "heldout_coverage_strict", "coverage_gap_strict", "train_top10",
     "heldout_top10", "top10_gap", "target_acc", "evaluator_acc", "diversity", "unique_nn_frac", "collapsed",
     "fd_eval", "score",
 )

@@ -299,6 +299,10 @@ class Evaluator:
             "collapsed": float(collapsed),
             "fd_eval": fd if math.isfinite(fd) else float("nan"),
         }
+        strict = cfg.strict_threshold  # where a disjoint classifier's best candidates stop
+        m["train_coverage_strict"] = (per_train_side >= strict).float().mean().item()
+        m["heldout_coverage_strict"] = (per_held >= strict).float().mean().item()
+        m["coverage_gap_strict"] = m["train_coverage_strict"] - m["heldout_coverage_strict"]
         m["coverage_gap"] = m["train_coverage"] - m["heldout_coverage"]
         m["top10_gap"] = m["train_top10"] - m["heldout_top10"]
         m["score"] = compute_score(m["evaluator_acc"], m["ssim_nn_train_mean"], div,

@@ -3,9 +3,12 @@ MLflow only (no torch, no Ray): `harness report` reads a study through this modu
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from harness.config import ConfigError
 
 TAG_SWEEP_DIR = "harness.sweep_dir"
 TAG_TRIAL_ID = "harness.trial_id"
@@ -30,6 +33,36 @@ PAGE_SIZE = 1000
 
 def default_tracking_uri(out_dir: Path) -> str:
     return f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///relative` or `sqlite:////absolute` URI (None for another
+    scheme or an in-memory database)."""
+    if not uri.startswith("sqlite://"):
+        return None
+    path = uri[len("sqlite://"):].split("?", 1)[0]
+    path = path[1:] if path.startswith("/") else path
+    return Path(path) if path else None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a plain path or a `file:` URI: MLflow reads it as its deprecated file store."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    if scheme is None or len(scheme.group(1)) == 1 or scheme.group(1).lower() == "file":  # C:\... is a path
+        path = Path(os.path.abspath(os.path.expanduser(re.sub(r"^file:(//)?", "", uri))))
+        db = path if path.suffix == ".db" else path / "mlflow.db"
+        raise ConfigError(f"--mlflow-uri: {uri[:80]} is a folder path, which MLflow reads as its deprecated file "
+                          f"store; give a database, e.g. sqlite:///{db}, or a tracking server http://HOST:PORT")
+
+
+def require_store(uri: str) -> None:
+    """Reading commands (report, compare) read a store and never create one: opening a SQLite URI
+    whose file does not exist would create an empty store there."""
+    check_tracking_uri(uri)
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"--mlflow-uri: no MLflow store at {path} (the file does not exist); a study writes "
+                          "OUT/mlflow.db, so pass sqlite:///OUT/mlflow.db")
 
 
 def client_for(uri: str) -> MlflowClient:

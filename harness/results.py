@@ -77,3 +77,15 @@ def mean_ci(values: Iterable[Any], confidence: float = 0.95) -> MeanCI:
         return MeanCI(mean, float("-inf"), float("inf"), 1)
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sample_sd(vals) / n ** 0.5
     return MeanCI(mean, mean - half, mean + half, n)
+
+
+FISHER_ALPHA = 0.05  # a count claim (collapsed) is supported when Fisher's one-sided p is below this
+
+
+def fisher_smallest_p(n1: int, n2: int) -> float:
+    """The smallest one-sided p-value `fisher_greater` can give with n1 and n2 runs a side: every
+    run of the first side at 1 and none of the second, 1 / C(n1 + n2, n1) (3 runs a side: 1/20,
+    so p < 0.05 is out of reach; 4: 1/70). No other table goes lower: with k runs at 1 in all,
+    the most lopsided table's p is C(n1, k) / C(n1 + n2, k) for k <= n1, which falls until
+    k = n1, and rises for k > n1."""
+    return 1 / math.comb(n1 + n2, n1)

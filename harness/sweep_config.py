@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
 import typing
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from harness.config import (ConfigError, TrialConfig, _Section, build_config, deep_merge, flatten,
-                            load_yaml, parse_overrides, unflatten)
+from harness.config import (MAX_NAME, ConfigError, TrialConfig, _Section, build_config, check_data_root,
+                            control_character, deep_merge, flatten, load_yaml, parse_overrides, seed_field,
+                            short_repr, unflatten)
 from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
 
+_NONE = object()
 TARGET_NAMES = (*METRIC_NAMES, *REFERENCE_NAMES)  # what a sweep may optimise or a claim compare
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 CONFIRM_SEED_START = 1000  # confirmation seeds start here, or after the largest tuning seed
@@ -142,7 +145,7 @@ class SweepConfig(_Section):
     objectives: dict[str, Literal["max", "min"]] | None = Field(
         None, description="multi-objective search (e.g. {ssim_nn_train_mean: max, diversity: max}); "
         "ASHA still prunes on `metric`")
-    seed: int = Field(0, description="seed of the TPE sampler")
+    seed: int = seed_field(0, "seed of the TPE sampler")
     tpe_startup_trials: int = Field(10, ge=1, description="random trials before TPE models the space")
     asha: AshaConfig = Field(default_factory=AshaConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
@@ -154,6 +157,8 @@ class SweepConfig(_Section):
         "{inverter: direct, ...}) that replace the base's for one untuned run per variant and confirmation "
         "seed (phase control): the same classifier inverted another way, so a report can tell a difference "
         "of the classifiers from one of the generator")
+    confirm_seeds: int = Field(3, ge=1, description="harness ablate: confirmation seeds per variant (--seeds "
+                               "overrides it); a claim on a count (collapsed) needs at least 4")
     checkpoint_every: int = Field(5, ge=1, description="checkpoint the generator every this many epochs")
     max_failures: int = Field(1, ge=0, description="retries of a failing trial, from its last checkpoint")
 
@@ -161,8 +166,10 @@ class SweepConfig(_Section):
     @classmethod
     def _plain_name(cls, value: str) -> str:
         if not PLAIN_NAME.fullmatch(value):
-            raise ValueError(f"{value!r} is not a plain name; use letters, digits, _ and - only (it names "
-                             "the output folder, the MLflow experiment and the Optuna studies)")
+            raise ValueError(f"{short_repr(value)} is not a plain name; use letters, digits, _ and - only (it "
+                             "names the output folder, the MLflow experiment and the Optuna studies)")
+        if len(value) > MAX_NAME:
+            raise ValueError(f"{len(value)} characters long; keep it to {MAX_NAME} (it names folders)")
         return value
 
     @field_validator("metric")
@@ -194,18 +201,36 @@ class SweepConfig(_Section):
                 raise ValueError(f"axes.{key}: not a trial setting; see `harness config` for the names")
             if not values:
                 raise ValueError(f"axes.{key}: give at least one value")
+            as_set: list[tuple[Any, Any]] = []  # (value as written, value as the trial takes it)
             for value in values:
-                if "/" in str(value) or "\\" in str(value):
-                    raise ValueError(f"axes.{key}: value {value!r} holds a path separator; a variant name "
-                                     "names folders, so vary a plain value")
+                text = str(value)
+                if "/" in text or "\\" in text:
+                    raise ValueError(f"axes.{key}: value {short_repr(value)} holds a path separator; a variant "
+                                     "name names folders, so vary a plain value")
+                if control_character(text) is not None:
+                    raise ValueError(f"axes.{key}: value {short_repr(value)} holds a control character "
+                                     f"({control_character(text)!r}); a variant name names folders, so use "
+                                     "printable text")
+                if len(text) > MAX_NAME:
+                    raise ValueError(f"axes.{key}: a value {len(text)} characters long; keep values to "
+                                     f"{MAX_NAME} (they name folders)")
                 try:
-                    build_config(self.trial_base({key: value}))
+                    taken = flatten(build_config(self.trial_base({key: value})).model_dump())[key]
                 except ConfigError as exc:
-                    raise ValueError(f"axes.{key}: value {value!r} is not valid ({exc})") from None
+                    raise ValueError(f"axes.{key}: value {short_repr(value)} is not valid ({exc})") from None
+                same = next((written for written, other in as_set if other == taken), _NONE)
+                if same is not _NONE:
+                    raise ValueError(f"axes.{key}: values {short_repr(same)} and {short_repr(value)} are the same "
+                                     f"setting ({short_repr(taken)}); list each value once")
+                as_set.append((value, taken))
         names = [name for name, _ in self.variants()]
         if len(set(names)) < len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"axes: the values give the variant {twice[0]!r} twice; list each value once")
+            raise ValueError(f"axes: the values give the variant {short_repr(twice[0])} twice; list each value once")
+        long_name = next((n for n in names if len(n) > MAX_NAME), None)
+        if long_name is not None:
+            raise ValueError(f"axes: the variant name {short_repr(long_name, 40)} is {len(long_name)} characters "
+                             f"long; keep it to {MAX_NAME} (it names folders): shorter values or fewer axes")
         if self.control is not None:
             if not self.control:
                 raise ValueError("control: give the control's trial settings (e.g. {inverter: direct}) or leave it out")
@@ -343,6 +368,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
             raise ConfigError(f"search.{key}: not a trial setting; see `harness config` for the names")
         if key in sweep.axes:
             raise ConfigError(f"search.{key}: also an axis; vary a setting or search it, not both")
+        _check_drawable(key, sweep.search[key])
     for variant, settings in sweep.variants():
         base = sweep.trial_base(settings)
         try:
@@ -366,6 +392,52 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
     return sweep
 
 
+def setting_types(key: str) -> set[type]:
+    """The Python types a dotted trial setting takes (e.g. {int} for train.jitter, {int, NoneType}
+    for loss.kkt_layers, {} for a choice of names)."""
+    model: type[BaseModel] = TrialConfig
+    *sections, last = key.split(".")
+    for part in sections:
+        model = model.model_fields[part].annotation
+    annotation = model.model_fields[last].annotation
+    return {a for a in (typing.get_args(annotation) or (annotation,)) if isinstance(a, type)}
+
+
+def _check_drawable(key: str, dist: Distribution) -> None:
+    """Every value the distribution can draw is of the setting's type, not only its two ends: a
+    uniform range on a whole-number setting would fail at the first draw of, say, 42.3."""
+    types = setting_types(key)
+    if dist.dist in ("uniform", "loguniform") and float not in types:
+        fix = "use dist: int with whole-number low/high" if int in types else "use dist: choice"
+        raise ConfigError(f"search.{key}: takes {'whole numbers' if int in types else 'no fractions'}, but a "
+                          f"{dist.dist} distribution draws fractions (e.g. 42.3); {fix}")
+    if dist.dist == "int" and not types & {int, float}:
+        raise ConfigError(f"search.{key}: not a number setting, so dist: int does not fit; use dist: choice")
+
+
+def check_local_machine(sweep: SweepConfig) -> None:
+    """What a sweep run on this machine (no --address) needs from it, checked before Ray starts:
+    the data folders its trials name exist, and one trial's CPUs and GPUs fit the machine (Ray
+    would leave a trial that does not fit pending forever, or fail it inside a worker)."""
+    trials = [sweep.trial_base(s) for _, s in sweep.variants()]
+    trials += [sweep.control_base(s) for _, s in sweep.variants()] if sweep.control else []
+    for trial in trials:
+        check_data_root(build_config(trial).data)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    r = sweep.resources
+    if r.cpu > cpus:
+        raise ConfigError(f"resources.cpu: {r.cpu:g} per trial but this machine has {cpus} CPUs; lower it "
+                          "(or run on a cluster with --address)")
+    if r.gpu != "auto" and r.gpu > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if r.gpu > gpus:
+            have = f"{gpus} GPU{'s' if gpus != 1 else ''}" if gpus else "no GPU"
+            raise ConfigError(f"resources.gpu: {r.gpu:g} per trial but this machine has {have}; lower it, or "
+                              "use gpu: auto (a share of a GPU when there is one, else none)")
+
+
 def _format_error_sweep(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
@@ -377,7 +449,7 @@ def _format_error_sweep(err: ValidationError) -> str:
         return f"{loc}: required"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] != "value_error" and "input" in first:
-        msg += f" (got {first['input']!r})"
+        msg += f" (got {short_repr(first['input'])})"
     return f"{loc}: {msg}" if loc else msg
 
 

@@ -401,3 +401,51 @@ def test_stretch_leaves_an_image_without_significant_pixels_alone():
     x = origin - 0.01  # every pixel points below a bound it already sits on: no room anywhere
     assert stretch_factor(x, origin).item() == 1.0
     assert stretch_factor(origin.clone(), origin).item() == 1.0  # no deviation at all
+
+
+def test_coverage_of_each_side_is_the_fraction_at_its_bar():
+    # one all-black candidate per class: each real image's best SSIM is its SSIM against black,
+    # computed here pair by pair; each side's coverage at a bar is the fraction of those at or
+    # above it, at the usual bar and at the strict one alike
+    from harness.metrics import paired_ssim
+    train, _ = train_subset(DataConfig(train_size=200))
+    held = heldout_set(DataConfig(), 20)
+    black = torch.full((K, 1, 28, 28), -1.0)
+    labels = torch.arange(K)
+    judge = TinyJudge().eval()
+    v_train = paired_ssim(train.images, black[train.labels])
+    v_held = paired_ssim(held.images, black[held.labels])
+    def between(values, q):  # halfway between two neighbouring values: no image sits at the bar
+        ordered = values.sort().values
+        k = int(q * len(ordered))
+        return (ordered[k] + ordered[k + 1]).item() / 2
+    bar, strict = between(v_held, 0.5), between(v_train, 0.75)
+    ev = Evaluator(EvalConfig(topk=3, diversity_pairs=10, recon_threshold=bar, strict_threshold=strict),
+                   train, held, judge, judge, {"ref_heldout_diversity": 0.8})
+    m = ev(black, labels).metrics
+    assert m["heldout_coverage"] == pytest.approx((v_held >= bar).float().mean().item(), abs=1e-6)
+    assert m["train_coverage"] == pytest.approx((v_train >= bar).float().mean().item(), abs=1e-6)
+    assert m["heldout_coverage_strict"] == pytest.approx((v_held >= strict).float().mean().item(), abs=1e-6)
+    assert m["train_coverage_strict"] == pytest.approx((v_train >= strict).float().mean().item(), abs=1e-6)
+    assert m["coverage_gap"] == pytest.approx(m["train_coverage"] - m["heldout_coverage"])
+    assert m["coverage_gap_strict"] == pytest.approx(m["train_coverage_strict"] - m["heldout_coverage_strict"])
+    assert 0 < m["heldout_coverage"] < 1 and 0 < m["train_coverage_strict"] < 1
+
+
+def test_disjoint_centring_set_holds_no_training_or_control_image():
+    from harness.classifiers import centring_mean
+    from harness.data import centring_set
+    cfg = DataConfig(train_size=100)
+    train, used = train_subset(cfg)
+    control = classifier_training_set(cfg.model_copy(update={"classifier_subset": "disjoint"}))
+    centre = centring_set(cfg)
+    assert len(centre) == 1000 and all(int((centre.labels == k).sum()) == 100 for k in range(K))
+    flat = lambda s: {tuple(row.tolist()) for row in (s.images.flatten(1) * 127.5).round().to(torch.int16)}
+    assert not flat(centre) & flat(train) and not flat(centre) & flat(control)
+    own = build_config(None, ["data.train_size=100", "classifier.center=true"])
+    disjoint = build_config(None, ["data.train_size=100", "classifier.center=true", "classifier.center_mean=disjoint"])
+    assert torch.allclose(centring_mean(own, train), train.images.mean(0))
+    assert torch.allclose(centring_mean(disjoint, train), centre.images.mean(0))
+    # the default leaves the cache key as it was before the setting existed; the other changes it
+    assert "center_mean" not in classifier_spec(own)["classifier"]
+    assert classifier_spec(disjoint)["classifier"]["center_mean"] == "disjoint"

@@ -171,3 +171,51 @@ def test_zero_weight_terms_are_not_built():
     cfg = LossConfig(ce=1, kl=0, kkt=0, bn=0.5, tv=0.1)
     terms = build_loss_terms(cfg, LinearClassifier(), generator_inverter(), 1000, 8, 0)
     assert list(terms) == ["ce", "tv"]  # bn asked for, but this classifier has no BatchNorm
+
+
+class SquareSumClassifier(nn.Module):
+    """logits = (a · Σ x², 0, ..., 0): the same for every sign pattern of a perturbation of x = 0."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x):
+        s = self.a * x.pow(2).flatten(1).sum(1)
+        logits = torch.cat([s[:, None], torch.zeros(len(x), K - 1)], 1)
+        return logits, logits
+
+
+def test_pert_scores_the_perturbed_image_not_the_clean_one():
+    # x = 0, so f(x) is uniform; x' = ±ε per pixel gives logit s = a · 784 ε² for class 0 whatever
+    # the signs: pert = CE(p', 0) + KL(c || p') + KL(u || p') with Z = e^s + 9:
+    # 2 (log Z − s) + (log Z − log 10 − s / 10). Without the noise it would be 2 log 10.
+    eps, s = 0.1, 2.0
+    t = term("pert", classifier=SquareSumClassifier(s / (784 * eps ** 2)), pert_epsilon=eps)
+    z = math.exp(s) + 9
+    expected = 2 * (math.log(z) - s) + math.log(z) - math.log(K) - s / K
+    value = t(batch(logits=torch.zeros(4, K))).item()
+    assert value == pytest.approx(expected, abs=1e-5)
+    assert abs(value - 2 * math.log(K)) > 0.5
+
+
+def test_bn_counts_the_variance_half():
+    class BNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.bn.eval()  # running mean 0, running variance 1
+
+        def forward(self, x):
+            f = self.bn(x.flatten(1)[:, :4])
+            return f.repeat(1, 3)[:, :K], f
+
+    net = BNNet()
+    x = torch.zeros(2, 1, 28, 28)
+    x.view(2, -1)[0, :4], x.view(2, -1)[1, :4] = 1.0, 5.0  # mean 3, biased variance 4 per feature
+    for form, expected in (("squared", 4 * 3 ** 2 + 4 * 3 ** 2), ("norm", 6.0 + 6.0)):  # ‖(3,3,3,3)‖ = 6
+        t = term("bn", classifier=net, bn_form=form)
+        with t.capture():
+            logits, feats = net(x)
+        assert t(batch(x=x, logits=logits, features=feats, y=torch.zeros(2, dtype=torch.long))).item() == \
+            pytest.approx(expected)
