@@ -59,7 +59,7 @@ def check_claim_decidable(sweep, seeds: int) -> None:
     claim = sweep.claim
     if claim is None or claim.lesser is None:
         return
-    from harness.report import COUNTED
+    from harness.verdicts import COUNTED
     from harness.results import FISHER_ALPHA, fisher_smallest_p
 
     if claim.metric not in COUNTED:
@@ -206,7 +206,7 @@ def cmd_compare(args) -> int:
     from harness.mlflow_store import require_store
 
     require_store(args.mlflow_uri)  # reading never creates a store
-    from harness.report import compare_runs
+    from harness.report_figures import compare_runs
 
     print(compare_runs(args.run_ids, args.mlflow_uri))
     return 0

@@ -89,3 +89,22 @@ def fisher_smallest_p(n1: int, n2: int) -> float:
     the most lopsided table's p is C(n1, k) / C(n1 + n2, k) for k <= n1, which falls until
     k = n1, and rises for k > n1."""
     return 1 / math.comb(n1 + n2, n1)
+
+
+def enters_averages(status: str, metrics: dict[str, Any]) -> tuple[bool, str]:
+    """(whether a run enters a study's averages, why not): its mean ± CI, Fisher's counts, the
+    spread over seeds and so every verdict. Only a run that ended normally (MLflow status FINISHED;
+    a summary.json row's outcome `finished`) with a loss that never became NaN/inf does. A failed or
+    still-running run holds partial-budget values, and a run whose loss went NaN is stopped and
+    logged `collapsed` = 1, a collapse it never had. `status` is either word for how the run ended."""
+    if status in ("FINISHED", "finished") and not metrics.get("nonfinite"):
+        return True, ""
+    if status in ("FAILED", "failed"):
+        return False, "failed"
+    if status in ("RUNNING", "SCHEDULED"):
+        return False, "still running"
+    if metrics.get("nonfinite") or status == "nonfinite":
+        return False, "loss non-finite"
+    if status == "interrupted":  # a summary.json row of a trial the driver's interrupt left unended
+        return False, "interrupted"
+    return False, "stopped early"  # KILLED: pruned, collapse-stopped or interrupted

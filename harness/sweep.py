@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import socket
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from harness.config import ClusterError, ConfigError
-from harness.results import best_trials
+from harness.results import best_trials, enters_averages, finite
 from harness.sweep_config import OFF_SUFFIX, SweepConfig, clean_searched, resolve_trial
 
 log = logging.getLogger(__name__)
@@ -462,8 +461,8 @@ def variant_summary(o: VariantOutcome, metric: str, mode: str) -> dict:
         summary["best"] = {metric: b["metrics"][metric], "settings": b["config"], "trial_id": b["trial_id"],
                            "run_id": b["run_id"], "optuna_trial": b["optuna_trial"], "outcome": b["outcome"],
                            "epoch": b["metrics"].get("epoch")}
-    values = [r["metrics"].get(metric) for r in o.rows if r["outcome"] == "finished"]
-    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    # the report's rule: only trials that ended normally, with a finite loss, are averaged
+    values = finite(r["metrics"].get(metric) for r in o.rows if enters_averages(r["outcome"], r["metrics"])[0])
     summary[f"mean_{metric}_finished"] = sum(values) / len(values) if values else None
     return summary
 

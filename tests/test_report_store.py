@@ -138,8 +138,114 @@ def test_load_study_finds_its_parent_beyond_the_newest_thousand_runs(tmp_path):
 
 
 def test_tpe_history_counts_what_each_tpe_trial_could_model():
-    from harness.report import tpe_history
+    from harness.report_sections import tpe_history
     # (start, end): two start-up trials, then three TPE trials starting at 6, 11 and 12
     spans = [(11, 30), (0, 10), (6, 20), (1, 5), (12, None)]
     assert tpe_history(spans, startup=2) == (2, [1, 2, 2])
     assert tpe_history(spans, startup=10) == (5, [])
+
+
+def _study(tmp_path, name: str, params: dict, runs: list[tuple]) -> str:
+    """A hand-made study store: `runs` are (variant, seed, status, metrics[, artifact folder])
+    confirmation runs under one parent with `params`."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(name, artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"harness.kind": "study"}).info.run_id
+    client.log_batch(parent, params=[Param(k, v) for k, v in {"name": name, "metric": "score", "mode": "max",
+                                                              **params}.items()])
+    for variant, seed, status, metrics, *artifacts in runs:
+        run_id = _run(client, exp, parent, variant, "confirm", "RUNNING", metrics,
+                      {"seed": seed, "classifier.seed": seed})
+        for folder in artifacts:
+            client.log_artifacts(run_id, str(folder))
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
+    client.set_terminated(parent, "FINISHED")
+    return uri
+
+
+def _report(tmp_path, name: str, uri: str) -> str:
+    assert main(["report", "--experiment", name, "--mlflow-uri", uri, "--out", str(tmp_path / "report")]) == 0
+    return (tmp_path / "report" / "README.md").read_text()
+
+
+def test_report_averages_only_runs_that_ended_normally(tmp_path):
+    claim = {"claim.statement": "avg leaks more than max", "claim.metric": "ssim_nn_train_mean",
+             "claim.greater": "pool=avg", "claim.lesser": "pool=max", "claim.reference": "None"}
+    runs = [("pool=avg", 1000, "FINISHED", {"ssim_nn_train_mean": 0.02, "nonfinite": 0.0}),
+            ("pool=avg", 1001, "FINISHED", {"ssim_nn_train_mean": 0.03, "nonfinite": 0.0}),
+            ("pool=avg", 1002, "FAILED", {"ssim_nn_train_mean": 0.60, "nonfinite": 0.0}),  # a partial budget
+            ("pool=avg", 1003, "RUNNING", {"ssim_nn_train_mean": 0.90}),
+            *[("pool=max", 1000 + i, "FINISHED", {"ssim_nn_train_mean": v}) for i, v in enumerate((0.25, 0.26, 0.27))]]
+    text = _report(tmp_path, "ended", _study(tmp_path, "ended", claim, runs))
+    # avg over 0.02 and 0.03 only: mean 0.025, half-width t(0.975, 1) x sd / sqrt(2)
+    # = 12.706 x 0.00707 / 1.414 = 0.0635; max 0.26, 4.303 x 0.01 / sqrt(3) = 0.0248: the intervals
+    # separate the other way (with the failed and running runs avg was 0.388 ± 0.694, n=4)
+    verdict = text.split("## Verdict")[1].split("##")[0]
+    assert verdict.lstrip().startswith("**not supported** (the opposite holds)")
+    assert "pool=avg 0.025 ± 0.064 (n=2) vs pool=max 0.260 ± 0.025 (n=3)" in verdict
+    avg = dict(zip(_row(text, "variant", "## Variants"), _row(text, "pool=avg", "## Variants")))
+    assert avg["n"] == "2" and avg["ssim_nn_train_mean"] == "0.025 ± 0.064"
+    assert ("- pool=avg: seeds 1000, 1001, 1002, 1003 (excluded from the averages: 1002 failed, "
+            "1003 still running)") in text
+    # the per-seed table still shows them, marked
+    per_seed = dict(zip(_row(text, "variant", "## Per seed"), _row(text, "pool=avg | 1002 (excluded: failed)", "## Per seed")))
+    assert per_seed["ssim_nn_train_mean"] == "0.600"
+    assert _row(text, "pool=avg | 1003 (excluded: still running)", "## Per seed")[2] == "0.900"
+    assert "pool=avg: ssim_nn_train_mean sd 0.007 over 2 seeds" in text
+
+
+def test_a_run_whose_loss_went_nan_is_not_counted_as_a_collapse(tmp_path):
+    claim = {"claim.statement": "pert stabilises", "claim.metric": "collapsed", "claim.greater": "pert=0.0",
+             "claim.lesser": "pert=1.0", "claim.reference": "None"}
+    runs = [*[("pert=0.0", 1000 + i, "FINISHED", {"collapsed": 1.0, "nonfinite": 0.0}) for i in range(3)],
+            # the NaN stopper ends the run KILLED and logs score 0 and collapsed 1
+            ("pert=0.0", 1003, "KILLED", {"collapsed": 1.0, "nonfinite": 1.0, "score": 0.0}),
+            *[("pert=1.0", 1000 + i, "FINISHED", {"collapsed": 0.0, "nonfinite": 0.0}) for i in range(3)]]
+    text = _report(tmp_path, "nan", _study(tmp_path, "nan", claim, runs))
+    # 3 of 3 vs 0 of 3: p = 1 / C(6, 3) = 0.050, not below 0.05 (counted as 4 of 4, p = 1 / C(7, 4) = 0.029)
+    verdict = text.split("## Verdict")[1].split("##")[0]
+    assert verdict.lstrip().startswith("**inconclusive**")
+    assert ("collapsed: pert=0.0 3 of 3 vs pert=1.0 0 of 3 (Fisher's exact test, one-sided p = 0.050; the reverse "
+            "p = 1.000; smallest attainable one-sided p with 3 and 3 runs: 0.050)") in verdict
+    assert dict(zip(_row(text, "variant", "## Variants"), _row(text, "pert=0.0", "## Variants")))["collapsed"] == "3 of 3"
+    assert "| pert=0.0 | 1003 (excluded: loss non-finite) |" in text
+
+
+def test_median_run_is_the_middle_value():
+    from types import SimpleNamespace
+
+    from harness.report_figures import median_run
+
+    def run(value):
+        return SimpleNamespace(data=SimpleNamespace(metrics={"m": value}))
+    runs = [run(0.9), run(0.1), run(float("nan")), run(0.5)]
+    assert median_run(runs, "m") == (runs[3], 3)
+    assert median_run([*runs, run(0.7)], "m")[0] is runs[3]  # 0.1 0.5 0.7 0.9: the lower middle
+    assert median_run([run(None)], "m") == (None, 0)
+
+
+def test_figures_show_the_median_seed_by_the_claims_metric(tmp_path):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    claim = {"claim.statement": "the inversions beat the all-black image", "claim.metric": "ssim_nn_train_mean",
+             "claim.greater": "all", "claim.lesser": "None", "claim.reference": "ref_blank_ssim"}
+    runs = []
+    # by the claim's metric the median is seed 1002 (0.5); by the score seed 1000, the best score is
+    # seed 1001's, and the highest train_top10 seed 1000's
+    for seed, ssim, score, top10 in ((1000, 0.9, 0.5, 0.8), (1001, 0.1, 0.9, 0.2), (1002, 0.5, 0.1, 0.4)):
+        folder = tmp_path / f"images-{seed}"
+        folder.mkdir()
+        for name in ("grid.png", "nearest.png", "reconstructions.png"):
+            plt.imsave(folder / name, np.full((8, 8), seed % 10 / 10.0), cmap="gray")
+        runs.append(("all", seed, "FINISHED", {"ssim_nn_train_mean": ssim, "score": score, "train_top10": top10,
+                                               "ref_blank_ssim": 0.2}, folder))
+    text = _report(tmp_path, "median", _study(tmp_path, "median", claim, runs))
+    caption = ("Each variant is shown by its median run by ssim_nn_train_mean among the runs it averages: "
+               "all seed 1002 (ssim_nn_train_mean 0.500, the median of 3).")
+    grids = text.split("### Median-seed inversion of each variant")[1].split("###")[0]
+    assert "](figures/grids.png)" in grids and caption in grids
+    recon = text.split("### Best training and held-out reconstructions of each variant's median-seed run")[1]
+    assert "](figures/reconstructions.png)" in recon.split("###")[0] and caption in recon.split("###")[0]

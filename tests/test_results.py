@@ -1,11 +1,11 @@
-"""Known answers for the decision logic: the confidence interval, the best-trial rule and the
-claim verdict, on fixed numbers (no Ray, no MLflow, no torch)."""
+"""Known answers for the decision logic: the confidence interval, the best-trial rule and which
+runs are averaged, on fixed numbers (no Ray, no MLflow, no torch). The verdicts built on them:
+tests/test_verdicts.py."""
 import math
 
 import pytest
 
-from harness.report import claim_verdict, yardstick
-from harness.results import MeanCI, best_trials, mean_ci
+from harness.results import best_trials, enters_averages, mean_ci
 
 
 # -- mean_ci: Student t, values from scipy.stats.t.interval(0.95, n - 1, loc=mean, scale=sem) --
@@ -68,153 +68,6 @@ def test_sweep_summary_and_ablate_pick_use_the_rule():
     assert [r["name"] for r in best_rows([outcome], "score", "min", top=2)] == ["finished", "pruned"]
 
 
-# -- claim_verdict in every branch --------------------------------------------------------------
-PARAMS = {"claim.statement": "avg leaks more than max", "claim.metric": "ssim_nn_train_mean",
-          "claim.greater": "pool=avg", "claim.lesser": "pool=max", "claim.reference": "None"}
-
-
-def _stats(avg, mx):
-    return {"pool=avg": {"ssim_nn_train_mean": MeanCI(*avg, 3)}, "pool=max": {"ssim_nn_train_mean": MeanCI(*mx, 3)}}
-
-
-@pytest.mark.parametrize("avg, mx, verdict", [
-    ((0.30, 0.25, 0.35), (0.10, 0.05, 0.15), "**supported**"),
-    ((0.10, 0.05, 0.15), (0.30, 0.25, 0.35), "**not supported** (the opposite holds)"),
-    # the means differ but the intervals overlap: no verdict either way
-    ((0.30, 0.20, 0.40), (0.25, 0.15, 0.35), "**inconclusive**"),
-    ((0.25, 0.20, 0.40), (0.30, 0.15, 0.35), "**inconclusive**"),
-    # intervals that touch do not separate
-    ((0.30, 0.25, 0.35), (0.20, 0.15, 0.25), "**inconclusive**"),
-])
-def test_claim_between_variants(avg, mx, verdict):
-    text = claim_verdict(PARAMS, _stats(avg, mx), {})
-    assert text.startswith(verdict + ":") or text.startswith(verdict + " "), text
-    assert "n=3" in text
-
-
-def test_claim_on_a_variant_without_runs_is_inconclusive():
-    stats = {"pool=avg": {"ssim_nn_train_mean": MeanCI(0.3, 0.25, 0.35, 3)}}
-    assert claim_verdict(PARAMS, stats, {}).startswith("**inconclusive**: avg leaks more than max: variant pool=max")
-    assert claim_verdict({**PARAMS, "claim.metric": "None"}, stats, {}).startswith("No claim")
-
-
-REF_PARAMS = {**PARAMS, "claim.lesser": "None", "claim.reference": "ref_blank_ssim",
-              "claim.statement": "the inversions beat the all-black image"}
-# each variant has its own reference point (e.g. two datasets); their mean 0.35 must not be used
-REFS = {"pool=avg": {"ref_blank_ssim": 0.25}, "pool=max": {"ref_blank_ssim": 0.45}}
-
-
-@pytest.mark.parametrize("greater, interval, verdict", [
-    ("pool=avg", (0.33, 0.31, 0.35), "**supported**"),      # above its own 0.25
-    ("pool=max", (0.33, 0.31, 0.35), "**not supported**"),  # below its own 0.45
-    ("pool=avg", (0.26, 0.20, 0.32), "**inconclusive**"),   # contains 0.25
-])
-def test_claim_against_the_variants_own_reference(greater, interval, verdict):
-    stats = {greater: {"ssim_nn_train_mean": MeanCI(*interval, 3)}}
-    text = claim_verdict({**REF_PARAMS, "claim.greater": greater}, stats, REFS)
-    assert text.startswith(verdict + ":"), text
-    assert f"{REFS[greater]['ref_blank_ssim']:.3f}" in text
-
-
-def test_claim_against_a_missing_reference_is_inconclusive():
-    stats = {"pool=avg": {"ssim_nn_train_mean": MeanCI(0.9, 0.85, 0.95, 3)}}
-    assert claim_verdict({**REF_PARAMS, "claim.greater": "pool=avg"}, stats, {}).startswith("**inconclusive**")
-
-
-def test_yardstick_places_each_variant_against_its_own_references():
-    stats = {"train_size=500": {"ssim_nn_train_mean": MeanCI(0.30, 0.2, 0.4, 3)},
-             "train_size=10000": {"ssim_nn_train_mean": MeanCI(0.30, 0.2, 0.4, 3)}}
-    refs = {"train_size=500": {"ref_blank_ssim": 0.25, "ref_classmean_ssim": 0.40},
-            "train_size=10000": {"ref_blank_ssim": 0.35, "ref_classmean_ssim": 0.45}}
-    text = yardstick(stats, refs)
-    assert "train_size=500 0.300 (above its all-black image, below its class-mean image" in text
-    assert "train_size=10000 0.300 (below its all-black image" in text
-    assert "No variant beats" not in text
-
-
-def test_yardstick_does_not_call_a_per_image_claim_a_failure_of_the_mean():
-    stats = {"a": {"ssim_nn_train_mean": MeanCI(0.10, 0.05, 0.15, 3)}}
-    refs = {"a": {"ref_blank_ssim": 0.20, "ref_classmean_ssim": 0.40}}
-    assert "the verdict compares failures" in yardstick(stats, refs, "ssim_nn_train_mean")
-    per_image = yardstick(stats, refs, "coverage_gap")
-    assert "judged per image (coverage_gap)" in per_image and "compares failures" not in per_image
-
-
-def _control_run(seed: int, **metrics):
-    from types import SimpleNamespace
-    return SimpleNamespace(data=SimpleNamespace(metrics=metrics, params={"seed": str(seed), "inverter": "direct"}))
-
-
-def test_control_reading_of_each_pair_of_verdicts():
-    from harness.report import control_reading, verdict_kind
-    assert verdict_kind("**supported**: a. b") == "supported"
-    assert verdict_kind("**not supported** (the opposite holds): a") == "not supported"
-    assert verdict_kind("**inconclusive**: a") == "inconclusive"
-    assert verdict_kind("No claim is attached to this study") == "none"
-    assert control_reading("supported", "supported").startswith("Both inversions show it: the difference lies in the classifiers")
-    assert control_reading("supported", "inconclusive").startswith("Only the generator shows it")
-    assert control_reading("inconclusive", "supported").startswith("The classifiers differ")
-    assert control_reading("inconclusive", "inconclusive").startswith("Both inversions agree (inconclusive)")
-    assert control_reading("supported", "not supported").startswith("The two inversions disagree")
-    # a claim against a reference point: whether each inversion beats it
-    assert control_reading("supported", "inconclusive", True).startswith("Only the generator beats the reference")
-    assert control_reading("not supported", "supported", True).startswith("The direct inversion of the same classifiers beats")
-    assert control_reading("inconclusive", "inconclusive", True).startswith("Both inversions agree (inconclusive)")
-
-
-def test_control_section_judges_the_claim_on_the_control_runs():
-    from harness.report import control_section
-    from harness.results import mean_ci
-    params = {"claim.metric": "ssim_nn_train_mean", "claim.greater": "pool=avg", "claim.lesser": "pool=max",
-              "claim.statement": "avg leaks more"}
-    # the study's own (generator) inversions: overlapping -> inconclusive
-    stats = {"pool=avg": {"ssim_nn_train_mean": mean_ci([0.30, 0.31, 0.32])},
-             "pool=max": {"ssim_nn_train_mean": mean_ci([0.29, 0.31, 0.33])}}
-    # the control: avg 0.40 ± t(2)·0.01/√3·... vs max 0.30: the intervals separate
-    controlled = {"pool=avg": [_control_run(s, ssim_nn_train_mean=v, collapsed=c)
-                               for s, v, c in zip((1000, 1001, 1002), (0.39, 0.40, 0.41), (1.0, 0.0, 0.0))],
-                  "pool=max": [_control_run(s, ssim_nn_train_mean=v) for s, v in zip((1000, 1001, 1002), (0.29, 0.30, 0.31))]}
-    refs = {v: {"ref_blank_ssim": 0.25, "ref_classmean_ssim": 0.40, "ref_heldout_ssim": 0.49} for v in controlled}
-    text = "\n".join(control_section(params, stats, controlled, refs))
-    assert "pool=avg: direct inverter, seeds 1000, 1001, 1002" in text
-    # mean 0.400, half-width t(0.975, 2) x 0.01 / sqrt(3) = 4.303 x 0.005774 = 0.0248
-    assert "| pool=avg | 3 | 0.400 ± 0.025 |" in text
-    header = next(line for line in text.splitlines() if line.startswith("| variant |")).split(" | ")
-    avg = next(line for line in text.splitlines() if line.startswith("| pool=avg |")).split(" | ")
-    assert avg[header.index("collapsed")] == "1 of 3"  # one of the three control runs collapsed
-    assert "The claim on the control: **supported**" in text
-    assert "The classifiers differ (the direct inversion shows it)" in text
-    assert control_section(params, stats, {}, refs) == []
-
-
-# -- claims on a 0/1 metric: counts by Fisher's exact test ------------------------------------
-COLLAPSE = {"claim.metric": "collapsed", "claim.statement": "pert stabilises", "claim.greater": "pert=0.0",
-            "claim.lesser": "pert=1.0", "claim.reference": "None"}
-
-
-@pytest.mark.parametrize("without, with_, verdict, p", [
-    # 6 of 6 against 0 of 6: p = 1 / C(12, 6) = 1/924
-    ((6, 6), (0, 6), "**supported**", "p = 0.001"),
-    # 3 of 3 against 0 of 3: p = 1 / C(6, 3) = 0.05, not below 0.05 (the zero-width t-intervals would separate)
-    ((3, 3), (0, 3), "**inconclusive**", "p = 0.050"),
-    ((0, 6), (6, 6), "**not supported** (the opposite holds)", "p = 1.000; the reverse p = 0.001"),
-    ((0, 3), (0, 3), "**inconclusive**", "p = 1.000"),
-])
-def test_claim_on_collapse_counts_uses_fishers_exact_test(without, with_, verdict, p):
-    def stat(k, n):
-        return {"collapsed": mean_ci([1.0] * k + [0.0] * (n - k))}
-    text = claim_verdict(COLLAPSE, {"pert=0.0": stat(*without), "pert=1.0": stat(*with_)}, {})
-    assert text.startswith(verdict + ":") or text.startswith(verdict + " "), text
-    assert f"collapsed: pert=0.0 {without[0]} of {without[1]} vs pert=1.0 {with_[0]} of {with_[1]}" in text
-    assert p in text
-
-
-def test_claim_on_collapse_without_values_is_inconclusive():
-    stats = {"pert=0.0": {"collapsed": mean_ci([1.0, 0.0])}, "pert=1.0": {"collapsed": mean_ci([None, float("nan")])}}
-    assert claim_verdict(COLLAPSE, stats, {}) == ("**inconclusive**: pert stabilises: collapsed was not recorded "
-                                                  "for pert=1.0.")
-
-
 def test_sample_sd_and_counts():
     from harness.results import count_at_one, sample_sd
     assert sample_sd([1, 2, 3, 4]) == pytest.approx(1.2909944487358056, abs=1e-12)  # sqrt(5/3)
@@ -222,25 +75,41 @@ def test_sample_sd_and_counts():
     assert count_at_one([1.0, 0.0, 1.0, None, float("nan")]) == (2, 3)
 
 
-def test_per_seed_section_lists_every_run_in_seed_order():
-    from types import SimpleNamespace
+# -- which runs are averaged: one rule for the report (MLflow statuses) and summary.json (outcomes) --
+@pytest.mark.parametrize("status, metrics, expected", [
+    ("FINISHED", {"nonfinite": 0.0}, (True, "")),
+    ("FINISHED", {}, (True, "")),
+    ("FAILED", {"nonfinite": 0.0}, (False, "failed")),
+    ("RUNNING", {}, (False, "still running")),
+    # a NaN loss stops the run (KILLED) and logs collapsed = 1: neither averaged nor a collapse
+    ("KILLED", {"nonfinite": 1.0, "collapsed": 1.0}, (False, "loss non-finite")),
+    ("KILLED", {"nonfinite": 0.0}, (False, "stopped early")),
+    ("finished", {"nonfinite": 0.0}, (True, "")),
+    ("finished", {"nonfinite": 1.0}, (False, "loss non-finite")),
+    ("failed", {}, (False, "failed")),
+    ("nonfinite", {"nonfinite": 1.0}, (False, "loss non-finite")),
+    ("pruned", {}, (False, "stopped early")),
+    ("collapsed", {}, (False, "stopped early")),
+    ("interrupted", {}, (False, "interrupted")),
+])
+def test_which_runs_enter_the_averages(status, metrics, expected):
+    assert enters_averages(status, metrics) == expected
 
-    from harness.report import per_seed_section
 
-    def run(seed, status="FINISHED", **metrics):
-        return SimpleNamespace(data=SimpleNamespace(metrics=metrics, params={"seed": str(seed)}),
-                               info=SimpleNamespace(status=status))
-    confirmed = {"kkt=1.0": [run(1002, ssim_nn_train_mean=0.30, diversity=0.6, collapsed=0.0),
-                             run(1000, ssim_nn_train_mean=0.20, diversity=0.4, collapsed=1.0),
-                             run(1001, status="FAILED")],
-                 "kkt=0.0": [run(1000, ssim_nn_train_mean=0.26, diversity=0.5, collapsed=0.0)]}
-    refs = {"kkt=1.0": {"ref_blank_ssim": 0.25}}  # kkt=0.0 has no reference points
-    text = "\n".join(per_seed_section(confirmed, refs, "diversity"))
-    rows = [line for line in text.splitlines() if line.startswith("| kkt=")]
-    assert [r.split(" | ")[1] for r in rows] == ["1000", "1000", "1001 (failed)", "1002"]
-    assert rows[1] == "| kkt=1.0 | 1000 | 0.200 | 0.400 | n/a | yes | n/a | n/a | n/a |"
-    assert rows[2] == "| kkt=1.0 | 1001 (failed) | n/a | n/a | n/a | n/a | n/a | n/a | n/a |"
-    # sd of (0.20, 0.30) = 0.0707, of (0.4, 0.6) = 0.1414; one value: no sd; no reference: no count
-    assert ("Spread over seeds (sample sd): kkt=0.0: ssim_nn_train_mean sd n/a over 1 seeds, n/a (no all-black "
-            "reference) below its all-black image, diversity sd n/a; kkt=1.0: ssim_nn_train_mean sd 0.071 over "
-            "2 seeds, 1 below its all-black image, diversity sd 0.141.") in text
+def test_summary_json_mean_averages_the_runs_the_report_averages():
+    from harness.sweep import VariantOutcome, variant_summary
+
+    def row(outcome, score, nonfinite=0.0):
+        return {"variant": "v", "trial_id": f"t{score}", "config": {}, "error": outcome == "failed",
+                "outcome": outcome, "run_id": None, "optuna_trial": None,
+                "metrics": {"score": score, "nonfinite": nonfinite}}
+    # seeds 0.02 and 0.03 finished; 0.60 failed; a NaN-stopped run; and a row called finished whose
+    # last result still says the loss was non-finite: only 0.02 and 0.03 are averaged, mean 0.025
+    rows = [row("finished", 0.02), row("finished", 0.03), row("failed", 0.60), row("nonfinite", 0.0, 1.0),
+            row("finished", 0.90, 1.0)]
+    summary = variant_summary(VariantOutcome("v", {}, rows=rows, phase="confirm"), "score", "max")
+    assert summary["mean_score_finished"] == pytest.approx(0.025, abs=1e-12)
+    # the MLflow status the tracking callback gives each outcome is read the same way by the report
+    status = {"finished": "FINISHED", "failed": "FAILED", "nonfinite": "KILLED"}
+    assert [enters_averages(status[r["outcome"]], r["metrics"]) for r in rows] == \
+        [enters_averages(r["outcome"], r["metrics"]) for r in rows]

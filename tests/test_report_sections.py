@@ -1,0 +1,60 @@
+"""The Markdown sections of a report (`harness.report_sections`) on hand-made run records: every
+run listed, only those that ended normally averaged. No MLflow store."""
+from types import SimpleNamespace
+
+from harness.report_sections import control_section, per_seed_section
+from harness.results import mean_ci
+
+
+def _control_run(seed: int, status="FINISHED", **metrics):
+    return SimpleNamespace(data=SimpleNamespace(metrics=metrics, params={"seed": str(seed), "inverter": "direct"}),
+                           info=SimpleNamespace(status=status))
+
+
+def test_control_section_judges_the_claim_on_the_control_runs():
+    params = {"claim.metric": "ssim_nn_train_mean", "claim.greater": "pool=avg", "claim.lesser": "pool=max",
+              "claim.statement": "avg leaks more"}
+    # the study's own (generator) inversions: overlapping -> inconclusive
+    stats = {"pool=avg": {"ssim_nn_train_mean": mean_ci([0.30, 0.31, 0.32])},
+             "pool=max": {"ssim_nn_train_mean": mean_ci([0.29, 0.31, 0.33])}}
+    # the control: avg 0.40 ± t(2)·0.01/√3·... vs max 0.30: the intervals separate
+    controlled = {"pool=avg": [_control_run(s, ssim_nn_train_mean=v, collapsed=c)
+                               for s, v, c in zip((1000, 1001, 1002), (0.39, 0.40, 0.41), (1.0, 0.0, 0.0))]
+                  # a control run that failed part-way: listed, not averaged
+                  + [_control_run(1003, "FAILED", ssim_nn_train_mean=0.99, collapsed=1.0)],
+                  "pool=max": [_control_run(s, ssim_nn_train_mean=v) for s, v in zip((1000, 1001, 1002), (0.29, 0.30, 0.31))]}
+    refs = {v: {"ref_blank_ssim": 0.25, "ref_classmean_ssim": 0.40, "ref_heldout_ssim": 0.49} for v in controlled}
+    text = "\n".join(control_section(params, stats, controlled, refs))
+    assert "pool=avg: direct inverter, seeds 1000, 1001, 1002, 1003 (excluded from the averages: 1003 failed)" in text
+    # mean 0.400, half-width t(0.975, 2) x 0.01 / sqrt(3) = 4.303 x 0.005774 = 0.0248
+    assert "| pool=avg | 3 | 0.400 ± 0.025 |" in text
+    header = next(line for line in text.splitlines() if line.startswith("| variant |")).split(" | ")
+    avg = next(line for line in text.splitlines() if line.startswith("| pool=avg |")).split(" | ")
+    assert avg[header.index("collapsed")] == "1 of 3"  # one of the three control runs collapsed
+    assert "The claim on the control: **supported**" in text
+    assert "The classifiers differ (the direct inversion shows it)" in text
+    assert control_section(params, stats, {}, refs) == []
+
+
+def test_per_seed_section_lists_every_run_in_seed_order():
+    def run(seed, status="FINISHED", **metrics):
+        return SimpleNamespace(data=SimpleNamespace(metrics=metrics, params={"seed": str(seed)}),
+                               info=SimpleNamespace(status=status))
+    confirmed = {"kkt=1.0": [run(1002, ssim_nn_train_mean=0.30, diversity=0.6, collapsed=0.0),
+                             run(1000, ssim_nn_train_mean=0.20, diversity=0.4, collapsed=1.0),
+                             run(1001, status="FAILED"),
+                             # its loss went NaN: stopped, logged collapsed, shown but not in the spread
+                             run(1003, status="KILLED", nonfinite=1.0, ssim_nn_train_mean=0.9, collapsed=1.0)],
+                 "kkt=0.0": [run(1000, ssim_nn_train_mean=0.26, diversity=0.5, collapsed=0.0)]}
+    refs = {"kkt=1.0": {"ref_blank_ssim": 0.25}}  # kkt=0.0 has no reference points
+    text = "\n".join(per_seed_section(confirmed, refs, "diversity"))
+    rows = [line for line in text.splitlines() if line.startswith("| kkt=")]
+    assert [r.split(" | ")[1] for r in rows] == ["1000", "1000", "1001 (excluded: failed)", "1002",
+                                                 "1003 (excluded: loss non-finite)"]
+    assert rows[1] == "| kkt=1.0 | 1000 | 0.200 | 0.400 | n/a | yes | n/a | n/a | n/a |"
+    assert rows[2] == "| kkt=1.0 | 1001 (excluded: failed) | n/a | n/a | n/a | n/a | n/a | n/a | n/a |"
+    assert rows[4] == "| kkt=1.0 | 1003 (excluded: loss non-finite) | 0.900 | n/a | n/a | yes | n/a | n/a | n/a |"
+    # sd of (0.20, 0.30) = 0.0707, of (0.4, 0.6) = 0.1414; one value: no sd; no reference: no count
+    assert ("Spread over seeds (sample sd): kkt=0.0: ssim_nn_train_mean sd n/a over 1 seeds, n/a (no all-black "
+            "reference) below its all-black image, diversity sd n/a; kkt=1.0: ssim_nn_train_mean sd 0.071 over "
+            "2 seeds, 1 below its all-black image, diversity sd 0.141.") in text
