@@ -11,12 +11,13 @@ from harness.results import MeanCI, best_trials, count_at_one, finite, mean_ci, 
 from harness.verdicts import (COUNTED, averaged_runs, claim_verdict, control_reading, exclusion, interval_text,
                               verdict_kind, yardstick)
 
-TABLE_METRICS = ("score", "ssim_nn_train_mean", "ssim_nn_test_mean", "memorization_gap", "diversity",
-                 "evaluator_acc", "train_coverage", "heldout_coverage", "coverage_gap", "train_top10",
-                 "heldout_top10", "top10_gap", "collapsed", "fd_eval", "params_per_train_pixel")
+TABLE_METRICS = ("score", "ssim_nn_train_mean", "ssim_nn_train_side_mean", "ssim_nn_test_mean", "memorization_gap",
+                 "diversity", "evaluator_acc", "train_coverage", "heldout_coverage", "coverage_gap",
+                 "coverage_gap_strict", "train_top10", "heldout_top10", "top10_gap", "collapsed", "fd_eval",
+                 "params_per_train_pixel")
 REFERENCES = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim", "ref_heldout_diversity")
 CONTROL_METRICS = ("ssim_nn_train_mean", "diversity", "evaluator_acc", "collapsed", "train_top10", "heldout_top10",
-                   "top10_gap", "coverage_gap")
+                   "top10_gap", "coverage_gap", "coverage_gap_strict")
 PER_SEED_METRICS = ("ssim_nn_train_mean", "diversity", "evaluator_acc", "collapsed", "coverage_gap", "top10_gap",
                     "memorization_gap")
 
