@@ -19,12 +19,22 @@ def qualifies(failed: bool, metrics: dict[str, Any], metric: str) -> bool:
     return not failed and not metrics.get("nonfinite") and is_finite_number(metrics.get(metric))
 
 
+def budget_reached(metrics: dict[str, Any]) -> float:
+    """The epochs a trial ran before it ended or was stopped (0 when it recorded none)."""
+    value = metrics.get("epoch", metrics.get("training_iteration"))
+    return float(value) if is_finite_number(value) else 0.0
+
+
 def best_trials(trials: Iterable[T], metric: str, mode: str, top: int | None = 1, *,
                 metrics: Callable[[T], dict], failed: Callable[[T], bool]) -> list[T]:
-    """The `top` best qualifying trials by `metric` (`mode` max or min), best first; ties keep
-    the input order. `metrics(t)` and `failed(t)` read a trial, whatever its container."""
+    """The `top` best qualifying trials, best first, ranked at equal budget: the trials that ran
+    the most epochs come first (a trial ASHA stopped at an early rung holds a value measured at a
+    smaller budget, not comparable with a finished trial's), and among trials of one budget the
+    best `metric` (`mode` max or min) leads; ties keep the input order. `metrics(t)` and
+    `failed(t)` read a trial, whatever its container."""
     ok = [t for t in trials if qualifies(failed(t), metrics(t), metric)]
-    ranked = sorted(ok, key=lambda t: metrics(t)[metric], reverse=mode == "max")
+    sign = -1.0 if mode == "max" else 1.0
+    ranked = sorted(ok, key=lambda t: (-budget_reached(metrics(t)), sign * metrics(t)[metric]))
     return ranked if top is None else ranked[:top]
 
 

@@ -57,7 +57,7 @@ def run_trial(config: dict, base: dict, checkpoint_epochs: list[int]) -> None:
         with checkpoint.as_directory() as d:
             trial.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False))
     while not trial.done:
-        row = trial.step()
+        row = trial.step(evaluate=trial.epoch + 1 in checkpoint_epochs)  # a checkpoint's outputs are evaluated
         streak = collapse_streak(trial.history, cfg.train.eval_every, cfg.train.epochs)
         result = {**row, "collapse_streak": streak, "classifier_cache_key": trial.classifier_info["cache_key"],
                   "classifier_cache_hit": float(trial.classifier_info["cache_hit"]),

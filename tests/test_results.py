@@ -58,6 +58,26 @@ def test_best_trial_rule():
     assert _best("max", top=None) == ["pruned", "pruned_tie", "finished"]
 
 
+def _at(name, score, epoch):
+    return {"name": name, "failed": False, "metrics": {"score": score, "nonfinite": 0.0, "epoch": epoch}}
+
+
+def test_best_trial_is_ranked_at_equal_budget():
+    # the positive control's tuning: ASHA stopped five of six trials at rungs 4 and 8 with values
+    # measured at a third or two thirds of the budget; the one trial that ran all 12 epochs is the
+    # only one measured at the full budget, and leads whatever the others' truncated values
+    asha = [_at("rung4_high", 0.52, 4), _at("finished", 0.30, 12), _at("rung8", 0.45, 8),
+            _at("rung4_low", 0.10, 4), _at("finished_worse", 0.20, 12), _at("rung8_best", 0.48, 8)]
+    ranked = [t["name"] for t in best_trials(asha, "score", "max", None, metrics=lambda t: t["metrics"],
+                                             failed=lambda t: t["failed"])]
+    assert ranked == ["finished", "finished_worse", "rung8_best", "rung8", "rung4_high", "rung4_low"]
+    lowest = best_trials(asha, "score", "min", 2, metrics=lambda t: t["metrics"], failed=lambda t: t["failed"])
+    assert [t["name"] for t in lowest] == ["finished_worse", "finished"]
+    # a trial that recorded no epoch counts as budget 0, behind every trial that did
+    assert best_trials([_trial("no_epoch", 0.9), _at("one_epoch", 0.1, 1)], "score", "max",
+                       metrics=lambda t: t["metrics"], failed=lambda t: t["failed"])[0]["name"] == "one_epoch"
+
+
 def test_sweep_summary_and_ablate_pick_use_the_rule():
     from harness.sweep import VariantOutcome, best_rows
 
