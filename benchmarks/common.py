@@ -21,11 +21,24 @@ if "HARNESS_DATA_ROOT" not in os.environ and _shared.is_dir():
     os.environ["HARNESS_DATA_ROOT"] = str(_shared)
 
 
+class _Parser(argparse.ArgumentParser):
+    """With --check-args: parse, print the arguments as JSON and exit, running nothing (how
+    `benchmarks/gpu_check.sh --dry-run` checks the command lines it would run)."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if parsed.check_args:
+            print(json.dumps({k: v for k, v in vars(parsed).items() if k != "check_args"}, default=str))
+            sys.exit(0)
+        return parsed
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = _Parser(description=description)
     p.add_argument("--tiny", action="store_true", help="a seconds-long run of the same code (smoke test)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--check-args", action="store_true", help="only parse the arguments, print them and exit")
     return p
 
 
