@@ -44,7 +44,9 @@ def _write_checkpoint(trial, directory: Path) -> None:
 
 def run_trial(config: dict, base: dict, checkpoint_epochs: list[int]) -> None:
     """Ray Tune function trainable: `config` holds the searched settings (dotted keys); `base`
-    sets `threads` to the trial's CPUs."""
+    sets `threads` to the trial's CPUs. Every result names the Ray node the trial ran on
+    (`node_id`; Tune's own `hostname` and `node_ip` do not tell apart nodes on one machine)."""
+    import ray
     from ray import tune
 
     from harness.trial import Trial
@@ -52,6 +54,7 @@ def run_trial(config: dict, base: dict, checkpoint_epochs: list[int]) -> None:
     cfg = resolve_trial(base, clean_searched(config))
     torch.set_num_threads(cfg.threads)
     trial = Trial(cfg)
+    node_id = ray.get_runtime_context().get_node_id()
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -62,7 +65,7 @@ def run_trial(config: dict, base: dict, checkpoint_epochs: list[int]) -> None:
         result = {**row, "collapse_streak": streak, "classifier_cache_key": trial.classifier_info["cache_key"],
                   "classifier_cache_hit": float(trial.classifier_info["cache_hit"]),
                   "setup_seconds": trial.setup_seconds, **trial.classifier_metrics,
-                  "evaluator_heldout_acc": trial.evaluator_info["heldout_acc"]}
+                  "evaluator_heldout_acc": trial.evaluator_info["heldout_acc"], "node_id": node_id}
         if trial.epoch in checkpoint_epochs or trial.done:
             with tempfile.TemporaryDirectory() as tmp:
                 _write_checkpoint(trial, Path(tmp))

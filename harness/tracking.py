@@ -32,6 +32,8 @@ from harness.sweep_config import resolve_trial, settings_of
 
 log = logging.getLogger(__name__)
 
+TAG_NODE_ID = "harness.node_id"  # the Ray node a trial ran on (the latest, if it was retried elsewhere)
+
 # the allow rule for child-run metrics (see the module docstring)
 EPOCH_METRICS = ("epoch", "loss", "nonfinite", "evaluated", "epoch_seconds", "train_seconds", "collapse_streak")
 ONCE_METRICS = ("classifier_test_acc", "evaluator_heldout_acc", "classifier_cache_hit", "setup_seconds",
@@ -150,6 +152,7 @@ class MlflowTrialLogger(Callback):
         self.optuna_numbers: dict[str, int] = {}
         self.logged_epoch: dict[str, int] = {}  # a trial resumed from an older checkpoint repeats epochs
         self.constants_logged: set[str] = set()
+        self.nodes: dict[str, str] = {}  # trial id -> the Ray node it last reported from
         self._client: MlflowClient | None = None
 
     @property
@@ -213,6 +216,10 @@ class MlflowTrialLogger(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
+        node = result.get("node_id")
+        if node and self.nodes.get(trial.trial_id) != node:
+            self.nodes[trial.trial_id] = node
+            self.client.set_tag(run_id, TAG_NODE_ID, str(node))
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         self.last[trial.trial_id] = result
         if step <= self.logged_epoch.get(trial.trial_id, 0):
