@@ -20,10 +20,31 @@ def bench(name: str, tmp_path, *extra: str) -> dict:
 
 def test_pretrain_benchmark(tmp_path):
     fig = bench("pretrain", tmp_path)
-    for arm in ("reference", "harness"):
+    for arm in ("reference", "harness", "harness_contiguous", "harness_channels_last"):
         assert fig[arm]["samples_per_s"] > 0 and 0.3 < fig[arm]["test_acc"] <= 1.0
-    assert fig["speedup"] > 0 and fig["matmul_gflops"] > 0
+    assert fig["harness"]["layout"] == "contiguous"  # fit's default
+    assert fig["speedup"] > 0 and fig["channels_last_speedup"] > 0 and fig["matmul_gflops"] > 0
+    assert len(fig["channels_last_interleaved"]) == 2 and fig["channels_last_interleaved_median"] > 0
     assert fig["step_gflop"] == pytest.approx(2.74, rel=0.05)  # the 2-block CNN at batch 100, fwd + bwd
+    # the default path's gradients are float32-exact; channels_last's are measured, whatever they are
+    assert fig["gradient_error_vs_float64"]["contiguous"] < 1e-3
+    assert fig["gradient_error_vs_float64"]["channels_last"] >= 0
+    gd = fig["gd"]
+    assert gd["steps"] == 20 and gd["seconds"] > 0 and gd["step_gflop"] > 0 and 0 <= gd["train_acc"] <= 1
+    assert len(gd["fused_vs_multipass"]) == 2 and gd["max_weight_diff_fused"] < 1e-5  # the same weights
+
+
+def test_channels_last_pretraining_returns_a_model_in_the_default_layout():
+    import torch
+
+    from harness.classifiers import ShallowCNN, fit
+    from harness.data import Split
+
+    torch.manual_seed(0)
+    data = Split(torch.rand(40, 1, 28, 28) * 2 - 1, torch.arange(40) % 10)
+    model = fit(ShallowCNN(2, "avg"), data, 1, 20, 1e-3, 0.0, 0, torch.device("cpu"), channels_last=True)
+    assert all(t.is_contiguous() for t in model.state_dict().values())  # what the cache stores
+    assert not model.training
 
 
 def test_step_benchmark(tmp_path):
@@ -86,3 +107,53 @@ def test_levers_benchmark(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "again.png").stat().st_size > 0
+
+
+def test_gpu_check_dry_run_parses_every_command(tmp_path):
+    # no GPU needed: each benchmark parses its arguments (--check-args), pytest collects the tests,
+    # the positive control's configuration builds; the JSON is written with no figures
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["dry_run"] is True
+    checks = result["checks"]
+    assert set(checks) == {"tests", "shared_gpu", "step_fp32", "step_amp", "step_compile", "positive_control",
+                           "pretrain"}
+    assert all(c["rc"] == 0 for c in checks.values()), checks
+    assert "--concurrency 4" in checks["shared_gpu"]["command"] and "train.amp=true" in checks["step_amp"]["command"]
+    assert all(v is None for v in result["figures"].values())
+
+
+def test_gpu_check_reads_the_figures_the_checks_write(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gpu_check  # its dataclasses look their module up there
+    spec.loader.exec_module(gpu_check)
+    checks = {c.name: c for c in gpu_check.plan(tmp_path)}
+    for name, ms in (("step_fp32", 10.0), ("step_amp", 5.0), ("step_compile", 4.0)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"per_term": {"ce": {"ms_per_step": ms}}}))
+        checks[name].result = {"rc": 0, "seconds": 20.0}
+    (tmp_path / "shared_gpu.json").write_text(json.dumps({"throughput_b_vs_a": 3.2, "peak_rss_ray_worker_mb": 1400}))
+    (tmp_path / "positive_control").mkdir()
+    (tmp_path / "positive_control" / "metrics.json").write_text(json.dumps({"ssim_nn_train_mean": 0.4, "x": "text"}))
+    checks["positive_control"].result = {"rc": 0, "seconds": 95.0}
+    fig = gpu_check.figures(checks, tmp_path)
+    assert fig["shared_gpu"]["met"] is True and fig["shared_gpu"]["peak_rss_ray_worker_mb"] == 1400
+    assert fig["shared_gpu"]["ray_worker_rss_met"] is True  # 1,400 MiB = 1.47 GB
+    assert fig["generator_step"]["step_amp"]["speedup_vs_fp32"] == 2.0
+    assert fig["generator_step"]["step_compile"]["speedup_vs_fp32"] == 2.5
+    assert fig["positive_control"] == {"wall_s": 95.0, "ssim_nn_train_mean": 0.4}
+    assert fig["tests"] is None and fig["pretrain"] is None  # not written: recorded as missing
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
+def test_gpu_check_without_a_gpu_fails_with_one_line(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no CUDA device" in lines[0]
+    assert not (tmp_path / "gpu_check.json").exists()
