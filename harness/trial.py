@@ -209,6 +209,7 @@ class Trial:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.epoch, self.history = state["epoch"], list(state["history"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.last_evaluation, self.evaluated_epoch = None, 0  # of the run before; the next step evaluates
         self.resumed = True
 
     # -- outputs -----------------------------------------------------------------------------
