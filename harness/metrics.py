@@ -232,6 +232,9 @@ class Evaluation:
     # of any generated image and that image's index (the evidence in reconstructions.png)
     train_side: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (side index, best, which)
     heldout_side: tuple[torch.Tensor, torch.Tensor] | None = None  # (best, which)
+    # the images and labels scored: what a run's outputs show beside these metrics
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
 
 class Evaluator:
@@ -311,4 +314,4 @@ class Evaluator:
         return Evaluation({name: m[name] for name in (*METRIC_NAMES, *REFERENCE_NAMES) if name in m},
                           nn_index, nn_train, per_train.sort(descending=True).values,
                           (self.train_side_index, per_train_side, per_train_which[self.train_side_index]),
-                          (per_held, per_held_which))
+                          (per_held, per_held_which), gen.images, gen.labels)

@@ -227,7 +227,8 @@ class Trial:
         if self.last_evaluation is None or (self.evaluated_epoch != self.epoch and not nonfinite):
             self.evaluate()  # never pair this epoch's images with an older evaluation's indices
         evaluation = self.last_evaluation
-        images, labels = self.generate_eval_images()
+        # the images that evaluation scored (after a NaN loss: the last finite epoch's, not the NaN ones)
+        images, labels = evaluation.images, evaluation.labels
         metrics = {**evaluation.metrics, "epoch": self.epoch, "train_seconds": self.train_seconds,
                    **self.classifier_metrics,
                    "evaluator_heldout_acc": self.evaluator_info["heldout_acc"],

@@ -85,6 +85,37 @@ def test_nan_loss_stops_with_score_zero(tiny_config):
     assert trial.epoch == 2 and row["nonfinite"] == 1 and row["score"] == 0
 
 
+def test_a_nan_run_writes_the_images_its_metrics_scored(tiny_config, tmp_path):
+    # epoch 1 is evaluated; the candidates then move without an evaluation (as in an epoch between
+    # evaluations); epoch 2's loss turns NaN (fault=nan): the outputs must show the images epoch 1's
+    # metrics and nearest indices were computed on, not the moved ones
+    trial = Trial(tiny_config("inverter=direct", "fault=nan", "train.epochs=5", "train.eval_every=5"))
+    trial.step()
+    evaluated = trial.last_evaluation.images.clone()
+    with torch.no_grad():
+        trial.inverter.images.add_(0.5 * torch.randn_like(trial.inverter.images))
+    trial.step()
+    assert trial.done and trial.history[-1]["nonfinite"] == 1
+    assert not torch.equal(trial.generate_eval_images()[0], evaluated)  # what the outputs must not show
+    trial.write_outputs(tmp_path)
+    samples = torch.load(tmp_path / "samples.pt")
+    assert torch.equal(samples["images"], evaluated)
+    assert torch.equal(samples["nearest_train_index"], trial.last_evaluation.nearest_train_index)
+    assert json.loads((tmp_path / "metrics.json").read_text())["evaluated_epoch"] == 1
+
+
+def test_a_restored_trial_evaluates_before_it_reports(tiny_config):
+    cfg = tiny_config("train.epochs=3", "train.eval_every=5")
+    first = Trial(cfg)
+    first.step()
+    resumed = Trial(cfg)
+    resumed.evaluate()  # an evaluation of the fresh (epoch 0) candidates, not of the checkpoint
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.last_evaluation is None and resumed.evaluated_epoch == 0
+    row = resumed.step()  # epoch 2 is not due (eval_every 5) but nothing of this run was evaluated
+    assert row["evaluated"] == 1 and resumed.evaluated_epoch == 2
+
+
 def test_checkpoint_round_trip_resumes_identically(tiny_config):
     cfg = tiny_config("loss.kkt=1", "train.epochs=3")
     straight = Trial(cfg)
