@@ -176,17 +176,19 @@ def checkpoint_epochs(sweep: SweepConfig, max_epochs: int) -> list[int]:
 
 
 def was_evaluated(row: dict, eval_every: int, epochs: int) -> bool:
-    """Whether an epoch's row holds a fresh evaluation rather than the last one repeated: the
-    trial's `evaluated` flag, or else its schedule (the first epoch, every `eval_every`-th, the last)."""
+    """Whether an epoch's row holds a fresh evaluation on the trial's schedule (the first epoch,
+    every `eval_every`-th, the last) rather than the last one repeated: the trial's `evaluated`
+    flag (1) where the row has one. An evaluation off the schedule (`evaluated` 2: a checkpoint's)
+    is not counted, so that how often a sweep checkpoints does not change when the stopper fires."""
     if "evaluated" in row:
-        return bool(row["evaluated"])
+        return row["evaluated"] == 1
     epoch = int(row["epoch"])
     return epoch == 1 or epoch % eval_every == 0 or epoch >= epochs
 
 
 def collapse_streak(history: list[dict], eval_every: int, epochs: int) -> int:
-    """Evaluations in a row, up to the latest, that found the generator collapsed. Epochs
-    between evaluations repeat the last one and neither extend nor restart the streak."""
+    """Scheduled evaluations in a row, up to the latest, that found the generator collapsed. Epochs
+    between them (repeats, or a checkpoint's extra evaluation) neither extend nor restart the streak."""
     streak = 0
     for row in history:
         if was_evaluated(row, eval_every, epochs):

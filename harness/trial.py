@@ -155,17 +155,19 @@ class Trial:
         losses = self.train_epoch()
         row.update(losses)
         row["nonfinite"] = float(not all(math.isfinite(v) for v in losses.values()))
-        due = (evaluate or self.epoch % self.cfg.train.eval_every == 0 or self.epoch >= self.cfg.train.epochs
-               or self.out_of_time)
-        evaluated = False
+        scheduled = (self.epoch % self.cfg.train.eval_every == 0 or self.epoch >= self.cfg.train.epochs
+                     or self.out_of_time or self.last_evaluation is None)
+        # `evaluated`: 1 on the schedule (what the collapse stopper counts), 2 for an evaluation asked
+        # for off the schedule (a checkpoint's), 0 where the last evaluation is repeated
+        evaluated = 0.0
         if row["nonfinite"]:
             row.update(self.nonfinite_metrics())
-        elif due or self.last_evaluation is None:
+        elif scheduled or evaluate:
             row.update(self.evaluate().metrics)
-            evaluated = True
+            evaluated = 1.0 if scheduled else 2.0
         else:
             row.update(self.last_evaluation.metrics)
-        row["evaluated"] = float(evaluated)
+        row["evaluated"] = evaluated
         row["train_seconds"] = self.train_seconds
         row["epoch_seconds"] = time.perf_counter() - start
         self.history.append(row)

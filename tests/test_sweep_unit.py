@@ -31,6 +31,13 @@ def test_streak_ignores_epochs_without_an_evaluation():
     assert [collapse_streak(rows[:i + 1], 2, 4) for i in range(4)] == [1, 0, 0, 1]
 
 
+def test_streak_skips_evaluations_off_the_schedule():
+    # eval_every 2, checkpoints every epoch: epochs 1, 3, 5 are checkpoint-only evaluations (2) past
+    # the first; patience counts the scheduled ones (epochs 1, 2, 4, 6) whatever the checkpoints
+    rows = _rows([1, 1, 2, 1, 2, 1], [1, 1, 1, 1, 0, 1])
+    assert [collapse_streak(rows[:i + 1], 2, 6) for i in range(6)] == [1, 2, 2, 3, 3, 4]
+
+
 def test_streak_without_the_flag_follows_the_evaluation_schedule():
     rows = [{"epoch": e, "collapsed": 1.0} for e in range(1, 8)]  # eval_every 3, 7 epochs: 1, 3, 6, 7
     assert [collapse_streak(rows[:i + 1], 3, 7) for i in range(7)] == [1, 1, 2, 2, 2, 3, 4]

@@ -105,7 +105,7 @@ def test_a_nan_run_writes_the_images_its_metrics_scored(tiny_config, tmp_path):
 
 
 def test_a_restored_trial_evaluates_before_it_reports(tiny_config):
-    cfg = tiny_config("train.epochs=3", "train.eval_every=5")
+    cfg = tiny_config("train.epochs=4", "train.eval_every=5")
     first = Trial(cfg)
     first.step()
     resumed = Trial(cfg)
@@ -114,6 +114,9 @@ def test_a_restored_trial_evaluates_before_it_reports(tiny_config):
     assert resumed.last_evaluation is None and resumed.evaluated_epoch == 0
     row = resumed.step()  # epoch 2 is not due (eval_every 5) but nothing of this run was evaluated
     assert row["evaluated"] == 1 and resumed.evaluated_epoch == 2
+    # an evaluation asked for off the schedule (a checkpoint's) is flagged 2, which the stopper skips
+    assert resumed.step(evaluate=True)["evaluated"] == 2 and resumed.evaluated_epoch == 3
+    assert resumed.step()["evaluated"] == 1  # the last epoch is on the schedule
 
 
 def test_checkpoint_round_trip_resumes_identically(tiny_config):
