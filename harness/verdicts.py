@@ -44,10 +44,14 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[
     if greater not in stats or metric not in stats[greater]:
         return f"**inconclusive**: {statement}: variant {greater} has no confirmed runs."
     g = stats[greater][metric]
+    if not g.n:
+        return f"**inconclusive**: {statement}: {_none_averaged(greater, metric)}"
     if lesser and lesser != "None":
-        if lesser not in stats:
+        if lesser not in stats or metric not in stats[lesser]:
             return f"**inconclusive**: {statement}: variant {lesser} has no confirmed runs."
         l_ = stats[lesser][metric]
+        if not l_.n:
+            return f"**inconclusive**: {statement}: {_none_averaged(lesser, metric)}"
         if metric in COUNTED:
             return count_verdict(statement, metric, greater, g, lesser, l_)
         numbers = (f"{metric}: {greater} {interval_text(g)} (n={g.n}) vs {lesser} {interval_text(l_)} (n={l_.n}) "
@@ -66,6 +70,11 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[
     if g.high < ref_value:
         return f"**not supported**: {statement}. {numbers}; the interval lies below the reference."
     return f"**inconclusive**: {statement}. {numbers}; the interval contains the reference."
+
+
+def _none_averaged(variant: str, metric: str) -> str:
+    return (f"no run of variant {variant} was averaged on {metric} (none ended normally with a finite "
+            "loss and a recorded value; see Per seed for why each was left out).")
 
 
 def count_verdict(statement: str, metric: str, greater: str, g: MeanCI, lesser: str, l_: MeanCI) -> str:

@@ -123,6 +123,10 @@ def test_direct_bank_at_the_training_images_recovers_every_training_image(recons
     assert metrics["train_top10"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["heldout_coverage"] < 0.5
     assert metrics["coverage_gap"] == pytest.approx(1.0 - metrics["heldout_coverage"])
+    # the gaps are training side minus held-out side: positive when the training images come back
+    assert metrics["heldout_top10"] < 0.9
+    assert metrics["top10_gap"] == pytest.approx(1.0 - metrics["heldout_top10"], abs=1e-5)
+    assert metrics["top10_gap"] > 0.1
 
 
 def test_direct_trial_trains_candidates_and_multipliers(reconstruction_trial):
@@ -170,6 +174,9 @@ def test_train_and_heldout_sides_have_equal_size_and_balance():
     evaluation = ev(ev.heldout.images, ev.heldout.labels)
     assert evaluation.metrics["heldout_coverage"] == pytest.approx(1.0)
     assert evaluation.metrics["heldout_top10"] == pytest.approx(1.0, abs=1e-5)
+    # held-out images given back score a negative gap: the other side of the sign
+    assert evaluation.metrics["top10_gap"] == pytest.approx(evaluation.metrics["train_top10"] - 1.0, abs=1e-5)
+    assert evaluation.metrics["top10_gap"] < -0.1 and evaluation.metrics["coverage_gap"] < -0.05
     assert len(evaluation.train_side[1]) == len(evaluation.heldout_side[0]) == available * K
     # candidates = training images beyond the cap: all found among the N training images, not all
     # on the capped side; the gap compares the two equal sides, never all N against the held-out side

@@ -41,6 +41,21 @@ def test_claim_on_a_variant_without_runs_is_inconclusive():
     assert claim_verdict({**PARAMS, "claim.metric": "None"}, stats, {}).startswith("No claim")
 
 
+@pytest.mark.parametrize("empty", ["pool=avg", "pool=max"])
+def test_claim_on_a_variant_whose_runs_were_all_excluded_says_so(empty):
+    # every run of one side ended abnormally: mean_ci of no values is (nan, nan, nan, 0)
+    stats = {"pool=avg": {"ssim_nn_train_mean": MeanCI(0.3, 0.25, 0.35, 3)},
+             "pool=max": {"ssim_nn_train_mean": MeanCI(0.1, 0.05, 0.15, 3)}}
+    stats[empty] = {"ssim_nn_train_mean": mean_ci([float("nan"), float("nan")])}
+    text = claim_verdict(PARAMS, stats, {})
+    assert text == ("**inconclusive**: avg leaks more than max: no run of variant " + empty + " was averaged on "
+                    "ssim_nn_train_mean (none ended normally with a finite loss and a recorded value; see Per seed "
+                    "for why each was left out).")
+    ref = claim_verdict({**PARAMS, "claim.lesser": "None", "claim.reference": "ref_blank_ssim"},
+                        {"pool=avg": {"ssim_nn_train_mean": mean_ci([])}}, {"pool=avg": {"ref_blank_ssim": 0.25}})
+    assert "no run of variant pool=avg was averaged" in ref
+
+
 REF_PARAMS = {**PARAMS, "claim.lesser": "None", "claim.reference": "ref_blank_ssim",
               "claim.statement": "the inversions beat the all-black image"}
 # each variant has its own reference point (e.g. two datasets); their mean 0.35 must not be used
@@ -123,8 +138,9 @@ def test_claim_on_collapse_counts_uses_fishers_exact_test(without, with_, verdic
 
 def test_claim_on_collapse_without_values_is_inconclusive():
     stats = {"pert=0.0": {"collapsed": mean_ci([1.0, 0.0])}, "pert=1.0": {"collapsed": mean_ci([None, float("nan")])}}
-    assert claim_verdict(COLLAPSE, stats, {}) == ("**inconclusive**: pert stabilises: collapsed was not recorded "
-                                                  "for pert=1.0.")
+    assert claim_verdict(COLLAPSE, stats, {}) == ("**inconclusive**: pert stabilises: no run of variant pert=1.0 was "
+                                                  "averaged on collapsed (none ended normally with a finite loss and "
+                                                  "a recorded value; see Per seed for why each was left out).")
 
 
 @pytest.mark.parametrize("n1, n2, smallest, decidable", [
