@@ -250,6 +250,13 @@ class EvalConfig(_Section):
     collapse_unique_frac: float = Field(0.1, ge=0, le=1, description="collapsed if unique_nn_frac < this.")
     reference_per_class: int = Field(50, ge=2, description="Held-out images per class for the reference points.")
 
+    @model_validator(mode="after")
+    def _strict_above_recon(self):
+        if self.strict_threshold < self.recon_threshold:
+            raise ValueError(f"strict_threshold ({self.strict_threshold}) is below recon_threshold "
+                             f"({self.recon_threshold}); give eval.strict_threshold >= eval.recon_threshold")
+        return self
+
 
 class EvaluatorConfig(_Section):
     epochs: int = Field(15, ge=1, description="Training epochs of the independent evaluator.")

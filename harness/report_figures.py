@@ -171,6 +171,20 @@ def grids_figure(client, shown: dict[str, tuple[object, int]], figures: Path, me
     return _save(fig, figures, "grids.png"), shown_caption(shown, metric)
 
 
+def coverage_bars(basis) -> list[float]:
+    """The SSIM bars the runs counted coverage at (eval.recon_threshold, eval.strict_threshold), as
+    they were logged; the defaults for runs from before a bar existed."""
+    bars = set()
+    for runs in basis.values():
+        for run in runs:
+            for key, default in (("eval.recon_threshold", 0.4), ("eval.strict_threshold", 0.5)):
+                try:
+                    bars.add(float(run.data.params.get(key, default)))
+                except ValueError:
+                    pass
+    return sorted(bars) or [0.4, 0.5]
+
+
 def coverage_figure(client, basis, variants, figures: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
@@ -187,7 +201,8 @@ def coverage_figure(client, basis, variants, figures: Path) -> str | None:
         plt.close(fig)
         raise NotDrawn("no run has a readable per_train_best_ssim.json (see the artifacts that could not be "
                        "read, below)")
-    ax.axhline(0.4, color="grey", ls=":", lw=1, label="reconstruction bar 0.4")
+    for bar, style in zip(coverage_bars(basis), (":", "--")):
+        ax.axhline(bar, color="grey", ls=style, lw=1, label=f"coverage bar {bar:g}")
     ax.set_xlabel("training images, sorted")
     ax.set_ylabel("best SSIM of any generated image")
     ax.legend(fontsize=8)

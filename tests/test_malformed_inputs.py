@@ -123,6 +123,8 @@ MALFORMED = {
     "variant name too long": (sweep_text(axes={"name": ["x" * 60], "data.root": ["y" * 60]}), [],
                               ("axes", "variant name")),
     "NUL in the trial name": (sweep_text(base={"name": "a\0b"}), [], ("name", "control character")),
+    "a strict bar below the coverage bar": (sweep_text(base={"eval": {"strict_threshold": 0.3}}), [],
+                                            ("strict_threshold", "eval.strict_threshold >= eval.recon_threshold")),
 }
 
 

@@ -226,6 +226,19 @@ def test_median_run_is_the_middle_value():
     assert median_run([run(None)], "m") == (None, 0)
 
 
+def test_coverage_figure_draws_the_bars_the_runs_counted_at():
+    from types import SimpleNamespace
+
+    from harness.report_figures import coverage_bars
+
+    def run(**params):
+        return SimpleNamespace(data=SimpleNamespace(params=params))
+    basis = {"a": [run(**{"eval.recon_threshold": "0.45", "eval.strict_threshold": "0.6"})],
+             "b": [run(**{"eval.recon_threshold": "0.45", "eval.strict_threshold": "0.6"})]}
+    assert coverage_bars(basis) == [0.45, 0.6]
+    assert coverage_bars({"a": [run()]}) == [0.4, 0.5]  # runs logged before the bars: the defaults
+
+
 def test_figures_show_the_median_seed_by_the_claims_metric(tmp_path):
     import matplotlib.pyplot as plt
     import numpy as np
