@@ -105,12 +105,16 @@ def start_parent(client: MlflowClient, experiment_id: str, run_name: str, sweep_
 
 
 def finish_open_runs(client: MlflowClient, experiment_id: str, parent_id: str, status: str, reason: str) -> None:
-    """End every child still RUNNING (e.g. after an interrupt) and the parent."""
+    """End the parent with `status` and every child still RUNNING (e.g. after an interrupt): a child
+    whose end no callback saw did not end normally, so it is never marked FINISHED (KILLED instead),
+    and reports leave it out of their averages."""
+    child_status = "KILLED" if status == "FINISHED" else status
     for run in child_runs(client, experiment_id, parent_id):
         if run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, TAG_STOP_REASON, reason)
-            client.set_tag(run.info.run_id, TAG_NOTE, reason[0].upper() + reason[1:] + ".")
-            client.set_terminated(run.info.run_id, status)
+            why = reason if child_status == status else f"{reason}, but this trial's end was never reported"
+            client.set_tag(run.info.run_id, TAG_STOP_REASON, why)
+            client.set_tag(run.info.run_id, TAG_NOTE, why[0].upper() + why[1:] + ".")
+            client.set_terminated(run.info.run_id, child_status)
     client.set_terminated(parent_id, status)
 
 

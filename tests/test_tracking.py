@@ -59,6 +59,21 @@ def test_experiment_opens_on_the_runs_table(tmp_path):
     assert runs_table_url("http://h:5000/", exp_id).endswith(f"/#/experiments/{exp_id}/runs?workflowType=machine_learning")
 
 
+@pytest.mark.parametrize("status, child", [("FINISHED", "KILLED"), ("KILLED", "KILLED"), ("FAILED", "FAILED")])
+def test_leftover_running_children_never_end_finished(tmp_path, status, child):
+    from harness.tracking import finish_open_runs
+    client = client_for(f"sqlite:///{tmp_path / 'm.db'}")
+    exp_id = ensure_experiment(client, "e", tmp_path / "art")
+    parent = client.create_run(exp_id, run_name="parent").info.run_id
+    ended = client.create_run(exp_id, tags={"mlflow.parentRunId": parent}).info.run_id
+    client.set_terminated(ended, "FINISHED")
+    open_ = client.create_run(exp_id, tags={"mlflow.parentRunId": parent}).info.run_id
+    finish_open_runs(client, exp_id, parent, status, "sweep finished")
+    assert client.get_run(parent).info.status == status
+    assert client.get_run(ended).info.status == "FINISHED"  # a child that ended is left as it ended
+    assert client.get_run(open_).info.status == child
+
+
 @pytest.fixture
 def logger(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
