@@ -188,6 +188,25 @@ class SweepConfig(_Section):
         return value
 
     @model_validator(mode="after")
+    def _metric_among_objectives(self):
+        """ASHA prunes on `metric`: in a multi-objective search it must be one of the objectives, in
+        the same direction (left out, it is the first objective)."""
+        if not self.objectives:
+            return self
+        if "metric" not in self.model_fields_set:
+            self.metric = next(iter(self.objectives))
+        if self.metric not in self.objectives:
+            raise ValueError(f"metric {self.metric!r} is not one of the objectives ({', '.join(self.objectives)}); "
+                             "ASHA would prune on a metric the search does not optimise: name one of them "
+                             "or leave metric out (then the first objective)")
+        if "mode" not in self.model_fields_set:
+            self.mode = self.objectives[self.metric]
+        elif self.mode != self.objectives[self.metric]:
+            raise ValueError(f"mode {self.mode!r} contradicts objectives.{self.metric}: "
+                             f"{self.objectives[self.metric]!r}; give one direction (or leave mode out)")
+        return self
+
+    @model_validator(mode="after")
     def _base_axes_claim(self):
         """In this order, so the first error is the cause: the base is a valid trial, every axis
         is a setting with valid values giving distinct variant names, the claim names variants."""
@@ -345,6 +364,10 @@ def resolve_trial(base: dict, settings: dict) -> TrialConfig:
     return build_config(deep_merge(base, unflatten(settings)))
 
 
+# settings that fix how much a trial trains: searching them would rank trials of unequal budgets
+BUDGET_SETTINGS = ("train.epochs", "train.steps_per_epoch", "train.max_seconds")
+
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> SweepConfig:
     """Read and validate a sweep file before anything runs: every key is known, every searched
     key is a setting, every variant and each end of every searched range is a valid trial, and
@@ -355,7 +378,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
     data = deep_merge(raw, parse_overrides(overrides))
     if smoke:
         data = deep_merge(data, {"budget": {"num_samples": 2, "epochs": 2, "steps_per_epoch": 3},
-                                 "base": {"eval": {"per_class": 10}}})
+                                 "asha": {"grace_period": 1}, "base": {"eval": {"per_class": 10}}})
         if data.get("control"):  # the control states its own budget: shrink it too
             data = deep_merge(data, {"control": {"train": {"epochs": 2, "steps_per_epoch": 3, "eval_every": 2}}})
     try:
@@ -368,6 +391,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
             raise ConfigError(f"search.{key}: not a trial setting; see `harness config` for the names")
         if key in sweep.axes:
             raise ConfigError(f"search.{key}: also an axis; vary a setting or search it, not both")
+        if key in BUDGET_SETTINGS:
+            raise ConfigError(f"search.{key}: sets the budget that ASHA's rungs and the best-trial rule compare "
+                              "trials at; set it in base, or make it an axis to compare budgets")
         _check_drawable(key, sweep.search[key])
     for variant, settings in sweep.variants():
         base = sweep.trial_base(settings)

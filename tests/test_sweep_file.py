@@ -81,6 +81,14 @@ MALFORMED = {
     "missing name": (_with(name=_DELETE), [], "name"),
     "misspelt metric": (_with(metric="scroe"), [], "metric"),
     "misspelt objective": (_with(objectives={"ssim_nn_train_mean": "max", "diversty": "max"}), [], "objectives"),
+    "metric not among the objectives": (_with(metric="score", objectives={"ssim_nn_train_mean": "max"}), [],
+                                        "metric 'score' is not one of the objectives"),
+    "mode against the objective's direction": (
+        _with(metric="diversity", mode="min", objectives={"diversity": "max"}), [], "mode 'min' contradicts"),
+    "the epoch budget searched": (_with(**{"search/train.epochs": {"dist": "int", "low": 2, "high": 4}}), [],
+                                  "search.train.epochs: sets the budget"),
+    "steps per epoch searched": (_with(**{"search/train.steps_per_epoch": {"dist": "int", "low": 2, "high": 4}}), [],
+                                 "search.train.steps_per_epoch"),
     "misspelt claim metric": (_with(**{"claim/metric": "ssim_nn_train"}), [], "claim.metric"),
     "claim reference not a reference point": (
         _with(claim={"statement": "s", "greater": "pool=avg", "reference": "ref_black"}), [], "claim.reference"),
@@ -148,6 +156,16 @@ def test_the_shipped_files_load():
 
     for path in sorted((REPO / "search_spaces").glob("*.yaml")):
         load_sweep(path)
+        assert load_sweep(path, smoke=True).asha.grace_period == 1  # --smoke fits every file's 2 epochs
+
+
+def test_a_multi_objective_search_prunes_on_its_first_objective_by_default():
+    spec = yaml.safe_load(_with(objectives={"collapsed": "min", "diversity": "max"}))
+    sweep = SweepConfig(**spec)
+    assert (sweep.metric, sweep.mode) == ("collapsed", "min")
+    sweep = SweepConfig(**{**spec, "metric": "diversity"})
+    assert (sweep.metric, sweep.mode) == ("diversity", "max")
+    assert (SweepConfig(**yaml.safe_load(_with())).metric, SweepConfig(**yaml.safe_load(_with())).mode) == ("score", "max")
 
 
 # -- variant names --------------------------------------------------------------------------
