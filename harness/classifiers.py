@@ -255,8 +255,10 @@ def accuracy(model: nn.Module, data: Split, device) -> float:
 
 def classifier_spec(cfg: TrialConfig) -> dict:
     """Everything that determines the classifier's weights, and nothing else."""
-    # a setting at its default before it existed is left out, so classifiers cached before it still match
-    classifier = cfg.classifier.model_dump(exclude={"center_mean"} if cfg.classifier.center_mean == "own" else None)
+    # a setting at its default before it existed is left out, so classifiers cached before it still match;
+    # so is center_mean where it changes nothing (no centring)
+    ignored = cfg.classifier.center_mean == "own" or not cfg.classifier.center
+    classifier = cfg.classifier.model_dump(exclude={"center_mean"} if ignored else None)
     return {"model_code_version": MODEL_CODE_VERSION, "data": cfg.data.model_dump(exclude={"root"}),
             "classifier": classifier}
 

@@ -53,6 +53,9 @@ def short_repr(value: Any, limit: int = 60) -> str:
 
 
 DATASET_TRAIN_SIZES = {"mnist": 60000, "fashionmnist": 60000}
+# images of the smallest class in each training split (MNIST: the 5,421 fives)
+DATASET_SMALLEST_CLASS = {"mnist": 5421, "fashionmnist": 6000}
+CENTRING_PER_CLASS = 100  # images per class of the disjoint centring set (classifier.center_mean: disjoint)
 
 
 class DataConfig(_Section):
@@ -299,6 +302,15 @@ class TrialConfig(_Section):
                              "use printable text")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ValueError(f"device: unknown device {short_repr(self.device)}; use auto, cpu, cuda or cuda:N")
+        if self.classifier.center and self.classifier.center_mean == "disjoint":
+            # the centring set comes from what the training subset and the negative control's leave
+            room = DATASET_SMALLEST_CLASS[self.data.dataset] - 2 * (self.data.train_size // 10)
+            if room < CENTRING_PER_CLASS:
+                largest = (DATASET_SMALLEST_CLASS[self.data.dataset] - CENTRING_PER_CLASS) // 2 // 10 * 100
+                raise ValueError(f"classifier.center_mean: disjoint needs {CENTRING_PER_CLASS} images per class "
+                                 f"beside the training subset and the negative control's; at data.train_size "
+                                 f"{self.data.train_size} the smallest {self.data.dataset} class leaves {max(room, 0)}: "
+                                 f"use data.train_size <= {largest} or center_mean: own")
         return self
 
 

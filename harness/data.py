@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from harness.config import ConfigError, DataConfig
+from harness.config import CENTRING_PER_CLASS, ConfigError, DataConfig
 
 NUM_CLASSES = 10
 _TEST_SPLIT_SEED = 20241021  # fixes the held-out / evaluator halves of the test split
@@ -126,7 +126,6 @@ def classifier_training_set(cfg: DataConfig) -> Split:
     return Split(to_unit_range(images[idx]), labels[idx])
 
 
-CENTRING_PER_CLASS = 100
 
 
 def centring_set(cfg: DataConfig, per_class: int = CENTRING_PER_CLASS) -> Split:

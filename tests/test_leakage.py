@@ -477,3 +477,17 @@ def test_disjoint_centring_set_holds_no_training_or_control_image():
     # the default leaves the cache key as it was before the setting existed; the other changes it
     assert "center_mean" not in classifier_spec(own)["classifier"]
     assert classifier_spec(disjoint)["classifier"]["center_mean"] == "disjoint"
+    # without centring the setting changes nothing, and is not in the key either
+    uncentred = build_config(None, ["data.train_size=100", "classifier.center_mean=disjoint"])
+    assert "center_mean" not in classifier_spec(uncentred)["classifier"]
+
+
+def test_disjoint_centring_set_fits_up_to_its_largest_training_size():
+    from harness.config import ConfigError
+    from harness.data import centring_set
+    # MNIST's smallest class (5,421 fives) holds 2 x 2,660 + 100 at n = 26,600, and 2 x 2,661 + 99 beyond
+    largest = build_config(None, ["data.train_size=26600", "classifier.center=true", "classifier.center_mean=disjoint"])
+    assert len(centring_set(largest.data)) == 1000
+    with pytest.raises(ConfigError, match="data.train_size <= 26600"):
+        build_config(None, ["data.train_size=26610", "classifier.center=true", "classifier.center_mean=disjoint"])
+    build_config(None, ["data.train_size=26610", "classifier.center_mean=disjoint"])  # not centred: no centring set
