@@ -18,6 +18,7 @@ from harness.config import ConfigError  # noqa: E402
 from harness.mlflow_store import TAG_OPTUNA_STORAGE, client_for  # noqa: E402
 from harness.report_sections import join, run_seeds  # noqa: E402
 from harness.results import is_finite_number, mean_ci  # noqa: E402
+from harness.verdicts import COUNTED  # noqa: E402
 
 LAW_METRICS = ("coverage_gap", "train_top10", "heldout_top10")
 
@@ -105,12 +106,21 @@ def shown_caption(shown: dict[str, tuple[object, int]], metric: str) -> str:
                       for v, (run, n) in shown.items()) + ".")
 
 
+def figure_metric(params: dict) -> str:
+    """The metric a one-run figure picks its median run by: the claim's, unless the claim counts a
+    0/1 outcome (collapsed: any run of the majority is a 'median'), then the study's search metric."""
+    claim = params.get("claim.metric")
+    if claim and claim != "None" and claim not in COUNTED:
+        return claim
+    study = params.get("metric")
+    return study if study and study != "None" and study not in COUNTED else "score"
+
+
 def figures_section(client, parent, params: dict, tuned: dict[str, list], confirmed: dict[str, list],
                     basis: dict[str, list], variants: list[str], figures: Path) -> list[str]:
     """Every figure under its title, or why it could not be drawn. The figures of one run per
     variant show its median run by the claim's metric (else the study's)."""
-    claim = params.get("claim.metric")
-    metric = claim if claim and claim != "None" else params.get("metric", "score")
+    metric = figure_metric(params)
     shown = shown_runs(basis, variants, metric)
     lines = ["## Figures", ""]
     for title, make in (("Median-seed inversion of each variant (top: its generator's or candidate bank's images) and "

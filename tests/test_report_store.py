@@ -226,6 +226,16 @@ def test_median_run_is_the_middle_value():
     assert median_run([run(None)], "m") == (None, 0)
 
 
+def test_one_run_figures_pick_the_median_by_a_graded_metric():
+    from harness.report_figures import figure_metric
+    assert figure_metric({"claim.metric": "coverage_gap", "metric": "score"}) == "coverage_gap"
+    # a count claim (0/1 per run) cannot rank seeds: the study's search metric does
+    assert figure_metric({"claim.metric": "collapsed", "metric": "ssim_nn_train_mean"}) == "ssim_nn_train_mean"
+    assert figure_metric({"claim.metric": "collapsed", "metric": "collapsed"}) == "score"
+    assert figure_metric({"claim.metric": "None", "metric": "diversity"}) == "diversity"
+    assert figure_metric({}) == "score"
+
+
 def test_coverage_figure_draws_the_bars_the_runs_counted_at():
     from types import SimpleNamespace
 
