@@ -9,6 +9,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from harness.config import ConfigError
+from harness.results import TAG_OUTCOME  # (defined there: the report rules read it without MLflow)
 
 TAG_SWEEP_DIR = "harness.sweep_dir"
 TAG_TRIAL_ID = "harness.trial_id"
@@ -18,7 +19,6 @@ TAG_STOP_REASON = "harness.stop_reason"
 TAG_CLASSIFIER_KEY = "harness.classifier_cache_key"
 TAG_KIND = "harness.kind"
 TAG_PARENT = "mlflow.parentRunId"
-TAG_OUTCOME = "harness.outcome"  # finished / pruned / collapsed / nonfinite / failed
 TAG_OPTUNA_STUDY = "harness.optuna_study"
 TAG_OPTUNA_TRIAL = "harness.optuna_trial"
 TAG_OPTUNA_STORAGE = "harness.optuna_storage"  # on the parent: the sweep's DIR/optuna.db

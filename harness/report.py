@@ -13,7 +13,7 @@ from harness.report_figures import ReadingClient, figures_section, unreadable_se
 from harness.report_sections import (control_section, per_seed_section, reference_points, seeds_section,
                                      table_metrics, tuning_section, variants_section)
 from harness.results import mean_ci
-from harness.verdicts import averaged_runs, claim_verdict, yardstick
+from harness.verdicts import COUNTED, averaged_runs, claim_verdict, counted_runs, yardstick
 
 
 def load_study(experiment: str, uri: str):
@@ -52,7 +52,10 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
     figures.mkdir(exist_ok=True)
 
     metrics = table_metrics(params)
-    stats = {v: {m: mean_ci(r.data.metrics.get(m) for r in basis.get(v, [])) for m in metrics} for v in variants}
+    # a count (collapsed) also takes the runs the collapse stopper ended: their collapse is the outcome counted
+    counted = {v: counted_runs(runs) for v, runs in (confirmed or tuned).items()}
+    stats = {v: {m: mean_ci(r.data.metrics.get(m) for r in (counted if m in COUNTED else basis).get(v, []))
+                 for m in metrics} for v in variants}
     refs = reference_points([r for r in children if r.data.tags.get(TAG_PHASE) != "control"])
     lines = [f"# Study `{experiment}`", "", params.get("description", ""), ""]
     command = parent.data.tags.get("harness.command")

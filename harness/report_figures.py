@@ -18,7 +18,7 @@ from harness.config import ConfigError  # noqa: E402
 from harness.mlflow_store import TAG_OPTUNA_STORAGE, client_for  # noqa: E402
 from harness.report_sections import join, run_seeds  # noqa: E402
 from harness.results import is_finite_number, mean_ci  # noqa: E402
-from harness.verdicts import COUNTED  # noqa: E402
+from harness.verdicts import COUNTED, counted_runs  # noqa: E402
 
 LAW_METRICS = ("coverage_gap", "train_top10", "heldout_top10")
 
@@ -135,7 +135,7 @@ def figures_section(client, parent, params: dict, tuned: dict[str, list], confir
                         ("Score vs epoch of every tuning trial (dashed: stopped early)",
                          lambda: score_curves_figure(client, tuned, variants, figures)),
                         ("Collapse rate per variant",
-                         lambda: collapse_figure(tuned, basis if confirmed else {}, variants, figures)),
+                         lambda: collapse_figure(tuned, confirmed, variants, figures)),
                         ("Loss-weight importance (Optuna, per variant)",
                          lambda: importance_figure(client, parent, variants, figures, params))):
         lines += [f"### {title}", ""]
@@ -289,8 +289,10 @@ def score_curves_figure(client, tuned, variants, figures: Path) -> str | None:
 
 
 def collapse_figure(tuned, confirmed, variants, figures: Path) -> str | None:
+    """The share of runs collapsed at their end, over the runs a count takes (`counted_runs`: those
+    averaged and those the collapse stopper ended; not failed, pruned or NaN runs)."""
     def rate(runs):
-        vals = [r.data.metrics.get("collapsed") for r in runs if "collapsed" in r.data.metrics]
+        vals = [r.data.metrics.get("collapsed") for r in counted_runs(runs) if "collapsed" in r.data.metrics]
         return sum(vals) / len(vals) if vals else float("nan")
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(variants), 3.5))
     x = range(len(variants))

@@ -22,15 +22,10 @@ PER_SEED_METRICS = ("ssim_nn_train_mean", "diversity", "evaluator_acc", "collaps
                     "memorization_gap")
 
 
-def count_cell(values) -> str:
-    """'k of n' for a 0/1 metric over runs: k runs at 1 among the n finite values."""
-    k, n = count_at_one(values)
-    return f"{k} of {n}" if n else "n/a"
-
-
-def _cell(metric: str, runs: list, stat: MeanCI) -> str:
+def _cell(metric: str, stat: MeanCI) -> str:
+    """A count 'k of n' for a 0/1 metric (its stat is over `counted_runs`), else mean ± interval."""
     if metric in COUNTED:
-        return count_cell(r.data.metrics.get(metric) for r in runs)
+        return f"{round(stat.mean * stat.n)} of {stat.n}" if stat.n else "n/a"
     return interval_text(stat)
 
 
@@ -94,11 +89,12 @@ def variants_section(basis: dict[str, list], stats: dict[str, dict[str, MeanCI]]
     lines = [f"## Variants ({'confirmation runs over seeds' if confirmed else 'finished tuning trials (no confirmation phase)'})",
              "", "Mean ± 95% confidence half-width (Student t) over the n runs of each variant that ended normally "
              "with a finite loss (the others are listed, excluded, under Seeds and Per seed); a cell with fewer "
-             "finite values than that (NaN or missing in some runs) says how many it averaged.", ""]
+             "finite values than that (NaN or missing in some runs) says how many it averaged. A count (collapsed) "
+             "also takes the runs the collapse stopper ended: k of the runs it counts.", ""]
     lines.append("| variant | n | " + " | ".join(metrics) + " |")
     lines.append("|---|---|" + "---|" * len(metrics))
     for v in variants:
-        cells = [_cell(m, basis.get(v, []), stats[v][m]) + (f" (n={stats[v][m].n})" if 0 < stats[v][m].n < runs_of[v]
+        cells = [_cell(m, stats[v][m]) + (f" (n={stats[v][m].n})" if 0 < stats[v][m].n < runs_of[v]
                                                             and m not in COUNTED else "")
                  for m in metrics]
         lines.append(f"| {v} | {runs_of[v]} | " + " | ".join(cells) + " |")
@@ -185,7 +181,7 @@ def control_section(params: dict, stats: dict[str, dict[str, MeanCI]], controlle
                                                  f"{join(run_seeds(controlled[v]))}{_excluded_note(controlled[v])}"
                                                  for v in variants) + ".", "",
              "| variant | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    lines += [f"| {v} | {len(kept[v])} | " + " | ".join(_cell(m, kept[v], cstats[v][m]) for m in metrics)
+    lines += [f"| {v} | {len(kept[v])} | " + " | ".join(_cell(m, cstats[v][m]) for m in metrics)
               + " |" for v in variants]
     control_verdict = claim_verdict(params, cstats, refs)
     inverted = claim_verdict(params, stats, refs)

@@ -101,6 +101,17 @@ def fisher_smallest_p(n1: int, n2: int) -> float:
     return 1 / math.comb(n1 + n2, n1)
 
 
+TAG_OUTCOME = "harness.outcome"  # how a trial ended: finished / pruned / collapsed / nonfinite / failed
+
+
+def enters_counts(status: str, metrics: dict[str, Any], outcome: str | None = None) -> bool:
+    """Whether a run enters the count of a 0/1 outcome (collapsed): every run that enters the
+    averages, and a run the collapse stopper ended (`outcome` collapsed; a summary.json row's
+    status word): its collapse, seen at `collapse_patience` evaluations in a row, is what is counted.
+    Left out of the averages (its other metrics are of a shorter budget), never out of the count."""
+    return enters_averages(status, metrics)[0] or (outcome or status) == "collapsed"
+
+
 def enters_averages(status: str, metrics: dict[str, Any]) -> tuple[bool, str]:
     """(whether a run enters a study's averages, why not): its mean ± CI, Fisher's counts, the
     spread over seeds and so every verdict. Only a run that ended normally (MLflow status FINISHED;

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from harness.config import ClusterError, ConfigError
-from harness.results import best_trials, enters_averages, finite
+from harness.results import best_trials, enters_averages, enters_counts, finite
+from harness.verdicts import COUNTED
 from harness.sweep_config import OFF_SUFFIX, SweepConfig, clean_searched, resolve_trial
 
 log = logging.getLogger(__name__)
@@ -466,8 +467,12 @@ def variant_summary(o: VariantOutcome, metric: str, mode: str) -> dict:
         summary["best"] = {metric: b["metrics"][metric], "settings": b["config"], "trial_id": b["trial_id"],
                            "run_id": b["run_id"], "optuna_trial": b["optuna_trial"], "outcome": b["outcome"],
                            "epoch": b["metrics"].get("epoch")}
-    # the report's rule: only trials that ended normally, with a finite loss, are averaged
-    values = finite(r["metrics"].get(metric) for r in o.rows if enters_averages(r["outcome"], r["metrics"])[0])
+    # the report's rule: only trials that ended normally, with a finite loss, are averaged; a count
+    # (collapsed) also takes the trials the collapse stopper ended
+    counts_stopped = metric in COUNTED
+    values = finite(r["metrics"].get(metric) for r in o.rows
+                    if (enters_counts(r["outcome"], r["metrics"]) if counts_stopped
+                        else enters_averages(r["outcome"], r["metrics"])[0]))
     summary[f"mean_{metric}_finished"] = sum(values) / len(values) if values else None
     return summary
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 
-from harness.results import (FISHER_ALPHA, MeanCI, enters_averages, fisher_greater, fisher_smallest_p)
+from harness.results import (FISHER_ALPHA, TAG_OUTCOME, MeanCI, enters_averages, enters_counts, fisher_greater,
+                             fisher_smallest_p)
 
 COUNTED = ("collapsed",)  # 0/1 per run: a count ("1 of 3") reads better than a t-interval
 PER_IMAGE_METRICS = ("train_coverage", "heldout_coverage", "coverage_gap", "train_top10", "heldout_top10",
@@ -21,6 +22,12 @@ def exclusion(run) -> str:
 def averaged_runs(runs: list) -> list:
     """The runs every mean, interval, count and verdict of a report is taken over."""
     return [r for r in runs if enters_averages(r.info.status, r.data.metrics)[0]]
+
+
+def counted_runs(runs: list) -> list:
+    """The runs a count of a 0/1 metric (`COUNTED`) is taken over: the averaged runs and the runs
+    the collapse stopper ended (`enters_counts`)."""
+    return [r for r in runs if enters_counts(r.info.status, r.data.metrics, r.data.tags.get(TAG_OUTCOME))]
 
 
 def interval_text(stat: MeanCI) -> str:

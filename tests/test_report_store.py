@@ -213,6 +213,35 @@ def test_a_run_whose_loss_went_nan_is_not_counted_as_a_collapse(tmp_path):
     assert "| pert=0.0 | 1003 (excluded: loss non-finite) |" in text
 
 
+def test_a_sweep_counts_the_runs_its_collapse_stopper_ended(tmp_path):
+    """No confirmation phase: the count of collapses is over the tuning trials, where the collapse
+    stopper ends a collapsed trial KILLED (outcome collapsed): it is counted, not excluded; a trial
+    pruned by ASHA is not."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("stopped", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"harness.kind": "sweep"}).info.run_id
+    params = {"name": "stopped", "metric": "score", "mode": "max", "claim.statement": "pert stabilises",
+              "claim.metric": "collapsed", "claim.greater": "pert=0.0", "claim.lesser": "pert=1.0",
+              "claim.reference": "None"}
+    client.log_batch(parent, params=[Param(k, v) for k, v in params.items()])
+    trials = [("pert=0.0", "FINISHED", "finished", 1.0), ("pert=0.0", "FINISHED", "finished", 1.0),
+              ("pert=0.0", "KILLED", "collapsed", 1.0), ("pert=0.0", "KILLED", "collapsed", 1.0),
+              ("pert=0.0", "KILLED", "pruned", 1.0),  # ASHA's: a shorter budget, not counted
+              *[("pert=1.0", "FINISHED", "finished", 0.0)] * 4]
+    for i, (variant, status, outcome, collapsed) in enumerate(trials):
+        run_id = _run(client, exp, parent, variant, "tune", status, {"collapsed": collapsed, "score": 0.1},
+                      {"seed": 0, "classifier.seed": 0, "loss.tv": 0.1 * i})
+        client.set_tag(run_id, "harness.outcome", outcome)
+    client.set_terminated(parent, "FINISHED")
+    text = _report(tmp_path, "stopped", uri)
+    # 4 of 4 vs 0 of 4: p = 1 / C(8, 4) = 0.014 (the stopped runs left out: 2 of 2 vs 0 of 4, p = 0.067)
+    verdict = text.split("## Verdict")[1].split("##")[0]
+    assert verdict.lstrip().startswith("**supported**")
+    assert "collapsed: pert=0.0 4 of 4 vs pert=1.0 0 of 4 (Fisher's exact test, one-sided p = 0.014" in verdict
+    assert dict(zip(_row(text, "variant", "## Variants"), _row(text, "pert=0.0", "## Variants")))["collapsed"] == "4 of 4"
+
+
 def test_median_run_is_the_middle_value():
     from types import SimpleNamespace
 

@@ -133,3 +133,21 @@ def test_summary_json_mean_averages_the_runs_the_report_averages():
     status = {"finished": "FINISHED", "failed": "FAILED", "nonfinite": "KILLED"}
     assert [enters_averages(status[r["outcome"]], r["metrics"]) for r in rows] == \
         [enters_averages(r["outcome"], r["metrics"]) for r in rows]
+
+
+def test_summary_json_counts_collapses_as_the_report_does():
+    from harness.results import enters_counts
+    from harness.sweep import VariantOutcome, variant_summary
+
+    def row(outcome, collapsed, nonfinite=0.0):
+        return {"variant": "v", "trial_id": f"t{outcome}{collapsed}", "config": {}, "error": outcome == "failed",
+                "outcome": outcome, "run_id": None, "optuna_trial": None,
+                "metrics": {"collapsed": collapsed, "nonfinite": nonfinite, "score": 0.1}}
+    # 1 finished at 0, 2 stopped by the collapse stopper (1), 1 pruned (1, a shorter budget), 1 NaN (1):
+    # the count is over the finished and the collapse-stopped trials, 2 of 3
+    rows = [row("finished", 0.0), row("collapsed", 1.0), row("collapsed", 1.0), row("pruned", 1.0),
+            row("nonfinite", 1.0, 1.0)]
+    summary = variant_summary(VariantOutcome("v", {}, rows=rows, phase="tune"), "collapsed", "min")
+    assert summary["mean_collapsed_finished"] == pytest.approx(2 / 3)
+    assert [enters_counts(r["outcome"], r["metrics"]) for r in rows] == [True, True, True, False, False]
+    assert enters_counts("KILLED", {"collapsed": 1.0}, "collapsed") and not enters_counts("KILLED", {}, "pruned")
