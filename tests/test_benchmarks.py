@@ -157,3 +157,12 @@ def test_gpu_check_without_a_gpu_fails_with_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no CUDA device" in lines[0]
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_rescale_rules_benchmark(tmp_path):
+    fig = bench("rescale_rules", tmp_path)
+    (run,) = fig["runs"].values()
+    assert set(run) == {"min", "0.02", "now"}
+    for m in run.values():
+        assert m["candidates"] == 40 and 0 <= m["at_origin"] <= 40
+        assert m["coverage_gap"] == pytest.approx(m["train_coverage"] - m["heldout_coverage"], abs=1e-6)
