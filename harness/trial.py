@@ -77,6 +77,7 @@ class Trial:
                                       cfg.generator_batch, cfg.seed).to(self.device)
         self.weights = {name: getattr(cfg.loss, name) for name in self.terms}
         self.optimizer = self.inverter.make_optimizer(list(self.terms.parameters()))
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
         self.rng = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
         self.train_seconds = 0.0  # inverter training time so far (train.max_seconds)
@@ -118,7 +119,9 @@ class Trial:
                     sums = {k: float("nan") for k in sums}
                     break
                 self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
+                # only what the optimiser steps: autograd then skips every gradient with respect to
+                # the frozen classifier's θ copies that the kkt and grad terms build on
+                total.backward(inputs=self.trainable)
                 self.optimizer.step()
                 for name, v in values.items():
                     sums[name] += v.item() / steps

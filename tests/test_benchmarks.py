@@ -166,3 +166,11 @@ def test_rescale_rules_benchmark(tmp_path):
     for m in run.values():
         assert m["candidates"] == 40 and 0 <= m["at_origin"] <= 40
         assert m["coverage_gap"] == pytest.approx(m["train_coverage"] - m["heldout_coverage"], abs=1e-6)
+
+
+def test_kkt_step_benchmark(tmp_path):
+    fig = bench("kkt_step", tmp_path)
+    assert set(fig["cases"]) == {"MLP n=10", "CNN 1-block n=20"}
+    for case in fig["cases"].values():
+        assert case["ms_before"] > 0 and case["ms_now"] > 0 and case["step_gflop_now"] > 0
+        assert case["relative_gap"] < 1e-5  # the two ways compute the same residual and gradients

@@ -491,3 +491,39 @@ def test_disjoint_centring_set_fits_up_to_its_largest_training_size():
     with pytest.raises(ConfigError, match="data.train_size <= 26600"):
         build_config(None, ["data.train_size=26610", "classifier.center=true", "classifier.center_mean=disjoint"])
     build_config(None, ["data.train_size=26610", "classifier.center_mean=disjoint"])  # not centred: no centring set
+
+
+@pytest.mark.parametrize("arch, margin, layers", [
+    ("mlp", "all", 0),    # the positive control's classifier: every layer by the Gram form
+    ("mlp", "max", 1),    # the max-other-class margin, the last layer only
+    ("cnn", "all", 0),    # a conv layer formed explicitly beside two Linear layers by the Gram form
+    ("cnn_bias", "all", 0),  # with biases: the bias part ‖b − Σ D‖² beside the Gram form
+])
+def test_kkt_residual_gram_form_equals_its_definition(arch, margin, layers):
+    """The Linear layers' part of ‖θ − G‖² taken from the activations (‖W‖² − 2 Σ D∘Z + Σ (DDᵀ)∘(HHᵀ))
+    equals the residual with every gradient G formed by autograd: value and gradients with respect
+    to the candidates and the multipliers, to float rounding."""
+    from harness.classifiers import smoothed_relu
+    from harness.kkt import kkt_residual_explicit
+    settings = {"mlp": ["classifier.arch=mlp", "classifier.widths=[64,32]", "classifier.bias=false"],
+                "cnn": ["classifier.arch=cnn", "classifier.depth=1", "classifier.bias=false"],
+                "cnn_bias": ["classifier.arch=cnn", "classifier.depth=2", "classifier.bias=true"]}[arch]
+    cfg = build_config(None, [*settings, "classifier.norm=none", "classifier.dropout=0", "classifier.activation=relu"])
+    torch.manual_seed(0)
+    model = build_classifier(cfg.classifier).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = (0.3 * torch.randn(12, 1, 28, 28)).requires_grad_(True)
+    y = torch.arange(12) % K
+    a = torch.rand(12, K) if margin == "all" else torch.rand(12)
+    a.requires_grad_(True)
+    out = []
+    with smoothed_relu(model, 50.0):
+        for fn in (kkt_residual, kkt_residual_explicit):
+            r = fn(model, theta_params(model, layers), x, y, a.pow(2), 2.5)
+            out.append((r.item(), *torch.autograd.grad(r, [x, a])))
+    (r_gram, gx_gram, ga_gram), (r_def, gx_def, ga_def) = out
+    assert r_def > 0.01
+    assert r_gram == pytest.approx(r_def, rel=1e-5)
+    assert torch.allclose(gx_gram, gx_def, rtol=1e-4, atol=1e-4 * gx_def.abs().max().item())
+    assert torch.allclose(ga_gram, ga_def, rtol=1e-4, atol=1e-4 * ga_def.abs().max().item())
