@@ -59,10 +59,14 @@ def kkt_residual(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tens
     gradient at the layer's outputs Z, H: its inputs, one row per candidate): ‖W − G‖² =
     ‖W‖² − 2 Σ D∘(Z − b) + Σ (D Dᵀ)∘(H Hᵀ), with B x B Gram matrices in place of the out x in
     gradient, and no gradient with respect to W at all (so neither is there one in the backward
-    pass). Conv layers' parts are formed as in `kkt_residual_explicit`. The same value to float
-    rounding (tests/test_leakage.py); 1.5x faster a step for the positive control's MLP."""
+    pass), wherever that is the cheaper: B (in + out) < in · out, i.e. fewer candidates than about
+    half the layer's width. Other layers (conv layers, a small head, a large bank) are formed as in
+    `kkt_residual_explicit`. The same value to float rounding (tests/test_leakage.py);
+    benchmarks/kkt_step.py times it."""
+    rows = x.shape[0]
     linear = {name: mod for name, mod in model.named_modules()
-              if isinstance(mod, nn.Linear) and f"{name}.weight" in theta}
+              if isinstance(mod, nn.Linear) and f"{name}.weight" in theta
+              and rows * (mod.in_features + mod.out_features) < mod.in_features * mod.out_features}
     by_gram = {f"{name}.{p}" for name in linear for p in ("weight", "bias")}
     theta = {k: (p.detach() if k in by_gram else p) for k, p in theta.items()}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
