@@ -294,7 +294,8 @@ def pretrained_classifier(cfg: TrialConfig, device) -> tuple[nn.Module, dict]:
         start = time.perf_counter()
         train = classifier_training_set(cfg.data)
         torch.manual_seed(c.seed)
-        model = fit_classifier(build_classifier(c, centring_mean(cfg, train)), train, c, device)
+        model = fit_classifier(build_classifier(c, centring_mean(cfg, train) if c.center else None), train, c,
+                               device)
         meta = {"test_acc": accuracy(model, full_test_set(cfg.data), device),
                 **training_state(model, train, c.weight_decay, device),
                 "parameters": count_parameters(model), "train_seconds": time.perf_counter() - start}

@@ -210,7 +210,7 @@ def stretch_factor(x: torch.Tensor, origin: torch.Tensor, significant: float = 0
     d = x - origin
     room = torch.where(d > 0, 1 - origin, -1 - origin).expand_as(d).flatten(1)  # to the bound d points at
     d = d.flatten(1)
-    movable = (room.abs() >= no_room) & (d != 0)
+    movable = (room.abs() >= no_room) & (d != 0) & torch.isfinite(d)
     largest = d.abs().where(movable, torch.zeros_like(d)).amax(1, keepdim=True).clamp_min(1e-12)
     keep = movable & (d.abs() >= significant * largest)
     ratio = torch.where(keep, room / d.where(d != 0, torch.ones_like(d)), torch.inf).clamp(min=0)

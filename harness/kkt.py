@@ -91,12 +91,14 @@ def kkt_residual(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tens
     residual = sum((p - g).pow(2).sum() for (_, p), g in zip(formed, grads[len(names):]))
     for name, d in zip(names, grads[:len(names)]):
         h, z = seen[name]
-        h, z, d = h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1]), d.reshape(-1, d.shape[-1])
-        w, b = theta[f"{name}.weight"], theta.get(f"{name}.bias")
-        residual = residual + w.pow(2).sum() - 2 * (d * (z - b if b is not None else z)).sum() \
-            + ((d @ d.T) * (h @ h.T)).sum()
+        # in float32 even under autocast: the three terms cancel as the residual nears 0
+        h, z, d = (t.reshape(-1, t.shape[-1]).float() for t in (h, z, d))
+        w, b = theta[f"{name}.weight"].float(), theta.get(f"{name}.bias")
+        with torch.autocast(x.device.type, enabled=False):
+            residual = residual + w.pow(2).sum() - 2 * (d * (z - b.float() if b is not None else z)).sum() \
+                + ((d @ d.T) * (h @ h.T)).sum()
         if b is not None:
-            residual = residual + (b - d.sum(0)).pow(2).sum()
+            residual = residual + (b.float() - d.sum(0)).pow(2).sum()
     return residual / sum(p.pow(2).sum() for p in theta.values())
 
 

@@ -158,14 +158,15 @@ class Trial:
         losses = self.train_epoch()
         row.update(losses)
         row["nonfinite"] = float(not all(math.isfinite(v) for v in losses.values()))
-        scheduled = (self.epoch % self.cfg.train.eval_every == 0 or self.epoch >= self.cfg.train.epochs
-                     or self.out_of_time or self.last_evaluation is None)
-        # `evaluated`: 1 on the schedule (what the collapse stopper counts), 2 for an evaluation asked
-        # for off the schedule (a checkpoint's), 0 where the last evaluation is repeated
+        scheduled = (self.epoch == 1 or self.epoch % self.cfg.train.eval_every == 0
+                     or self.epoch >= self.cfg.train.epochs or self.out_of_time)
+        # `evaluated`: 1 on the schedule (what the collapse stopper counts), 2 for an evaluation off
+        # it (a checkpoint's, or the first after a restore), 0 where the last evaluation is repeated;
+        # a run evaluated straight through and one restored from a checkpoint count the same
         evaluated = 0.0
         if row["nonfinite"]:
             row.update(self.nonfinite_metrics())
-        elif scheduled or evaluate:
+        elif scheduled or evaluate or self.last_evaluation is None:
             row.update(self.evaluate().metrics)
             evaluated = 1.0 if scheduled else 2.0
         else:

@@ -58,11 +58,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_address(session_cache, tmp_path_factory):
-    """A real Ray head on loopback for the whole test session."""
+    """A real Ray head on loopback for the whole test session. 4 logical CPUs on this 2-core machine:
+    the tests' tiny trials spend most of their time starting up and writing, not computing."""
     port = free_port()
     temp = tmp_path_factory.mktemp("ray")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
                     "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=150000000",
                     "--disable-usage-stats", f"--temp-dir={temp}"],
                    check=True, env=env, capture_output=True, timeout=120)

@@ -84,7 +84,7 @@ def test_asha_benchmark(tmp_path, ray_address):
     assert full["trial_epochs"] == fig["trials"] * fig["epochs"]
     # the same weights in every arm: the comparison is of the scheduler alone
     configs = [sorted(json.dumps(c, sort_keys=True) for c in a["configs"]) for a in arms.values()]
-    assert configs[0] == configs[1] == configs[2]
+    assert len(configs) == 2 and configs[0] == configs[1]  # --tiny: full budget and the default
     assert all(a["trial_epochs"] <= full["trial_epochs"] for a in arms.values())
 
 

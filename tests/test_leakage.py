@@ -138,7 +138,7 @@ def test_direct_trial_trains_candidates_and_multipliers(reconstruction_trial):
     assert not torch.equal(lam_before, trial.terms["kkt"].lam.detach())
     assert trial.terms["kkt"].batch_size == trial.terms["kkt"].num_codes == 2 * len(trial.train_set)
     assert trial.terms["kkt"].layers == 0  # all parameters by default for the direct inverter
-    assert math.isfinite(row["loss_kkt"]) and row["evaluated"] == 0.0  # epoch 1 of eval_every 2
+    assert math.isfinite(row["loss_kkt"]) and row["evaluated"] == 1.0  # epoch 1 is on every schedule
     for key in ("classifier_train_loss", "classifier_grad_norm", "kkt_residual_train", "kkt_residual_heldout",
                 "params_per_train_pixel"):
         assert key in trial.classifier_metrics
@@ -527,3 +527,15 @@ def test_kkt_residual_gram_form_equals_its_definition(arch, margin, layers):
     assert r_gram == pytest.approx(r_def, rel=1e-5)
     assert torch.allclose(gx_gram, gx_def, rtol=1e-4, atol=1e-4 * gx_def.abs().max().item())
     assert torch.allclose(ga_gram, ga_def, rtol=1e-4, atol=1e-4 * ga_def.abs().max().item())
+
+
+def test_stretch_skips_non_finite_pixels():
+    from harness.inverters import stretch_factor
+    gen = torch.Generator().manual_seed(1)
+    origin, t, _ = _mnist_like_origin_and_targets(gen)
+    x = origin + 0.3 * (t[:1] - origin)
+    clean = stretch_factor(x, origin).item()
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y.view(-1)[400] = bad
+        assert stretch_factor(y, origin).item() == pytest.approx(clean, rel=1e-5) == pytest.approx(1 / 0.3, rel=1e-5)

@@ -112,8 +112,9 @@ def test_a_restored_trial_evaluates_before_it_reports(tiny_config):
     resumed.evaluate()  # an evaluation of the fresh (epoch 0) candidates, not of the checkpoint
     resumed.load_state_dict(first.state_dict())
     assert resumed.last_evaluation is None and resumed.evaluated_epoch == 0
-    row = resumed.step()  # epoch 2 is not due (eval_every 5) but nothing of this run was evaluated
-    assert row["evaluated"] == 1 and resumed.evaluated_epoch == 2
+    row = resumed.step()  # epoch 2 is not due (eval_every 5) but nothing of this run was evaluated:
+    # evaluated off the schedule (2), so the stopper counts what a run straight through would
+    assert row["evaluated"] == 2 and resumed.evaluated_epoch == 2
     # an evaluation asked for off the schedule (a checkpoint's) is flagged 2, which the stopper skips
     assert resumed.step(evaluate=True)["evaluated"] == 2 and resumed.evaluated_epoch == 3
     assert resumed.step()["evaluated"] == 1  # the last epoch is on the schedule
