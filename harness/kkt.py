@@ -61,18 +61,23 @@ def kkt_residual(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tens
     gradient, and no gradient with respect to W at all (so neither is there one in the backward
     pass), wherever that is the cheaper: B (in + out) < in · out, i.e. fewer candidates than about
     half the layer's width. Other layers (conv layers, a small head, a large bank) are formed as in
-    `kkt_residual_explicit`. The same value to float rounding (tests/test_leakage.py);
+    `kkt_residual_explicit`, and so is the whole residual of a model that calls one Linear module
+    more than once in its forward pass (its gradient sums over the calls). The same value to float rounding (tests/test_leakage.py);
     benchmarks/kkt_step.py times it."""
     rows = x.shape[0]
     linear = {name: mod for name, mod in model.named_modules()
               if isinstance(mod, nn.Linear) and f"{name}.weight" in theta
               and rows * (mod.in_features + mod.out_features) < mod.in_features * mod.out_features}
     by_gram = {f"{name}.{p}" for name in linear for p in ("weight", "bias")}
+    given = theta
     theta = {k: (p.detach() if k in by_gram else p) for k, p in theta.items()}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    reused: set[str] = set()
 
     def keep(name):
         def hook(module, inputs, output):
+            if name in seen:
+                reused.add(name)
             if not output.requires_grad:  # fixed candidates (the stationarity diagnostic): D is still needed
                 output.requires_grad_(True)
             seen[name] = (inputs[0], output)
@@ -84,6 +89,8 @@ def kkt_residual(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tens
     finally:
         for handle in handles:
             handle.remove()
+    if reused:  # a shared layer: its gradient is a sum over its calls, which the Gram form does not cover
+        return kkt_residual_explicit(model, given, x, y, lam, scale)
     weighted = _weighted_margins(logits, y, lam, scale)
     names = list(linear)
     formed = [(k, p) for k, p in theta.items() if k not in by_gram]

@@ -187,21 +187,34 @@ class SweepConfig(_Section):
                 _check_target(name)
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _metric_defaults_to_first_objective(cls, data):
+        """Left out in a multi-objective search, `metric` is the first objective and `mode` its
+        direction (filled in before validation, so the model is validated once)."""
+        if isinstance(data, dict) and isinstance(data.get("objectives"), dict) and data["objectives"]:
+            first = next(iter(data["objectives"]))
+            try:
+                _check_target(first)
+            except (ValueError, TypeError):
+                return data  # the objectives' own check names it
+            data = dict(data)
+            metric = data.setdefault("metric", first)
+            if "mode" not in data and data["objectives"].get(metric) in ("max", "min"):
+                data["mode"] = data["objectives"][metric]
+        return data
+
     @model_validator(mode="after")
     def _metric_among_objectives(self):
         """ASHA prunes on `metric`: in a multi-objective search it must be one of the objectives, in
-        the same direction (left out, it is the first objective)."""
+        the same direction."""
         if not self.objectives:
             return self
-        if "metric" not in self.model_fields_set:
-            self.metric = next(iter(self.objectives))
         if self.metric not in self.objectives:
             raise ValueError(f"metric {self.metric!r} is not one of the objectives ({', '.join(self.objectives)}); "
                              "ASHA would prune on a metric the search does not optimise: name one of them "
                              "or leave metric out (then the first objective)")
-        if "mode" not in self.model_fields_set:
-            self.mode = self.objectives[self.metric]
-        elif self.mode != self.objectives[self.metric]:
+        if self.mode != self.objectives[self.metric]:
             raise ValueError(f"mode {self.mode!r} contradicts objectives.{self.metric}: "
                              f"{self.objectives[self.metric]!r}; give one direction (or leave mode out)")
         return self

@@ -539,3 +539,31 @@ def test_stretch_skips_non_finite_pixels():
         y = x.clone()
         y.view(-1)[400] = bad
         assert stretch_factor(y, origin).item() == pytest.approx(clean, rel=1e-5) == pytest.approx(1 / 0.3, rel=1e-5)
+
+
+class SharedLinear(nn.Module):
+    """logits = C relu(A relu(A x')) with one Linear module A called twice (x' = the first 64 pixels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64, bias=False)
+        self.c = nn.Linear(64, K, bias=False)
+
+    def forward(self, x):
+        h = x.flatten(1)[:, :64]
+        h = torch.relu(self.a(torch.relu(self.a(h))))
+        return self.c(h), h
+
+
+def test_kkt_residual_of_a_layer_called_twice_equals_its_definition():
+    """A module called twice has a gradient summed over both calls, which the Gram form cannot
+    take from one call's activations: the residual is then formed as its definition."""
+    from harness.kkt import kkt_residual_explicit
+    torch.manual_seed(0)
+    model = SharedLinear().eval()
+    x = torch.randn(4, 1, 28, 28)
+    y = torch.arange(4) % K
+    lam = torch.rand(4, K)
+    expected = kkt_residual_explicit(model, theta_params(model, 0), x, y, lam, 2.0).item()
+    assert expected > 0.01
+    assert kkt_residual(model, theta_params(model, 0), x, y, lam, 2.0).item() == pytest.approx(expected, rel=1e-5)
