@@ -145,6 +145,11 @@ class GeneratorConfig(_Section):
     soft_fraction: float = Field(0.5, ge=0, le=1, description="Share of each training batch with "
                                  "soft (softmax) conditioning; the rest is one-hot.")
     soft_temperature: float = Field(1.0, gt=0, description="Temperature of the soft conditioning softmax.")
+    rescale: Literal["none", "range"] = Field(
+        "none", description="How the evaluation images are scored: as generated (none), or each image's "
+        "deviation from the classifier's input mean stretched to the pixel range (range, as direct.rescale: "
+        "range; a KKT-trained image is a training image only up to scale about that mean). Without a "
+        "centred classifier the mean is the zero image.")
 
 
 class LossConfig(_Section):

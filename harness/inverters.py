@@ -84,6 +84,8 @@ class GeneratorInverter(Inverter):
         self.register_buffer("eval_z", torch.randn(len(self.eval_labels), cfg.generator.latent_dim,
                                                    generator=eval_rng), persistent=False)
         self.bank_z: torch.Tensor | None = None
+        origin = torch.zeros(1, 1, 28, 28) if origin is None else origin.detach().cpu().reshape(1, 1, 28, 28)
+        self.register_buffer("origin", origin, persistent=False)
 
     @property
     def latent_dim(self) -> int:
@@ -140,6 +142,8 @@ class GeneratorInverter(Inverter):
             images = torch.cat([self.generator(self.eval_z[i:i + 500], c[i:i + 500])
                                 for i in range(0, len(c), 500)])
         self.generator.train(was_training)
+        if self.cfg.generator.rescale == "range":
+            images = stretch_to_range(images, self.origin).clamp(-1, 1)
         return images.cpu(), self.eval_labels.cpu().clone()
 
 

@@ -567,3 +567,31 @@ def test_kkt_residual_of_a_layer_called_twice_equals_its_definition():
     expected = kkt_residual_explicit(model, theta_params(model, 0), x, y, lam, 2.0).item()
     assert expected > 0.01
     assert kkt_residual(model, theta_params(model, 0), x, y, lam, 2.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+class _Fixed(nn.Module):
+    """A 'generator' that returns fixed images whatever it is asked."""
+
+    def __init__(self, images):
+        super().__init__()
+        self.register_buffer("images", images)
+
+    def forward(self, z, c):
+        return self.images[:len(z)]
+
+
+@pytest.mark.parametrize("rescale", ["none", "range"])
+def test_generator_range_rescale_scores_a_scaled_training_image_as_that_image(rescale):
+    """generator.rescale: range stretches each evaluation image about the classifier's input mean
+    (origin + 0.3·(t − origin) gives t back); none scores it as generated."""
+    from harness.inverters import GeneratorInverter
+    gen = torch.Generator().manual_seed(3)
+    origin, t, _ = _mnist_like_origin_and_targets(gen, n=20)
+    cfg = build_config(None, ["eval.per_class=2", f"generator.rescale={rescale}"])
+    inverter = GeneratorInverter(cfg, torch.device("cpu"), origin)
+    scaled = origin + 0.3 * (t - origin)
+    inverter.generator = _Fixed(scaled)
+    images, labels = inverter.eval_images()
+    assert images.shape == (20, 1, 28, 28) and labels.tolist() == [c for c in range(K) for _ in range(2)]
+    expected = t if rescale == "range" else scaled
+    assert torch.allclose(images, expected, atol=1e-5)
