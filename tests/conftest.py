@@ -14,6 +14,14 @@ if "HARNESS_DATA_ROOT" not in os.environ and _shared.is_dir():
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The suite runs in N processes (pytest-xdist, `-n` in pyproject.toml): each gets its share of the
+# cores for torch and the math libraries, and so do the processes it starts (Ray trials, benchmarks),
+# so that N test processes never oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, str(max(1, _cores // _WORKERS)))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,6 +29,9 @@ def session_cache(tmp_path_factory):
     """One classifier/evaluator cache shared by every test of the session."""
     path = tmp_path_factory.mktemp("cache")
     os.environ["HARNESS_CACHE_DIR"] = str(path)
+    if "OMP_NUM_THREADS" in os.environ:
+        import torch
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     return path
 
 
@@ -97,7 +108,7 @@ def stop_processes_of(temp: str) -> None:
             proc.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
     for proc in alive:
         try:
             proc.kill()

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY
 
-pytestmark = pytest.mark.sweep
+pytestmark = [pytest.mark.sweep, pytest.mark.xdist_group("report_study")]  # one worker builds the study
 
 
 @pytest.fixture(scope="module")

@@ -62,8 +62,11 @@ RAY_INTERNAL = {"should_checkpoint", "done", "training_iteration", "trial_id", "
 
 def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     out = tmp_path / "smoke"
+    # the shipped file with 4 trials, fewer steps and a smaller classifier and evaluator: what is
+    # checked is the sweep stack, not the images
     proc = subprocess.run(sweep_cmd(REPO / "search_spaces" / "smoke.yaml", out, ray_address,
-                                    "--set", "budget.num_samples=4"),
+                                    "--set", "budget.num_samples=4", "--set", "base.train.steps_per_epoch=4",
+                                    "--set", "base.classifier.epochs=2", "--set", "base.evaluator.epochs=1"),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| variant | score |" in proc.stdout
