@@ -180,8 +180,9 @@ def cmd_ablate(args) -> int:
     if n_seeds < 1:
         raise ConfigError(f"--seeds: {n_seeds}; give at least 1 confirmation seed")
     if len(sweep.variants()) < 2:
-        raise ConfigError(f"axes: {sweep.name} has {'no axes' if not sweep.axes else 'one variant'}, so a study "
-                          "has nothing to compare; use `harness sweep` for one configuration, or add axes")
+        field = "variants" if sweep.named_variants is not None else "axes"
+        raise ConfigError(f"{field}: {sweep.name} has {'no axes' if field == 'axes' and not sweep.axes else 'one variant'}, "
+                          f"so a study has nothing to compare; use `harness sweep` for one configuration, or add {field}")
     check_claim_decidable(sweep, n_seeds)
     check_sweep_args(sweep, args, out, "study")
     from harness.study import run_ablation

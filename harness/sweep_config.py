@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.config import (MAX_NAME, ConfigError, TrialConfig, _Section, build_config, check_data_root,
                             control_character, deep_merge, flatten, load_yaml, parse_overrides, seed_field,
@@ -135,10 +135,15 @@ class ClaimConfig(_Section):
 
 
 class SweepConfig(_Section):
+    model_config = ConfigDict(populate_by_name=True)  # `variants` in a file, named_variants in code
     name: str = Field(description="sweep name: MLflow experiment, output folder, Optuna study prefix")
     description: str = Field("", description="what this sweep is for")
     base: dict[str, Any] = Field(default_factory=dict, description="trial settings shared by every trial")
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="dotted setting -> values; one variant each")
+    named_variants: dict[str, dict[str, Any]] | None = Field(
+        None, alias="variants", description="instead of axes: variant name -> its dotted settings over the base "
+        "(e.g. {full: {}, no_kkt: {loss.kkt: 0}}): variants that are not a product of axes, such as a "
+        "leave-one-out ablation")
     search: dict[str, Distribution] = Field(default_factory=dict, description="dotted setting -> distribution")
     metric: str = Field("score", description="metric ASHA and the searcher optimise")
     mode: Literal["max", "min"] = Field("max", description="max or min")
@@ -228,6 +233,8 @@ class SweepConfig(_Section):
         except ConfigError as exc:
             raise ValueError(f"base: {exc}") from None
         settings = trial_settings()
+        if self.named_variants is not None:
+            self._check_named_variants(settings)
         for key, values in self.axes.items():
             if key not in settings:
                 raise ValueError(f"axes.{key}: not a trial setting; see `harness config` for the names")
@@ -280,12 +287,37 @@ class SweepConfig(_Section):
                                  "different variants")
         return self
 
+    def _check_named_variants(self, settings: set[str]) -> None:
+        if self.axes:
+            raise ValueError("variants: give axes or variants, not both")
+        if not self.named_variants:
+            raise ValueError("variants: give at least one variant (name: {dotted.setting: value}), or leave it out")
+        seen: list[tuple[str, dict]] = []
+        for name, changes in self.named_variants.items():
+            if not PLAIN_NAME.fullmatch(str(name)) or len(str(name)) > MAX_NAME:
+                raise ValueError(f"variants: {short_repr(name)} is not a plain name of at most {MAX_NAME} characters; "
+                                 "use letters, digits, _ and - (it names folders)")
+            for key in changes or {}:
+                if key not in settings:
+                    raise ValueError(f"variants.{name}.{key}: not a trial setting; see `harness config` for the names")
+            try:
+                taken = flatten(build_config(self.trial_base(changes or {})).model_dump())
+            except ConfigError as exc:
+                raise ValueError(f"variants.{name}: not a valid trial ({exc})") from None
+            same = next((other for other, trial in seen if trial == taken), None)
+            if same is not None:
+                raise ValueError(f"variants.{name}: the same trial settings as variants.{same}; make each variant differ")
+            seen.append((name, taken))
+
     # -- derived -----------------------------------------------------------------------------
     def variants(self) -> list[tuple[str, dict[str, Any]]]:
         """(variant name, flat settings of the axes) for every combination of the axes. A name
         joins `<key>=<value>` with `__`, each key shortened to its last dotted part, or to as
         many trailing parts as tell it apart from the other axes (`pool=avg`, but
-        `classifier.dropout=0.1__generator.dropout=0.5`)."""
+        `classifier.dropout=0.1__generator.dropout=0.5`). With `variants` (named), those names and
+        settings, in the file's order."""
+        if self.named_variants is not None:
+            return [(name, dict(changes or {})) for name, changes in self.named_variants.items()]
         if not self.axes:
             return [("all", {})]
         keys = list(self.axes)
@@ -404,6 +436,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
             raise ConfigError(f"search.{key}: not a trial setting; see `harness config` for the names")
         if key in sweep.axes:
             raise ConfigError(f"search.{key}: also an axis; vary a setting or search it, not both")
+        varied = next((name for name, changes in (sweep.named_variants or {}).items() if key in (changes or {})), None)
+        if varied is not None:
+            raise ConfigError(f"search.{key}: also set by variants.{varied}; vary a setting or search it, not both")
         if key in BUDGET_SETTINGS:
             raise ConfigError(f"search.{key}: sets the budget that ASHA's rungs and the best-trial rule compare "
                               "trials at; set it in base, or make it an axis to compare budgets")

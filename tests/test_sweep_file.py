@@ -55,6 +55,18 @@ MALFORMED = {
                                "axes.classifier.pooling"),
     "axis value not valid": (_with(axes={"classifier.pool": ["avg", "median"]}), [], "axes.classifier.pool"),
     "empty axis": (_with(axes={"classifier.pool": []}, claim=_DELETE), [], "axes.classifier.pool"),
+    "axes and variants": (_with(variants={"a": {"classifier.pool": "max"}}), [], "variants: give axes or variants"),
+    "variant name not plain": (_with(axes=_DELETE, claim=_DELETE, variants={"a/b": {"classifier.pool": "max"}, "c": {}}),
+                               [], "variants: 'a/b'"),
+    "variant key not a setting": (_with(axes=_DELETE, claim=_DELETE, variants={"a": {"loss.kktt": 0}, "b": {}}), [],
+                                  "variants.a.loss.kktt"),
+    "variant value not valid": (_with(axes=_DELETE, claim=_DELETE, variants={"a": {"classifier.pool": "median"},
+                                                                            "b": {}}), [], "variants.a"),
+    "two variants the same trial": (_with(axes=_DELETE, claim=_DELETE, variants={"a": {"loss.kkt": 0}, "b": {}}), [],
+                                    "variants.b: the same trial settings as variants.a"),
+    "variant setting also searched": (_with(axes=_DELETE, claim=_DELETE,
+                                            variants={"a": {"loss.tv": 0}, "b": {"loss.kkt": 1}}), [],
+                                      "search.loss.tv: also set by variants.a"),
     "axis also searched": (_with(**{"search/classifier.pool": {"dist": "choice", "values": ["avg"]}}), [],
                            "search.classifier.pool"),
     "low equals high": (_with(**{"search/loss.tv": {"dist": "uniform", "low": 0.5, "high": 0.5}}), [],
@@ -223,3 +235,16 @@ def test_smoke_shrinks_the_control_too(tmp_path):
     file.write_text(_with(control={"inverter": "direct", "train": {"epochs": 9, "steps_per_epoch": 100}}))
     control = load_sweep(file, smoke=True).control_base({})
     assert control["train"]["epochs"] == 2 and control["train"]["steps_per_epoch"] == 3
+
+
+def test_named_variants_give_their_names_and_settings_in_the_files_order():
+    """A leave-one-out ablation is not a product of axes: `variants` names each variant's settings."""
+    spec = yaml.safe_load(_with(axes=_DELETE, claim={"statement": "kkt helps", "metric": "coverage_gap",
+                                                     "greater": "full", "lesser": "no_kkt"},
+                                base={"loss": {"kkt": 1.0, "pert": 0.5}},
+                                variants={"full": {}, "no_kkt": {"loss.kkt": 0}, "no_pert": {"loss.pert": 0}}))
+    sweep = SweepConfig(**spec)
+    assert sweep.variants() == [("full", {}), ("no_kkt", {"loss.kkt": 0}), ("no_pert", {"loss.pert": 0})]
+    assert (sweep.trial_base({"loss.kkt": 0})["loss"]["kkt"], sweep.trial_base({})["loss"]["kkt"]) == (0, 1.0)
+    with pytest.raises(ValueError, match="claim.lesser: 'no_tv' is not a variant; variants are full, no_kkt, no_pert"):
+        SweepConfig(**{**spec, "claim": {**spec["claim"], "lesser": "no_tv"}})
