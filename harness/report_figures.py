@@ -331,6 +331,8 @@ def importance_figure(client, parent, variants, figures: Path, params: dict) -> 
 
     from harness.optuna_study import complete_trials
 
+    if not any(k.startswith("search.") for k in params):
+        raise NotDrawn("this study searched no setting (its file has no `search`): there is no importance to draw")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results, counts, skipped, pareto = {}, {}, [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,13 +9,15 @@ from harness.cli import main
 from harness.tracking import client_for, ensure_experiment
 
 
-def make_store(root):
+def make_store(root, searched: bool = True):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = client_for(uri)
     exp = ensure_experiment(client, "moved", root / "mlartifacts")
     parent = client.create_run(exp, run_name="sweep-moved", tags={"harness.kind": "sweep",
                                                                   "harness.optuna_storage": f"sqlite:///{root / 'optuna.db'}"})
     client.log_param(parent.info.run_id, "name", "moved")
+    if searched:
+        client.log_param(parent.info.run_id, "search.loss.tv.dist", "uniform")
     (root / "grid.png").write_bytes(b"not really a png")
     kids = []
     for i in range(2):
@@ -58,3 +60,14 @@ def test_report_and_compare_name_the_artifacts_of_a_moved_store(tmp_path, capsys
     assert main(["compare", *kids, "--mlflow-uri", f"sqlite:///{tmp_path / 'there' / 'mlflow.db'}"]) == 0
     printed = capsys.readouterr().out
     assert "| **artifacts** | grid.png | grid.png |" in printed and "could not be read" not in printed
+
+
+def test_a_report_of_a_sweep_without_a_search_draws_no_importance_and_reads_no_optuna_file(tmp_path):
+    make_store(tmp_path, searched=False)
+    out = tmp_path / "report"
+    assert main(["report", "--experiment", "moved", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                 "--out", str(out)]) == 0
+    text = (out / "README.md").read_text()
+    importance = text.split("### Loss-weight importance (Optuna, per variant)")[1]
+    assert importance.lstrip().startswith("Not drawn: this study searched no setting")
+    assert "optuna.db" not in text
