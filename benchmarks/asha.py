@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from common import parser, report
+from procmem import PeakMemory
 
 
 def sweep_dict(args, asha: bool, stopper: bool) -> dict:
@@ -77,8 +78,10 @@ def main(argv=None):
         for i, (name, asha, stopper) in enumerate(arms):
             sweep = SweepConfig.model_validate(sweep_dict(args, asha, stopper))
             start = time.perf_counter()
-            outcome = run_sweep(sweep, Path(tmp) / str(i))[0]
+            with PeakMemory(match="ray::", system_wide=args.address is not None) as mem:
+                outcome = run_sweep(sweep, Path(tmp) / str(i))[0]
             wall = time.perf_counter() - start
+            worker_mb = mem.peak_process_rss / 2 ** 20
             ok = [r for r in outcome.rows if not r["error"]]
             epochs = sum(int(r["metrics"].get("epoch", 0)) for r in ok)
             # the harness's best trial: ranked at equal budget (harness.results.best_trials), so a trial
@@ -89,18 +92,20 @@ def main(argv=None):
             if full is None:
                 full = (epochs, best, wall)
             rows.append([name, epochs, epochs / full[0], wall, best, best / full[1] if full[1] else float("nan"),
-                         best_any])
+                         best_any, worker_mb])
             figures["arms"][name] = {"trial_epochs": epochs, "wall_s": wall, "best_score": best,
-                                     "best_score_any_budget": best_any,
+                                     "best_score_any_budget": best_any, "peak_rss_ray_worker_mb": worker_mb,
                                      "configs": [r["config"] for r in ok]}
     import ray
     ray.shutdown()
     report(f"ASHA savings: {args.trials} loss-weight trials x up to {args.epochs} epochs "
            f"(grace {args.grace}, reduction {args.reduction_factor:g}), same weights in every arm",
-           ["arm", "trial-epochs", "x full", "wall s", "best score", "x full", "highest score at any budget"],
+           ["arm", "trial-epochs", "x full", "wall s", "best score", "x full", "highest score at any budget",
+            "peak RSS of a Ray worker, MiB"],
            rows, ["best score = the score of the harness's best trial, ranked at equal budget (the trials that ran the "
                   "most epochs first); the last column is the highest score of any trial, a pruned one's from the "
-                  "epoch it was stopped."],
+                  "epoch it was stopped. Peak RSS: the largest Ray worker (trial actors are reused from trial "
+                  "to trial), sampled every 0.5 s."],
            figures, args.json)
 
 

@@ -55,24 +55,43 @@ def run_trial(config: dict, base: dict, checkpoint_epochs: list[int]) -> None:
     cfg = resolve_trial(base, clean_searched(config))
     torch.set_num_threads(cfg.threads)
     trial = Trial(cfg)
-    node_id = ray.get_runtime_context().get_node_id()
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trial.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False))
-    while not trial.done:
-        row = trial.step(evaluate=trial.epoch + 1 in checkpoint_epochs)  # a checkpoint's outputs are evaluated
-        streak = collapse_streak(trial.history, cfg.train.eval_every, cfg.train.epochs)
-        result = {**row, "collapse_streak": streak, "classifier_cache_key": trial.classifier_info["cache_key"],
-                  "classifier_cache_hit": float(trial.classifier_info["cache_hit"]),
-                  "setup_seconds": trial.setup_seconds, **trial.classifier_metrics,
-                  "evaluator_heldout_acc": trial.evaluator_info["heldout_acc"], "node_id": node_id}
-        if trial.epoch in checkpoint_epochs or trial.done:
-            with tempfile.TemporaryDirectory() as tmp:
-                _write_checkpoint(trial, Path(tmp))
-                tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
-        else:
-            tune.report(result)
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                trial.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False))
+        while not trial.done:
+            row = trial.step(evaluate=trial.epoch + 1 in checkpoint_epochs)  # a checkpoint's outputs are evaluated
+            streak = collapse_streak(trial.history, cfg.train.eval_every, cfg.train.epochs)
+            result = {**row, "collapse_streak": streak, "classifier_cache_key": trial.classifier_info["cache_key"],
+                      "classifier_cache_hit": float(trial.classifier_info["cache_hit"]),
+                      "setup_seconds": trial.setup_seconds, **trial.classifier_metrics,
+                      "evaluator_heldout_acc": trial.evaluator_info["heldout_acc"], "node_id": node_id}
+            if trial.epoch in checkpoint_epochs or trial.done:
+                with tempfile.TemporaryDirectory() as tmp:
+                    _write_checkpoint(trial, Path(tmp))
+                    tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+            else:
+                tune.report(result)
+    finally:
+        # A reused actor runs trial after trial: a trial stopped by the scheduler ends in an exception
+        # whose traceback keeps this frame, and with it the trial's data and models, alive. Drop them.
+        del trial
+        release_memory()
+
+
+def release_memory() -> None:
+    """Collect, then hand freed heap pages back to the system (glibc's malloc_trim; elsewhere a no-op),
+    so that a worker's resident memory does not grow with every trial it has run."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # --------------------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ def test_asha_benchmark(tmp_path, ray_address):
     configs = [sorted(json.dumps(c, sort_keys=True) for c in a["configs"]) for a in arms.values()]
     assert len(configs) == 2 and configs[0] == configs[1]  # --tiny: full budget and the default
     assert all(a["trial_epochs"] <= full["trial_epochs"] for a in arms.values())
+    assert all(a["peak_rss_ray_worker_mb"] > 100 for a in arms.values())  # the sampler saw the Ray workers
 
 
 def test_memory_benchmark(tmp_path):

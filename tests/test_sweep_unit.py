@@ -207,3 +207,41 @@ def test_control_inverts_the_classifier_the_tuned_settings_train():
     assert control_settings(best, 1001) == {"classifier.weight_decay": 0.002, "data.train_size": 50,
                                             "seed": 1001, "classifier.seed": 1001}
     assert control_settings({"loss.tv": 0.3}, 7) == {"seed": 7, "classifier.seed": 7}
+
+
+def test_a_trial_stopped_by_the_scheduler_leaves_nothing_alive_in_its_worker(monkeypatch):
+    """Ray stops a trial (ASHA, the stopper) by raising inside `tune.report`; with reused actors
+    the worker then runs the next trial while that exception may still be held. The stopped
+    trial (its data, classifier and evaluator) must not stay alive through the exception's
+    traceback: a worker's memory grew by about 200 MB a trial before."""
+    import weakref
+
+    import ray
+    from ray import tune
+
+    import harness.trial
+    from harness.config import flatten
+    from tests.conftest import TINY
+
+    alive = []
+
+    class Watched(harness.trial.Trial):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            alive.append(weakref.ref(self))
+
+    class Stopped(Exception):
+        pass
+
+    def report(*args, **kwargs):
+        raise Stopped
+
+    monkeypatch.setattr(harness.trial, "Trial", Watched)
+    monkeypatch.setattr(tune, "report", report)
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "node"))
+    base = {**TINY, "threads": 1}
+    with pytest.raises(Stopped) as stopped:
+        harness.sweep.run_trial({}, base, [])
+    assert stopped.value.__traceback__ is not None  # the exception, with its frames, is still held here
+    assert len(alive) == 1 and alive[0]() is None
