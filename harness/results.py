@@ -26,15 +26,26 @@ def budget_reached(metrics: dict[str, Any]) -> float:
 
 
 def best_trials(trials: Iterable[T], metric: str, mode: str, top: int | None = 1, *,
-                metrics: Callable[[T], dict], failed: Callable[[T], bool]) -> list[T]:
+                metrics: Callable[[T], dict], failed: Callable[[T], bool],
+                number: Callable[[T], Any] | None = None) -> list[T]:
     """The `top` best qualifying trials, best first, ranked at equal budget: the trials that ran
     the most epochs come first (a trial ASHA stopped at an early rung holds a value measured at a
     smaller budget, not comparable with a finished trial's), and among trials of one budget the
-    best `metric` (`mode` max or min) leads; ties keep the input order. `metrics(t)` and
-    `failed(t)` read a trial, whatever its container."""
+    best `metric` (`mode` max or min) leads; ties go to the trial drawn first, by `number(t)` (its
+    Optuna trial number; None or missing after every numbered one), so the sweep's summary and
+    the report pick the same trial whatever order they read them in (then the input order).
+    `metrics(t)` and `failed(t)` read a trial, whatever its container."""
     ok = [t for t in trials if qualifies(failed(t), metrics(t), metric)]
     sign = -1.0 if mode == "max" else 1.0
-    ranked = sorted(ok, key=lambda t: (-budget_reached(metrics(t)), sign * metrics(t)[metric]))
+
+    def drawn(t) -> float:
+        value = number(t) if number is not None else None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return math.inf
+
+    ranked = sorted(ok, key=lambda t: (-budget_reached(metrics(t)), sign * metrics(t)[metric], drawn(t)))
     return ranked if top is None else ranked[:top]
 
 
