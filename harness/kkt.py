@@ -62,7 +62,9 @@ def kkt_residual(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tens
     pass), wherever that is the cheaper: B (in + out) < in · out, i.e. fewer candidates than about
     half the layer's width. Other layers (conv layers, a small head, a large bank) are formed as in
     `kkt_residual_explicit`, and so is the whole residual of a model that calls one Linear module
-    more than once in its forward pass (its gradient sums over the calls). The same value to float rounding (tests/test_leakage.py);
+    more than once in its forward pass (its gradient sums over the calls). A model that uses a
+    Linear layer's weight outside the module's own call (F.linear(h, layer.weight), a tied
+    weight) is not detected and must use `kkt_residual_explicit`; no model here does. The same value to float rounding (tests/test_leakage.py);
     benchmarks/kkt_step.py times it."""
     rows = x.shape[0]
     linear = {name: mod for name, mod in model.named_modules()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from harness.mlflow_store import TAG_OPTUNA_TRIAL, TAG_STOP_REASON, TAG_VARIANT
+from harness.mlflow_store import TAG_STOP_REASON, TAG_VARIANT
 from harness.results import MeanCI, best_trials, count_at_one, finite, mean_ci, sample_sd
 from harness.verdicts import (COUNTED, averaged_runs, claim_verdict, control_reading, exclusion, interval_text,
                               verdict_kind, yardstick)
@@ -38,7 +38,7 @@ def best_runs(runs: list, params: dict, top: int | None = 1) -> list:
     """The best runs by the study's own metric and mode, under `harness.results.best_trials`' rule."""
     return best_trials(runs, params.get("metric", "score"), params.get("mode", "max"), top,
                        metrics=lambda r: r.data.metrics, failed=lambda r: not _ended(r),
-                       number=lambda r: r.data.tags.get(TAG_OPTUNA_TRIAL))
+                       started=lambda r: r.info.start_time or 0)
 
 
 def table_metrics(params: dict) -> tuple[str, ...]:

@@ -27,25 +27,20 @@ def budget_reached(metrics: dict[str, Any]) -> float:
 
 def best_trials(trials: Iterable[T], metric: str, mode: str, top: int | None = 1, *,
                 metrics: Callable[[T], dict], failed: Callable[[T], bool],
-                number: Callable[[T], Any] | None = None) -> list[T]:
+                started: Callable[[T], Any] | None = None) -> list[T]:
     """The `top` best qualifying trials, best first, ranked at equal budget: the trials that ran
     the most epochs come first (a trial ASHA stopped at an early rung holds a value measured at a
     smaller budget, not comparable with a finished trial's), and among trials of one budget the
-    best `metric` (`mode` max or min) leads; ties go to the trial drawn first, by `number(t)` (its
-    Optuna trial number; None or missing after every numbered one), so the sweep's summary and
-    the report pick the same trial whatever order they read them in (then the input order).
-    `metrics(t)` and `failed(t)` read a trial, whatever its container."""
+    best `metric` (`mode` max or min) leads; ties go to the trial that started first: by
+    `started(t)` where given (an MLflow run's start time; the report reads runs newest first),
+    else by the input order (a sweep's results, in the order Ray created the trials). So the
+    sweep's summary and its report pick the same trial. `metrics(t)` and `failed(t)` read a
+    trial, whatever its container."""
     ok = [t for t in trials if qualifies(failed(t), metrics(t), metric)]
+    if started is not None:
+        ok.sort(key=started)
     sign = -1.0 if mode == "max" else 1.0
-
-    def drawn(t) -> float:
-        value = number(t) if number is not None else None
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return math.inf
-
-    ranked = sorted(ok, key=lambda t: (-budget_reached(metrics(t)), sign * metrics(t)[metric], drawn(t)))
+    ranked = sorted(ok, key=lambda t: (-budget_reached(metrics(t)), sign * metrics(t)[metric]))
     return ranked if top is None else ranked[:top]
 
 

@@ -557,8 +557,7 @@ def best_rows(outcomes: list[VariantOutcome], metric: str, mode: str, top: int =
     """The best `top` trials of each variant, by `harness.results.best_trials`' rule."""
     out = []
     for o in outcomes:
-        out += best_trials(o.rows, metric, mode, top, metrics=lambda r: r["metrics"], failed=lambda r: r["error"],
-                           number=lambda r: r.get("optuna_trial"))
+        out += best_trials(o.rows, metric, mode, top, metrics=lambda r: r["metrics"], failed=lambda r: r["error"])
     return out
 
 

@@ -25,6 +25,8 @@ from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
 _NONE = object()
 TARGET_NAMES = (*METRIC_NAMES, *REFERENCE_NAMES)  # what a sweep may optimise or a claim compare
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+# a variant's confirmation and control runs are stored as <phase>-<variant>: no variant may look like one
+PHASE_PREFIXES = ("confirm-", "control-")
 CONFIRM_SEED_START = 1000  # confirmation seeds start here, or after the largest tuning seed
 OFF_SUFFIX = ".on"  # `<key>.on`: the searched flag of a weight with allow_off (False = weight 0)
 
@@ -140,7 +142,7 @@ class SweepConfig(_Section):
     description: str = Field("", description="what this sweep is for")
     base: dict[str, Any] = Field(default_factory=dict, description="trial settings shared by every trial")
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="dotted setting -> values; one variant each")
-    named_variants: dict[str, dict[str, Any]] | None = Field(
+    named_variants: dict[str, dict[str, Any] | None] | None = Field(
         None, alias="variants", description="instead of axes: variant name -> its dotted settings over the base "
         "(e.g. {full: {}, no_kkt: {loss.kkt: 0}}): variants that are not a product of axes, such as a "
         "leave-one-out ablation")
@@ -297,6 +299,9 @@ class SweepConfig(_Section):
             if not PLAIN_NAME.fullmatch(str(name)) or len(str(name)) > MAX_NAME:
                 raise ValueError(f"variants: {short_repr(name)} is not a plain name of at most {MAX_NAME} characters; "
                                  "use letters, digits, _ and - (it names folders)")
+            if str(name).startswith(PHASE_PREFIXES):
+                raise ValueError(f"variants: {short_repr(name)} starts like the folder of another phase "
+                                 f"({', '.join(PHASE_PREFIXES)}); rename it")
             for key in changes or {}:
                 if key not in settings:
                     raise ValueError(f"variants.{name}.{key}: not a trial setting; see `harness config` for the names")

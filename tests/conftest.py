@@ -1,8 +1,10 @@
 """Test set-up: real MNIST/FashionMNIST from the project's shared data folder (no internet here),
 a fresh classifier cache per test session, and small configurations that still run the real code."""
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,9 +31,10 @@ def session_cache(tmp_path_factory):
     """One classifier/evaluator cache shared by every test of the session."""
     path = tmp_path_factory.mktemp("cache")
     os.environ["HARNESS_CACHE_DIR"] = str(path)
-    if "OMP_NUM_THREADS" in os.environ:
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
         import torch
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        torch.set_num_threads(int(threads))
     return path
 
 
@@ -72,7 +75,9 @@ def ray_address(session_cache, tmp_path_factory):
     """A real Ray head on loopback for the whole test session. 4 logical CPUs on this 2-core machine:
     the tests' tiny trials spend most of their time starting up and writing, not computing."""
     port = free_port()
-    temp = tmp_path_factory.mktemp("ray")
+    # short: Ray's socket paths under it must stay within the 107 bytes of a Unix socket address
+    # (pytest's own temp folders, one level deeper per xdist worker, come close to that)
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
                     "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=150000000",
@@ -81,6 +86,7 @@ def ray_address(session_cache, tmp_path_factory):
     address = f"127.0.0.1:{port}"
     yield address
     stop_processes_of(str(temp))
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def stop_processes_of(temp: str) -> None:

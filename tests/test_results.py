@@ -153,26 +153,24 @@ def test_summary_json_counts_collapses_as_the_report_does():
     assert enters_counts("KILLED", {"collapsed": 1.0}, "collapsed") and not enters_counts("KILLED", {}, "pruned")
 
 
-def test_tied_trials_go_to_the_one_drawn_first_in_the_sweep_and_in_the_report():
+def test_tied_trials_go_to_the_one_that_started_first_in_the_sweep_and_in_the_report():
     """Six trials all at coverage_gap 0 (the loss-design search): the sweep's summary read them in
-    Ray's order and picked Optuna trial 0, the report read MLflow's newest-first order and picked
-    trial 5. Both now pick the trial drawn first, whatever order they read."""
+    the order Ray created them and picked the first, the report read MLflow's newest-first order
+    and picked the last. Both now pick the trial that started first."""
     import types
 
     from harness.report_sections import best_runs
     from harness.sweep import VariantOutcome, best_rows
 
     rows = [{"variant": "all", "config": {}, "metrics": {"coverage_gap": 0.0, "epoch": 4, "nonfinite": 0.0},
-             "error": False, "optuna_trial": n, "name": f"t{n}"} for n in (3, 5, 0, 1, 4, 2)]
+             "error": False, "name": f"t{n}"} for n in range(6)]  # as Ray created them
     assert [r["name"] for r in best_rows([VariantOutcome("all", {}, rows=rows)], "coverage_gap", "max", top=2)] \
         == ["t0", "t1"]
-    runs = [types.SimpleNamespace(info=types.SimpleNamespace(status="FINISHED"), name=f"t{n}",
+    runs = [types.SimpleNamespace(info=types.SimpleNamespace(status="FINISHED", start_time=1000 + n), name=f"t{n}",
                                   data=types.SimpleNamespace(metrics={"coverage_gap": 0.0, "epoch": 4, "nonfinite": 0.0},
-                                                             tags={"harness.optuna_trial": str(n)}))
-            for n in (5, 4, 3, 2, 1, 0)]
+                                                             tags={}))
+            for n in (5, 4, 3, 2, 1, 0)]  # MLflow's order: newest first
     assert [r.name for r in best_runs(runs, {"metric": "coverage_gap", "mode": "max"}, top=2)] == ["t0", "t1"]
-    # a better value still wins over an earlier draw, and a trial without a number comes after numbered ones
-    rows[0]["metrics"] = {**rows[0]["metrics"], "coverage_gap": 0.1}
-    rows.append({**rows[2], "optuna_trial": None, "name": "unnumbered"})
-    ranked = best_rows([VariantOutcome("all", {}, rows=[rows[-1], *rows[:-1]])], "coverage_gap", "max", top=None)
-    assert [r["name"] for r in ranked][:2] == ["t3", "t0"] and ranked[-1]["name"] == "unnumbered"
+    # a better value still wins over an earlier start
+    runs[1].data.metrics = {**runs[1].data.metrics, "coverage_gap": 0.1}
+    assert [r.name for r in best_runs(runs, {"metric": "coverage_gap", "mode": "max"}, top=2)] == ["t4", "t0"]

@@ -67,6 +67,8 @@ MALFORMED = {
     "variant setting also searched": (_with(axes=_DELETE, claim=_DELETE,
                                             variants={"a": {"loss.tv": 0}, "b": {"loss.kkt": 1}}), [],
                                       "search.loss.tv: also set by variants.a"),
+    "variant named like a phase": (_with(axes=_DELETE, claim=_DELETE, variants={"confirm-a": {"loss.kkt": 1}, "a": {}}),
+                                   [], "variants: 'confirm-a' starts like the folder of another phase"),
     "axis also searched": (_with(**{"search/classifier.pool": {"dist": "choice", "values": ["avg"]}}), [],
                            "search.classifier.pool"),
     "low equals high": (_with(**{"search/loss.tv": {"dist": "uniform", "low": 0.5, "high": 0.5}}), [],
@@ -242,7 +244,7 @@ def test_named_variants_give_their_names_and_settings_in_the_files_order():
     spec = yaml.safe_load(_with(axes=_DELETE, claim={"statement": "kkt helps", "metric": "coverage_gap",
                                                      "greater": "full", "lesser": "no_kkt"},
                                 base={"loss": {"kkt": 1.0, "pert": 0.5}},
-                                variants={"full": {}, "no_kkt": {"loss.kkt": 0}, "no_pert": {"loss.pert": 0}}))
+                                variants={"full": None, "no_kkt": {"loss.kkt": 0}, "no_pert": {"loss.pert": 0}}))
     sweep = SweepConfig(**spec)
     assert sweep.variants() == [("full", {}), ("no_kkt", {"loss.kkt": 0}), ("no_pert", {"loss.pert": 0})]
     assert (sweep.trial_base({"loss.kkt": 0})["loss"]["kkt"], sweep.trial_base({})["loss"]["kkt"]) == (0, 1.0)

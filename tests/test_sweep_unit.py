@@ -219,8 +219,9 @@ def test_a_trial_stopped_by_the_scheduler_leaves_nothing_alive_in_its_worker(mon
     import ray
     from ray import tune
 
+    import torch
+
     import harness.trial
-    from harness.config import flatten
     from tests.conftest import TINY
 
     alive = []
@@ -241,7 +242,11 @@ def test_a_trial_stopped_by_the_scheduler_leaves_nothing_alive_in_its_worker(mon
     monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
     monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "node"))
     base = {**TINY, "threads": 1}
+    threads = torch.get_num_threads()
     with pytest.raises(Stopped) as stopped:
-        harness.sweep.run_trial({}, base, [])
+        try:
+            harness.sweep.run_trial({}, base, [])
+        finally:
+            torch.set_num_threads(threads)  # run_trial set the trial's 1 thread
     assert stopped.value.__traceback__ is not None  # the exception, with its frames, is still held here
     assert len(alive) == 1 and alive[0]() is None
