@@ -68,6 +68,9 @@ def main(argv=None):
     from harness.sweep_config import SweepConfig
 
     init_ray(args.address, num_cpus=args.cpus)
+    import ray
+    # on a cluster this run only joined, its workers are found under that cluster's raylets (and no other Ray's)
+    cluster = ray.get_runtime_context().gcs_address if args.address else None
     arms = [("full budget (no ASHA, no stopper)", False, False), ("ASHA", True, False),
             ("ASHA + collapse stopper (default)", True, True)]
     if args.tiny:  # the smoke test of the code path: the reference and the harness's default
@@ -78,7 +81,7 @@ def main(argv=None):
         for i, (name, asha, stopper) in enumerate(arms):
             sweep = SweepConfig.model_validate(sweep_dict(args, asha, stopper))
             start = time.perf_counter()
-            with PeakMemory(match="ray::", system_wide=args.address is not None) as mem:
+            with PeakMemory(match="ray::", cluster=cluster) as mem:
                 outcome = run_sweep(sweep, Path(tmp) / str(i))[0]
             wall = time.perf_counter() - start
             worker_mb = mem.peak_process_rss / 2 ** 20

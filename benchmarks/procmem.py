@@ -11,31 +11,39 @@ class PeakMemory:
     """Samples every `interval` s the RSS of `pid` and all its descendants (a local Ray instance's
     raylet and workers are descendants of the driver). Records the largest single process RSS
     whose command line matches `match` (None: any), and the largest total PSS of the tree (PSS
-    shares mapped libraries between processes instead of counting them in each). With
-    `system_wide`, processes matching `match` anywhere on the machine count too (the workers of a
-    Ray cluster started elsewhere)."""
+    shares mapped libraries between processes instead of counting them in each). With `cluster`
+    (a Ray cluster's GCS address, HOST:PORT), the processes of that cluster's raylets on this
+    machine count too (the workers of a cluster this process only connected to), and no other
+    Ray's: a second Ray on the machine is not this run's."""
 
     def __init__(self, pid: int | None = None, interval: float = 0.5, match: str | None = None,
-                 system_wide: bool = False):
+                 cluster: str | None = None):
         self.root = psutil.Process(pid or os.getpid())
-        self.interval, self.match, self.system_wide = interval, match, system_wide
+        self.interval, self.match, self.cluster = interval, match, cluster
         self.peak_process_rss = 0
         self.peak_total_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _cluster_processes(self) -> set:
+        """The raylets started with --gcs-address=<cluster> and everything under them."""
+        found = set()
+        flag = f"--gcs-address={self.cluster}"
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if flag in (p.info["cmdline"] or []):
+                    found.update([p, *p.children(recursive=True)])
+            except psutil.Error:
+                continue
+        return found
 
     def _sample(self) -> None:
         try:
             procs = {self.root, *self.root.children(recursive=True)}
         except psutil.Error:
             return
-        if self.system_wide and self.match:  # workers of a Ray cluster this process only connected to
-            for p in psutil.process_iter():
-                try:
-                    if self.match in " ".join(p.cmdline()):
-                        procs.add(p)
-                except psutil.Error:
-                    continue
+        if self.cluster:
+            procs |= self._cluster_processes()
         total = 0
         for p in procs:
             try:

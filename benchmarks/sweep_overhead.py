@@ -90,8 +90,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         init_ray(args.address, num_cpus=args.concurrency * args.cpus_per_trial)
+        import ray
+        # on a cluster this run only joined, its workers are found under that cluster's raylets (and no other Ray's)
+        cluster = ray.get_runtime_context().gcs_address if args.address else None
         ray_start = time.perf_counter() - t0
-        with PeakMemory(match="ray::", system_wide=args.address is not None) as mem:
+        with PeakMemory(match="ray::", cluster=cluster) as mem:
             t1 = time.perf_counter()
             outcomes = run_sweep(sweep, Path(tmp) / "sweep")
             time_b = time.perf_counter() - t1
