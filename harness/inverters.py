@@ -50,6 +50,9 @@ class Inverter(nn.Module):
     def __init__(self, cfg: TrialConfig, device: torch.device, origin: torch.Tensor | None = None):
         super().__init__()
         self.cfg, self.device = cfg, device
+        # where the classifier's input space is centred (its input mean), else the zero image
+        origin = torch.zeros(1, 1, 28, 28) if origin is None else origin.detach().cpu().reshape(1, 1, 28, 28)
+        self.register_buffer("origin", origin, persistent=False)
 
     def batch(self, classifier: nn.Module, terms: nn.ModuleDict, rng: torch.Generator) -> GeneratedBatch:
         raise NotImplementedError
@@ -75,7 +78,7 @@ class GeneratorInverter(Inverter):
     kkt_layers_default = 2
 
     def __init__(self, cfg: TrialConfig, device: torch.device, origin: torch.Tensor | None = None):
-        super().__init__(cfg, device)
+        super().__init__(cfg, device, origin)
         self.generator = Generator(cfg.generator)
         self.step_fn = torch.compile(self.generator) if cfg.train.compile else self.generator
         eval_rng = torch.Generator().manual_seed(cfg.eval.latent_seed)
@@ -84,8 +87,6 @@ class GeneratorInverter(Inverter):
         self.register_buffer("eval_z", torch.randn(len(self.eval_labels), cfg.generator.latent_dim,
                                                    generator=eval_rng), persistent=False)
         self.bank_z: torch.Tensor | None = None
-        origin = torch.zeros(1, 1, 28, 28) if origin is None else origin.detach().cpu().reshape(1, 1, 28, 28)
-        self.register_buffer("origin", origin, persistent=False)
 
     @property
     def latent_dim(self) -> int:
@@ -154,14 +155,12 @@ class DirectInverter(Inverter):
     it centres its input, so candidates start near the origin of the network's own input space)."""
 
     def __init__(self, cfg: TrialConfig, device: torch.device, origin: torch.Tensor | None = None):
-        super().__init__(cfg, device)
+        super().__init__(cfg, device, origin)
         d = cfg.direct
         per_class = d.candidates_per_class or max(1, 2 * cfg.data.train_size // NUM_CLASSES)
         gen = torch.Generator().manual_seed(cfg.seed + 104729)
         self.register_buffer("labels", torch.arange(NUM_CLASSES).repeat_interleave(per_class))
-        origin = torch.zeros(1, 1, 28, 28) if origin is None else origin.detach().cpu().reshape(1, 1, 28, 28)
-        self.register_buffer("origin", origin, persistent=False)
-        self.images = nn.Parameter(origin + torch.randn(len(self.labels), 1, 28, 28, generator=gen) * d.init_scale)
+        self.images = nn.Parameter(self.origin + torch.randn(len(self.labels), 1, 28, 28, generator=gen) * d.init_scale)
 
     def batch(self, classifier, terms, rng):
         x = self.images
