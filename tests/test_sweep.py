@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -63,10 +64,13 @@ RAY_INTERNAL = {"should_checkpoint", "done", "training_iteration", "trial_id", "
 def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     out = tmp_path / "smoke"
     # the shipped file with 4 trials, fewer steps and a smaller classifier and evaluator: what is
-    # checked is the sweep stack, not the images
+    # checked is the sweep stack, not the images. One trial at a time: asynchronous ASHA's decisions
+    # depend on the order in which trials reach a rung, and only a fixed order makes them known in
+    # advance (with 4 at once, the trials reached epoch 4 in ascending order once and none was stopped)
     proc = subprocess.run(sweep_cmd(REPO / "search_spaces" / "smoke.yaml", out, ray_address,
                                     "--set", "budget.num_samples=4", "--set", "base.train.steps_per_epoch=4",
-                                    "--set", "base.classifier.epochs=2", "--set", "base.evaluator.epochs=1"),
+                                    "--set", "base.classifier.epochs=2", "--set", "base.evaluator.epochs=1",
+                                    "--set", "resources.max_concurrent=1"),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| variant | score |" in proc.stdout
@@ -79,6 +83,22 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     pruned = [k for k in kids if k.info.status == "KILLED"]
     reasons = [k.data.tags["harness.stop_reason"] for k in pruned]
     assert pruned and all("pruned by ASHA" in r or "collapsed" in r for r in reasons), reasons
+    # ASHA's rule worked out from the scores, trial by trial in the order they ran (grace 2, factor 2:
+    # rungs at epochs 2 and 4): a trial stops at the first rung where its score is strictly below the
+    # median of the scores recorded there before it; the first trial is never stopped
+    client = MlflowClient(tracking_uri=uri)
+    recorded, expected = {2: [], 4: []}, {}
+    for k in sorted(kids, key=lambda r: r.info.start_time):
+        scores = {m.step: m.value for m in client.get_metric_history(k.info.run_id, "score")}
+        expected[k.info.run_id] = None
+        for rung in (2, 4):
+            below = bool(recorded[rung]) and scores[rung] < float(np.median(recorded[rung]))
+            recorded[rung].append(scores[rung])
+            if below:
+                expected[k.info.run_id] = f"pruned by ASHA at epoch {rung}"
+                break
+    assert {k.info.run_id: (k.data.tags["harness.stop_reason"] if k.info.status == "KILLED" else None)
+            for k in kids} == expected
     # the reason is also the run's description, which MLflow's runs table shows
     assert all(k.data.tags["mlflow.note.content"].lower().startswith(k.data.tags["harness.stop_reason"].lower())
                for k in pruned)
