@@ -9,12 +9,12 @@ Splits of one dataset (all fixed by seeds, so every trial of a study sees the sa
 """
 from __future__ import annotations
 
+import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 
 from harness.config import CENTRING_PER_CLASS, ConfigError, DataConfig
 
@@ -24,13 +24,13 @@ _TEST_SPLIT_SEED = 20241021  # fixes the held-out / evaluator halves of the test
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    torchvision_class: type
+    folder: str  # torchvision's class name, and its folder under the data root
     class_names: tuple[str, ...]
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(torchvision.datasets.MNIST, tuple(str(d) for d in range(10))),
-    "fashionmnist": DatasetSpec(torchvision.datasets.FashionMNIST, (
+    "mnist": DatasetSpec("MNIST", tuple(str(d) for d in range(10))),
+    "fashionmnist": DatasetSpec("FashionMNIST", (
         "T-shirt", "Trouser", "Pullover", "Dress", "Coat",
         "Sandal", "Shirt", "Sneaker", "Bag", "Boot")),
 }
@@ -44,19 +44,58 @@ def data_root(cfg: DataConfig) -> Path:
 _RAW_CACHE: dict[tuple[str, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def read_idx(path: Path) -> torch.Tensor:
+    """One IDX file of unsigned bytes (the MNIST format: a big-endian header of magic 0x0000080D,
+    D the number of dimensions, then D sizes), as a uint8 tensor of that shape; `.gz` read as is."""
+    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 3:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    body = data[4 + 4 * dims:]
+    if len(body) != torch.Size(shape).numel():
+        raise ValueError(f"{path}: {len(body)} bytes of data where its header says {shape}")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(*shape)
+
+
+def _raw_files(raw: Path, train: bool) -> tuple[Path, Path] | None:
+    """The split's image and label files in torchvision's `<Name>/raw` folder, plain or gzipped."""
+    prefix = "train" if train else "t10k"
+    found = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        candidates = [raw / f"{prefix}-{kind}{ext}" for ext in ("", ".gz")]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            return None
+        found.append(path)
+    return found[0], found[1]
+
+
 def load_split(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole official split as (uint8 images N x 28 x 28, int64 labels), read once per process."""
+    """Whole official split as (uint8 images N x 28 x 28, int64 labels), read once per process.
+    The files are read directly from torchvision's layout (`<root>/MNIST/raw/...`); torchvision
+    (imported only then: it costs a trial process seconds of start-up) downloads them when absent."""
     root = data_root(cfg)
     key = (cfg.dataset, str(root), train)
     if key not in _RAW_CACHE:
         spec = DATASETS[cfg.dataset]
         try:
-            ds = spec.torchvision_class(str(root), train=train, download=True)
-        except Exception as exc:  # no internet and no files: say where we looked
+            files = _raw_files(root / spec.folder / "raw", train)
+            if files is None:
+                import torchvision.datasets
+
+                ds = getattr(torchvision.datasets, spec.folder)(str(root), train=train, download=True)
+                images, labels = ds.data.clone(), ds.targets.clone()
+            else:
+                images, labels = read_idx(files[0]), read_idx(files[1])
+                if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+                    raise ValueError(f"{files[0].name} ({list(images.shape)}) and {files[1].name} "
+                                     f"({list(labels.shape)}) are not one split's images and labels")
+        except Exception as exc:  # no internet and no files, or unreadable files: say where we looked
             raise ConfigError(f"data.root: cannot load {cfg.dataset} from {root} ({exc}); point "
                               "--set data.root=DIR or HARNESS_DATA_ROOT at a folder holding "
-                              f"{spec.torchvision_class.__name__}/raw") from None
-        _RAW_CACHE[key] = (ds.data.clone(), ds.targets.clone().long())
+                              f"{spec.folder}/raw") from None
+        _RAW_CACHE[key] = (images, labels.long())
     return _RAW_CACHE[key]
 
 

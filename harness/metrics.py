@@ -1,7 +1,8 @@
 """Reconstruction metrics (method.md section 5) and the scheduler `score`.
 
 SSIM is pytorch_msssim's (Gaussian window 11, σ 1.5, data range 2 for pixels in [-1, 1]); the
-Fréchet distance is torchmetrics' with the evaluator's penultimate layer as feature extractor.
+Fréchet distance (FID's formula) between the evaluator's penultimate-layer features of the
+generated and the training images.
 Nearest-neighbour SSIM against many images is prefiltered: for each query, exact SSIM is
 computed only on the `topk` candidates of its class by normalised cross-correlation (structure)
 by L2 distance (luminance) and by L2 over the image centre, each one matrix product.
@@ -15,7 +16,6 @@ import torch
 from torch import nn
 from pytorch_msssim import ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from harness.config import EvalConfig
 from harness.data import NUM_CLASSES, Split
@@ -201,16 +201,35 @@ def reference_points(train: Split, heldout: Split, cfg: EvalConfig) -> dict[str,
     }
 
 
-class EvaluatorFeatures(nn.Module):
-    """The evaluator's penultimate layer as a torchmetrics feature extractor."""
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    |mu1 - mu2|² + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^½), the trace of the square root
+    as the sum of the square roots of the eigenvalues of sigma1 sigma2 (FID's formula)."""
+    a = (mu1 - mu2).square().sum()
+    b = sigma1.trace() + sigma2.trace()
+    c = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
+    return (a + b - 2 * c).item()
 
-    def __init__(self, evaluator: nn.Module):
-        super().__init__()
-        self.evaluator = evaluator
-        self.num_features = evaluator.num_features
 
-    def forward(self, x):
-        return self.evaluator(x)[1]
+class FeatureMoments:
+    """Running sums of features (float64) from which their mean and sample covariance follow."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+        self.total = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def update(self, features: torch.Tensor) -> None:
+        features = features.double().reshape(len(features), -1)
+        self.total += features.sum(0)
+        self.outer += features.T @ features
+        self.count += len(features)
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.count < 2:
+            raise ValueError("the Fréchet distance needs at least 2 images on each side")
+        mean = self.total / self.count
+        return mean, (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
 
 
 def top_fraction_mean(values: torch.Tensor, fraction: float = 0.1) -> float:
@@ -258,10 +277,12 @@ class Evaluator:
         self.capped = self.side_per_class < n_per_class
         self.classifier, self.evaluator = classifier, evaluator
         self.device = next(evaluator.parameters()).device
-        self.fd = FrechetInceptionDistance(feature=EvaluatorFeatures(evaluator), normalize=True,
-                                           reset_real_features=False).to(self.device)
-        for i in range(0, len(train), 1000):
-            self.fd.update(train.images[i:i + 1000].to(self.device), real=True)
+        # the training images' feature moments, once: the real side of fd_eval
+        real = FeatureMoments(evaluator.num_features, self.device)
+        with torch.no_grad():
+            for i in range(0, len(train), 1000):
+                real.update(evaluator(train.images[i:i + 1000].to(self.device))[1])
+        self.real_moments = real.mean_cov()
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
@@ -276,12 +297,13 @@ class Evaluator:
         per_train_side = per_train[self.train_side_index]
         on_device = images.to(dev)
         target_pred = self.classifier(on_device)[0].argmax(1).cpu()
-        eval_pred = self.evaluator(on_device)[0].argmax(1).cpu()
+        eval_logits, eval_features = self.evaluator(on_device)
+        eval_pred = eval_logits.argmax(1).cpu()
         div = diversity(gen.images, gen.labels, cfg.diversity_pairs)
         unique = len(torch.unique(nn_index[nn_index >= 0])) / max(len(gen), 1)
-        self.fd.reset()
-        self.fd.update(on_device, real=False)
-        fd = self.fd.compute().item()
+        fake = FeatureMoments(self.evaluator.num_features, dev)
+        fake.update(eval_features)
+        fd = frechet_distance(*self.real_moments, *fake.mean_cov()) if fake.count > 1 else float("nan")
         collapsed = is_collapsed(div, unique, refs["ref_heldout_diversity"], cfg)
         bar = cfg.recon_threshold
         m = {

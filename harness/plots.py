@@ -9,9 +9,24 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 from harness.data import NUM_CLASSES  # noqa: E402
+
+
+def tile(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 0.5) -> torch.Tensor:
+    """N x C x H x W images as one 3 x H' x W' picture, `nrow` to a row, `padding` pixels of
+    `pad_value` around and between them (single-channel images repeated to RGB)."""
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    n, c, h, w = images.shape
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    cell_h, cell_w = h + padding, w + padding
+    grid = images.new_full((c, rows * cell_h + padding, cols * cell_w + padding), pad_value)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        grid[:, r * cell_h + padding:(r + 1) * cell_h, k * cell_w + padding:(k + 1) * cell_w] = images[i]
+    return grid
 
 
 def _to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -32,7 +47,7 @@ def class_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> to
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path, per_class: int = 10,
               class_names=None, title: str | None = None) -> None:
-    grid = make_grid(_to_unit(class_rows(images, labels, per_class)), nrow=per_class, padding=2, pad_value=0.5)
+    grid = tile(_to_unit(class_rows(images, labels, per_class)), nrow=per_class, padding=2, pad_value=0.5)
     fig, ax = plt.subplots(figsize=(per_class * 0.6 + 1.2, NUM_CLASSES * 0.6 + 0.4), dpi=100)
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_xticks([])
@@ -60,7 +75,7 @@ def save_nearest_pairs(images: torch.Tensor, labels: torch.Tensor, nearest_index
         for _ in range(per_class - len(order)):
             tiles += [-torch.ones_like(images[0])] * 2
             captions.append("")
-    grid = make_grid(_to_unit(torch.stack(tiles)), nrow=2 * per_class, padding=2, pad_value=0.5)
+    grid = tile(_to_unit(torch.stack(tiles)), nrow=2 * per_class, padding=2, pad_value=0.5)
     fig, ax = plt.subplots(figsize=(2 * per_class * 0.6 + 1.2, NUM_CLASSES * 0.6 + 0.6), dpi=100)
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_xticks([2 + 30 * (2 * j) + 28 for j in range(per_class)])

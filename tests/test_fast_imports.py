@@ -1,0 +1,108 @@
+"""What a trial process imports itself, checked against the libraries it no longer needs at
+start-up: the MNIST files read directly (torchvision's reader), the Fréchet distance (torchmetrics'
+FID), the image grid (torchvision's make_grid). Each known answer is the library's own output on
+the same input, or a value worked out by hand."""
+import gzip
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness.config import ConfigError, DataConfig
+from harness.data import load_split, read_idx
+from harness.metrics import FeatureMoments, frechet_distance
+from harness.plots import tile
+from tests.conftest import REPO
+
+
+def test_a_trial_process_imports_neither_torchvision_nor_torchmetrics():
+    code = ("import harness.trial, harness.plots, harness.sweep; import sys; "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'torchmetrics'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == []
+
+
+@pytest.mark.parametrize("dataset,folder", [("mnist", "MNIST"), ("fashionmnist", "FashionMNIST")])
+@pytest.mark.parametrize("train", [True, False])
+def test_the_split_read_directly_equals_torchvisions(dataset, folder, train):
+    import torchvision.datasets
+
+    cfg = DataConfig(dataset=dataset)
+    images, labels = load_split(cfg, train)
+    from harness.data import data_root
+    ds = getattr(torchvision.datasets, folder)(str(data_root(cfg)), train=train, download=False)
+    assert images.dtype == torch.uint8 and labels.dtype == torch.int64
+    assert torch.equal(images, ds.data) and torch.equal(labels, ds.targets)
+    assert images.shape == ((60000 if train else 10000), 28, 28)
+
+
+def test_gzipped_files_read_the_same_and_a_truncated_file_is_refused_in_one_line(tmp_path):
+    from harness.data import data_root
+    raw = data_root(DataConfig()) / "MNIST" / "raw"
+    gz = tmp_path / "gz" / "MNIST" / "raw"
+    gz.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with open(raw / name, "rb") as src, gzip.open(gz / f"{name}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    assert torch.equal(read_idx(gz / "t10k-labels-idx1-ubyte.gz"), read_idx(raw / "t10k-labels-idx1-ubyte"))
+    images, labels = load_split(DataConfig(root=str(tmp_path / "gz")), train=False)
+    assert torch.equal(images, read_idx(raw / "t10k-images-idx3-ubyte")) and len(labels) == 10000
+    cut = tmp_path / "cut" / "MNIST" / "raw"
+    cut.mkdir(parents=True)
+    (cut / "t10k-images-idx3-ubyte").write_bytes((raw / "t10k-images-idx3-ubyte").read_bytes()[:5000])
+    shutil.copy(raw / "t10k-labels-idx1-ubyte", cut)
+    with pytest.raises(ConfigError) as err:
+        load_split(DataConfig(root=str(tmp_path / "cut")), train=False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data.root:") and "4984 bytes of data" in message
+
+
+def test_frechet_distance_of_known_gaussians():
+    # real: the 4 points ±e1, ±e2 (mean 0, sample covariance I·2/3); generated: the same scaled by 2
+    # and moved by (3, 0) (mean (3, 0), covariance I·8/3). Distance: 9 + (4/3 + 16/3) - 2·2·(4/3) = 31/3
+    square = torch.tensor([[-1.0, 0], [1, 0], [0, -1], [0, 1]])
+    real, fake = FeatureMoments(2), FeatureMoments(2)
+    real.update(square[:2])
+    real.update(square[2:])  # accumulated in two batches
+    fake.update(2 * square + torch.tensor([3.0, 0]))
+    mean, cov = real.mean_cov()
+    assert torch.allclose(mean, torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(cov, torch.eye(2, dtype=torch.float64) * 2 / 3)
+    assert frechet_distance(*real.mean_cov(), *fake.mean_cov()) == pytest.approx(31 / 3, rel=1e-12)
+    assert frechet_distance(*real.mean_cov(), *real.mean_cov()) == pytest.approx(0, abs=1e-12)
+    with pytest.raises(ValueError):
+        FeatureMoments(2).mean_cov()
+
+
+def test_frechet_distance_equals_torchmetrics_fid_on_the_same_features():
+    from torch import nn
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Features(nn.Module):  # the images' pixels are their own features
+        num_features = 16
+
+        def forward(self, x):
+            return x.flatten(1)
+
+    g = torch.Generator().manual_seed(0)
+    real_x = torch.randn(300, 1, 4, 4, generator=g)
+    fake_x = torch.randn(120, 1, 4, 4, generator=g) * 0.7 + 0.3
+    fid = FrechetInceptionDistance(feature=Features(), normalize=True)
+    fid.update(real_x, real=True)
+    fid.update(fake_x, real=False)
+    real, fake = FeatureMoments(16), FeatureMoments(16)
+    real.update(real_x.flatten(1))
+    fake.update(fake_x.flatten(1))
+    assert frechet_distance(*real.mean_cov(), *fake.mean_cov()) == pytest.approx(fid.compute().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("n,nrow", [(20, 10), (7, 3), (2, 5)])  # (make_grid returns a lone image unframed)
+def test_tile_equals_torchvisions_make_grid(n, nrow):
+    from torchvision.utils import make_grid
+
+    images = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(n))
+    assert torch.equal(tile(images, nrow, padding=2, pad_value=0.5),
+                       make_grid(images, nrow=nrow, padding=2, pad_value=0.5))
