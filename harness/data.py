@@ -47,7 +47,8 @@ _RAW_CACHE: dict[tuple[str, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 def read_idx(path: Path) -> torch.Tensor:
     """One IDX file of unsigned bytes (the MNIST format: a big-endian header of magic 0x0000080D,
     D the number of dimensions, then D sizes), as a uint8 tensor of that shape; `.gz` read as is."""
-    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
     if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 3:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes")
     dims = data[3]
@@ -81,18 +82,24 @@ def load_split(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor
         spec = DATASETS[cfg.dataset]
         try:
             files = _raw_files(root / spec.folder / "raw", train)
+            if files is not None:
+                try:
+                    images, labels = read_idx(files[0]), read_idx(files[1])
+                    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+                        raise ValueError(f"{files[0].name} ({list(images.shape)}) and {files[1].name} "
+                                         f"({list(labels.shape)}) are not one split's images and labels")
+                except (OSError, EOFError, ValueError):
+                    if not any(f.suffix == ".gz" for f in files):
+                        raise
+                    files = None  # an archive cut short by an interrupted download: torchvision fetches it again
             if files is None:
                 import torchvision.datasets
 
                 ds = getattr(torchvision.datasets, spec.folder)(str(root), train=train, download=True)
                 images, labels = ds.data.clone(), ds.targets.clone()
-            else:
-                images, labels = read_idx(files[0]), read_idx(files[1])
-                if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
-                    raise ValueError(f"{files[0].name} ({list(images.shape)}) and {files[1].name} "
-                                     f"({list(labels.shape)}) are not one split's images and labels")
         except Exception as exc:  # no internet and no files, or unreadable files: say where we looked
-            raise ConfigError(f"data.root: cannot load {cfg.dataset} from {root} ({exc}); point "
+            why = " ".join(str(exc).split())  # torchvision's download errors span lines
+            raise ConfigError(f"data.root: cannot load {cfg.dataset} from {root} ({why}); point "
                               "--set data.root=DIR or HARNESS_DATA_ROOT at a folder holding "
                               f"{spec.folder}/raw") from None
         _RAW_CACHE[key] = (images, labels.long())

@@ -3,6 +3,7 @@ start-up: the MNIST files read directly (torchvision's reader), the Fréchet dis
 FID), the image grid (torchvision's make_grid). Each known answer is the library's own output on
 the same input, or a value worked out by hand."""
 import gzip
+import math
 import shutil
 import subprocess
 import sys
@@ -30,9 +31,12 @@ def test_a_trial_process_imports_neither_torchvision_nor_torchmetrics():
 def test_the_split_read_directly_equals_torchvisions(dataset, folder, train):
     import torchvision.datasets
 
+    from harness.data import _RAW_CACHE, _raw_files, data_root
+
     cfg = DataConfig(dataset=dataset)
+    assert _raw_files(data_root(cfg) / folder / "raw", train) is not None  # read directly, not downloaded
+    _RAW_CACHE.clear()
     images, labels = load_split(cfg, train)
-    from harness.data import data_root
     ds = getattr(torchvision.datasets, folder)(str(data_root(cfg)), train=train, download=False)
     assert images.dtype == torch.uint8 and labels.dtype == torch.int64
     assert torch.equal(images, ds.data) and torch.equal(labels, ds.targets)
@@ -58,6 +62,17 @@ def test_gzipped_files_read_the_same_and_a_truncated_file_is_refused_in_one_line
         load_split(DataConfig(root=str(tmp_path / "cut")), train=False)
     message = str(err.value)
     assert "\n" not in message and message.startswith("data.root:") and "4984 bytes of data" in message
+    # an archive cut short (an interrupted download) is fetched again by torchvision; offline (as
+    # here: HARNESS_DATA_ROOT is not this folder and nothing is reachable) its error is one line
+    short = tmp_path / "short" / "MNIST" / "raw"
+    short.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (short / f"{name}.gz").write_bytes((gz / f"{name}.gz").read_bytes()[:300])
+    with pytest.raises(ConfigError) as err:
+        load_split(DataConfig(root=str(tmp_path / "short")), train=False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data.root: cannot load mnist from")
+    assert "HARNESS_DATA_ROOT" in message
 
 
 def test_frechet_distance_of_known_gaussians():
@@ -106,3 +121,44 @@ def test_tile_equals_torchvisions_make_grid(n, nrow):
     images = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(n))
     assert torch.equal(tile(images, nrow, padding=2, pad_value=0.5),
                        make_grid(images, nrow=nrow, padding=2, pad_value=0.5))
+
+
+def test_fd_eval_of_an_evaluation_equals_torchmetrics_fid_with_the_evaluators_features():
+    from torch import nn
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from harness.config import EvalConfig
+    from harness.data import heldout_set, train_subset
+    from harness.metrics import Evaluator
+
+    class Judge(nn.Module):  # (logits, features) as the harness's evaluators return them
+        num_features = 12
+
+        def __init__(self):
+            super().__init__()
+            self.features, self.head = nn.Linear(784, 12), nn.Linear(12, 10)
+
+        def forward(self, x):
+            f = torch.tanh(self.features(x.flatten(1)))
+            return self.head(f), f
+
+    class Features(nn.Module):
+        def __init__(self, judge):
+            super().__init__()
+            self.judge, self.num_features = judge, judge.num_features
+
+        def forward(self, x):
+            return self.judge(x)[1]
+
+    torch.manual_seed(0)
+    judge = Judge().eval().requires_grad_(False)
+    train, _ = train_subset(DataConfig(train_size=200))
+    held = heldout_set(DataConfig(), 20)
+    ev = Evaluator(EvalConfig(topk=3, diversity_pairs=10), train, held, judge, judge, {"ref_heldout_diversity": 0.8})
+    images = torch.rand(30, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    labels = torch.arange(30) % 10
+    fid = FrechetInceptionDistance(feature=Features(judge), normalize=True, reset_real_features=False)
+    fid.update(train.images, real=True)
+    fid.update(images, real=False)
+    assert ev(images, labels).metrics["fd_eval"] == pytest.approx(fid.compute().item(), rel=1e-5)
+    assert math.isnan(ev(images[:1], labels[:1]).metrics["fd_eval"])  # one image has no covariance
