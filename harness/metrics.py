@@ -1,8 +1,8 @@
 """Reconstruction metrics (method.md section 5) and the scheduler `score`.
 
 SSIM is pytorch_msssim's (Gaussian window 11, σ 1.5, data range 2 for pixels in [-1, 1]); the
-Fréchet distance (FID's formula) between the evaluator's penultimate-layer features of the
-generated and the training images.
+Fréchet distance is FID's formula on the evaluator's penultimate-layer features of the generated
+and the training images (torchmetrics' FID with that feature extractor gives the same number).
 Nearest-neighbour SSIM against many images is prefiltered: for each query, exact SSIM is
 computed only on the `topk` candidates of its class by normalised cross-correlation (structure)
 by L2 distance (luminance) and by L2 over the image centre, each one matrix product.
