@@ -89,30 +89,43 @@ def save_nearest_pairs(images: torch.Tensor, labels: torch.Tensor, nearest_index
     plt.close(fig)
 
 
+def reconstruction_canvas(sides, count: int = 10, pad: int = 2, label: int = 9):
+    """The picture of `save_reconstructions`: for each side (images, best SSIM per image, the
+    candidate that reached it), its `count` images of highest best SSIM in a row, each above its
+    candidate, on a white canvas (values in [0, 1]) with `label` pixels above each image row for its
+    score. Returns the canvas, the scores as (x, y, value) in canvas pixels, and each row's centre."""
+    size = sides[0][0].shape[-1]
+    cell, band_h = size + pad, label + 2 * (size + pad)
+    canvas = torch.ones(len(sides) * band_h + pad, count * cell + pad)
+    scores, centres = [], []
+    for b, (images, best, match) in enumerate(sides):
+        y0 = b * band_h + label + pad
+        centres += [y0 + size / 2, y0 + cell + size / 2]
+        for j, i in enumerate(best.nan_to_num(-1).argsort(descending=True)[:count].tolist()):
+            x0 = j * cell + pad
+            canvas[y0:y0 + size, x0:x0 + size] = _to_unit(images[i])[0]
+            canvas[y0 + cell:y0 + cell + size, x0:x0 + size] = _to_unit(match[i])[0]
+            scores.append((x0 + size / 2, y0 - 1.5, float(best[i])))
+    return canvas, scores, centres
+
+
 def save_reconstructions(train_images: torch.Tensor, train_best: torch.Tensor, train_match: torch.Tensor,
                          heldout_images: torch.Tensor, heldout_best: torch.Tensor, heldout_match: torch.Tensor,
                          path: str | Path, count: int = 10, threshold: float = 0.4) -> None:
     """Per-image leakage as a picture: the `count` training images with the highest best SSIM, each
     above the candidate that reached it, and the same for the equally sized held-out side. A leak
-    shows as training pairs that match where the held-out pairs do not."""
-    fig, axes = plt.subplots(4, count, figsize=(count * 0.75 + 0.6, 4 * 0.8 + 0.9), dpi=100, squeeze=False)
-    for row, (title, images, best, match) in enumerate((("training", train_images, train_best, train_match),
-                                                        ("held-out", heldout_images, heldout_best, heldout_match))):
-        order = best.nan_to_num(-1).argsort(descending=True)[:count].tolist()
-        for j in range(count):
-            top, bottom = axes[2 * row, j], axes[2 * row + 1, j]
-            for ax in (top, bottom):
-                ax.set_xticks([])
-                ax.set_yticks([])
-            if j >= len(order):
-                continue
-            i = order[j]
-            top.imshow(_to_unit(images[i])[0].numpy(), cmap="gray", vmin=0, vmax=1)
-            bottom.imshow(_to_unit(match[i])[0].numpy(), cmap="gray", vmin=0, vmax=1)
-            colour = "C2" if best[i] >= threshold else "C7"
-            top.set_title(f"{best[i]:.2f}", fontsize=6, color=colour, pad=1)
-        axes[2 * row, 0].set_ylabel(f"{title}\nimage", fontsize=6)
-        axes[2 * row + 1, 0].set_ylabel("best\ncandidate", fontsize=6)
+    shows as training pairs that match where the held-out pairs do not. One picture on one axes (a
+    grid of 40 axes took most of a trial's output time)."""
+    canvas, scores, centres = reconstruction_canvas(
+        [(train_images, train_best, train_match), (heldout_images, heldout_best, heldout_match)], count)
+    fig, ax = plt.subplots(figsize=(count * 0.75 + 0.6, 4 * 0.8 + 0.9), dpi=100)
+    ax.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    for x, y, score in scores:
+        ax.text(x, y, f"{score:.2f}", ha="center", va="bottom", fontsize=6, color="C2" if score >= threshold else "C7")
+    ax.set_xticks([])
+    ax.set_yticks(centres)
+    ax.set_yticklabels(["training\nimage", "best\ncandidate", "held-out\nimage", "best\ncandidate"], fontsize=6)
+    ax.tick_params(length=0)
     fig.suptitle(f"best SSIM of any candidate per image (green: >= {threshold}); "
                  "top: training images, bottom: as many held-out images", fontsize=7)
     fig.tight_layout()

@@ -28,8 +28,14 @@ if _WORKERS > 1:
 
 @pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory):
-    """One classifier/evaluator cache shared by every test of the session."""
-    path = tmp_path_factory.mktemp("cache")
+    """One classifier/evaluator cache shared by every test of the session, and by the session's
+    xdist workers: each worker's temp folder lies in the run's, and the cache's per-entry lock lets
+    one worker build an entry while the other waits for it instead of building it again."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.getbasetemp().parent / "cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("cache")
     os.environ["HARNESS_CACHE_DIR"] = str(path)
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0:
