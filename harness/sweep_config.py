@@ -418,6 +418,26 @@ def resolve_trial(base: dict, settings: dict) -> TrialConfig:
 BUDGET_SETTINGS = ("train.epochs", "train.steps_per_epoch", "train.max_seconds")
 
 
+WHOLE_NAME_SECTIONS = ("axes", "search")  # their keys are dotted setting names, not nested sections
+
+
+def sweep_overrides(pairs: list[str] | None) -> dict:
+    """A sweep file's `--set`: dotted keys nest (`--set base.loss.kkt=1`, `--set budget.num_samples=8`),
+    except under axes and search, whose keys are setting names with dots of their own:
+    `--set 'axes.data.train_size=[20, 50]'` sets the axis `data.train_size`, and
+    `--set 'search.loss.tv={dist: uniform, low: 0, high: 0.5}'` the whole searched entry of loss.tv."""
+    nested: dict = {}
+    for pair in pairs or []:
+        key = pair.split("=", 1)[0].strip()
+        section, _, name = key.partition(".")
+        if section in WHOLE_NAME_SECTIONS and name and "=" in pair:
+            value = parse_overrides([f"value={pair.split('=', 1)[1]}"])["value"]
+            nested = deep_merge(nested, {section: {name: value}})
+        else:
+            nested = deep_merge(nested, parse_overrides([pair]))
+    return nested
+
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> SweepConfig:
     """Read and validate a sweep file before anything runs: every key is known, every searched
     key is a setting, every variant and each end of every searched range is a valid trial, and
@@ -425,7 +445,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
     raw = load_yaml(path)
     if not raw:
         raise ConfigError(f"config: {path} is empty; a sweep file needs at least a name")
-    data = deep_merge(raw, parse_overrides(overrides))
+    data = deep_merge(raw, sweep_overrides(overrides))
     if smoke:
         data = deep_merge(data, {"budget": {"num_samples": 2, "epochs": 2, "steps_per_epoch": 3},
                                  "asha": {"grace_period": 1}, "base": {"eval": {"per_class": 10}}})

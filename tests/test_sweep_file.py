@@ -250,3 +250,17 @@ def test_named_variants_give_their_names_and_settings_in_the_files_order():
     assert (sweep.trial_base({"loss.kkt": 0})["loss"]["kkt"], sweep.trial_base({})["loss"]["kkt"]) == (0, 1.0)
     with pytest.raises(ValueError, match="claim.lesser: 'no_tv' is not a variant; variants are full, no_kkt, no_pert"):
         SweepConfig(**{**spec, "claim": {**spec["claim"], "lesser": "no_tv"}})
+
+
+def test_set_on_axes_and_search_takes_the_dotted_setting_name_whole(tmp_path):
+    file = tmp_path / "good.yaml"
+    file.write_text(_with(claim=_DELETE))
+    sweep = load_sweep(file, ["axes.classifier.pool=[max]", "search.loss.tv={dist: uniform, low: 0.1, high: 0.2}",
+                              "base.train.epochs=6", "budget.num_samples=3"])
+    assert sweep.axes == {"classifier.pool": ["max"]}  # the file's axis, replaced
+    assert (sweep.search["loss.tv"].low, sweep.search["loss.tv"].high) == (0.1, 0.2)
+    assert sweep.search["loss.cos"].high == 1.0  # the file's other searched entry, kept
+    assert sweep.base["train"]["epochs"] == 6 and sweep.budget.num_samples == 3
+    # an axis the file does not have is added beside its own
+    two = load_sweep(file, ["axes.loss.kkt=[0, 1]"])
+    assert two.axes == {"classifier.pool": ["avg", "max"], "loss.kkt": [0, 1]}
