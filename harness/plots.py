@@ -90,22 +90,28 @@ def save_nearest_pairs(images: torch.Tensor, labels: torch.Tensor, nearest_index
 
 
 def reconstruction_canvas(sides, count: int = 10, pad: int = 2, label: int = 9):
-    """The picture of `save_reconstructions`: for each side (images, best SSIM per image, the
-    candidate that reached it), its `count` images of highest best SSIM in a row, each above its
+    """The picture of `save_reconstructions`: for each side (images N x 1 x H x W, best SSIM per image,
+    the candidate that reached it), its `count` images of highest best SSIM in a row, each above its
     candidate, on a white canvas (values in [0, 1]) with `label` pixels above each image row for its
-    score. Returns the canvas, the scores as (x, y, value) in canvas pixels, and each row's centre."""
-    size = sides[0][0].shape[-1]
-    cell, band_h = size + pad, label + 2 * (size + pad)
-    canvas = torch.ones(len(sides) * band_h + pad, count * cell + pad)
+    score; a grey line frames every drawn image (so that an empty slot and an all-white image differ).
+    Returns the canvas, the scores as (x, y, value) in canvas pixels, and each row's centre."""
+    shapes = {tuple(t.shape[1:]) for images, _, match in sides for t in (images, match)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[0] != 1:
+        raise ValueError(f"reconstruction_canvas: every side's images and candidates must be N x 1 x H x W of "
+                         f"one size; got {sorted(shapes)}")
+    _, h, w = next(iter(shapes))
+    band_h = label + 2 * (h + pad)
+    canvas = torch.ones(len(sides) * band_h + pad, count * (w + pad) + pad)
     scores, centres = [], []
     for b, (images, best, match) in enumerate(sides):
         y0 = b * band_h + label + pad
-        centres += [y0 + size / 2, y0 + cell + size / 2]
+        centres += [y0 + h / 2, y0 + h + pad + h / 2]
         for j, i in enumerate(best.nan_to_num(-1).argsort(descending=True)[:count].tolist()):
-            x0 = j * cell + pad
-            canvas[y0:y0 + size, x0:x0 + size] = _to_unit(images[i])[0]
-            canvas[y0 + cell:y0 + cell + size, x0:x0 + size] = _to_unit(match[i])[0]
-            scores.append((x0 + size / 2, y0 - 1.5, float(best[i])))
+            x0 = j * (w + pad) + pad
+            for y, picture in ((y0, images[i]), (y0 + h + pad, match[i])):
+                canvas[y - 1:y + h + 1, x0 - 1:x0 + w + 1] = 0.5
+                canvas[y:y + h, x0:x0 + w] = _to_unit(picture)[0]
+            scores.append((x0 + w / 2, y0 - 1.5, float(best[i])))
     return canvas, scores, centres
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.config import (MAX_NAME, ConfigError, TrialConfig, _Section, build_config, check_data_root,
-                            control_character, deep_merge, flatten, load_yaml, parse_overrides, seed_field,
+                            control_character, deep_merge, flatten, load_yaml, parse_overrides, parse_yaml, seed_field,
                             short_repr, unflatten)
 from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
 
@@ -418,24 +418,37 @@ def resolve_trial(base: dict, settings: dict) -> TrialConfig:
 BUDGET_SETTINGS = ("train.epochs", "train.steps_per_epoch", "train.max_seconds")
 
 
-WHOLE_NAME_SECTIONS = ("axes", "search")  # their keys are dotted setting names, not nested sections
-
-
-def sweep_overrides(pairs: list[str] | None) -> dict:
-    """A sweep file's `--set`: dotted keys nest (`--set base.loss.kkt=1`, `--set budget.num_samples=8`),
-    except under axes and search, whose keys are setting names with dots of their own:
-    `--set 'axes.data.train_size=[20, 50]'` sets the axis `data.train_size`, and
-    `--set 'search.loss.tv={dist: uniform, low: 0, high: 0.5}'` the whole searched entry of loss.tv."""
-    nested: dict = {}
+def sweep_overrides(raw: dict, pairs: list[str] | None) -> dict:
+    """The sweep file `raw` with its `--set` pairs applied. Dotted keys nest (`--set base.loss.kkt=1`,
+    `--set budget.num_samples=8`), except where the key goes on with a setting's name, which has dots
+    of its own: `--set 'axes.data.train_size=[20, 50]'` replaces that axis, `--set 'search.loss.tv={dist:
+    uniform, low: 0, high: 0.5}'` that whole searched entry (nothing of the file's entry is kept), and
+    `--set variants.no_kkt.loss.kkt=0` one setting of the named variant `no_kkt`. The last pair wins."""
+    nested, whole = [], []
     for pair in pairs or []:
-        key = pair.split("=", 1)[0].strip()
-        section, _, name = key.partition(".")
-        if section in WHOLE_NAME_SECTIONS and name and "=" in pair:
-            value = parse_overrides([f"value={pair.split('=', 1)[1]}"])["value"]
-            nested = deep_merge(nested, {section: {name: value}})
+        key, eq, text = pair.partition("=")
+        key = key.strip()
+        section, _, rest = key.partition(".")
+        name, target = rest, None
+        if section == "variants":
+            target, _, name = rest.partition(".")
+        if section in ("axes", "search", "variants") and name and eq:
+            value = parse_yaml(text, f"--set {key}") if text != "" else ""
+            whole.append((section, target, name, value))
         else:
-            nested = deep_merge(nested, parse_overrides([pair]))
-    return nested
+            nested.append(pair)
+    data = deep_merge(raw, parse_overrides(nested))
+    for section, target, name, value in whole:
+        node = data.get(section)
+        if node is not None and not isinstance(node, dict):
+            raise ConfigError(f"--set {section}.{name}: {section} is not a section")
+        data[section] = node = dict(node or {})  # a copy: the file's own mapping stays as read
+        if target is not None:
+            if node.get(target) is not None and not isinstance(node[target], dict):
+                raise ConfigError(f"--set variants.{target}.{name}: variant {target} is not a mapping of settings")
+            node[target] = node = dict(node.get(target) or {})
+        node[name] = value
+    return data
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> SweepConfig:
@@ -445,7 +458,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
     raw = load_yaml(path)
     if not raw:
         raise ConfigError(f"config: {path} is empty; a sweep file needs at least a name")
-    data = deep_merge(raw, sweep_overrides(overrides))
+    data = sweep_overrides(raw, overrides)
     if smoke:
         data = deep_merge(data, {"budget": {"num_samples": 2, "epochs": 2, "steps_per_epoch": 3},
                                  "asha": {"grace_period": 1}, "base": {"eval": {"per_class": 10}}})

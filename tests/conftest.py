@@ -17,8 +17,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # The suite runs in N processes (pytest-xdist, `-n` in pyproject.toml): each gets its share of the
-# cores for torch and the math libraries, and so do the processes it starts (Ray trials, benchmarks),
-# so that N test processes never oversubscribe the machine.
+# cores for torch and the math libraries (at least one thread), and so do the processes it starts
+# (Ray trials, benchmarks). With more processes than cores (3 on a 2-core machine) they share the
+# cores: most of a test's time is spent waiting on processes it started, not computing.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -30,7 +31,7 @@ if _WORKERS > 1:
 def session_cache(tmp_path_factory):
     """One classifier/evaluator cache shared by every test of the session, and by the session's
     xdist workers: each worker's temp folder lies in the run's, and the cache's per-entry lock lets
-    one worker build an entry while the other waits for it instead of building it again."""
+    one worker build an entry while the others wait for it instead of building it again."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         path = tmp_path_factory.getbasetemp().parent / "cache"
         path.mkdir(exist_ok=True)

@@ -7,6 +7,8 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+from urllib.error import URLError
 
 import pytest
 import torch
@@ -43,7 +45,7 @@ def test_the_split_read_directly_equals_torchvisions(dataset, folder, train):
     assert images.shape == ((60000 if train else 10000), 28, 28)
 
 
-def test_gzipped_files_read_the_same_and_a_truncated_file_is_refused_in_one_line(tmp_path):
+def test_gzipped_files_read_the_same_and_a_truncated_file_is_refused_in_one_line(tmp_path, monkeypatch):
     from harness.data import data_root
     raw = data_root(DataConfig()) / "MNIST" / "raw"
     gz = tmp_path / "gz" / "MNIST" / "raw"
@@ -62,21 +64,36 @@ def test_gzipped_files_read_the_same_and_a_truncated_file_is_refused_in_one_line
         load_split(DataConfig(root=str(tmp_path / "cut")), train=False)
     message = str(err.value)
     assert "\n" not in message and message.startswith("data.root:") and "4984 bytes of data" in message
-    # an archive cut short (an interrupted download) is fetched again by torchvision: offline (CI
-    # here) its error is one line; with internet the fetched split is the real one
-    short = tmp_path / "short" / "MNIST" / "raw"
-    short.mkdir(parents=True)
-    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        (short / f"{name}.gz").write_bytes((gz / f"{name}.gz").read_bytes()[:300])
-    try:
-        images, labels = load_split(DataConfig(root=str(tmp_path / "short")), train=False)
-    except ConfigError as err:
-        message = str(err)
-        assert "\n" not in message and message.startswith("data.root: cannot load mnist from")
-        assert "HARNESS_DATA_ROOT" in message
-    else:
-        assert torch.equal(images, read_idx(raw / "t10k-images-idx3-ubyte"))
-        assert torch.equal(labels, read_idx(raw / "t10k-labels-idx1-ubyte").to(labels.dtype))
+    # an archive cut short (an interrupted download) goes back to torchvision's own MNIST, whose network
+    # fetch is replaced here both ways: unreachable (offline, as CI) its error reaches the user as one
+    # line; reachable, the fetched files (the real ones, copied) give the real split
+    import torchvision.datasets.mnist as tv_mnist
+
+    for case in ("offline", "online"):
+        short = tmp_path / case / "MNIST" / "raw"
+        short.mkdir(parents=True)
+        for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+            (short / f"{name}.gz").write_bytes((gz / f"{name}.gz").read_bytes()[:300])
+        fetched = []
+
+        def fetch(url, download_root, filename=None, md5=None, **_):
+            fetched.append(filename)
+            if case == "offline":
+                raise URLError("Name or service not known")
+            shutil.copy(raw / filename.removesuffix(".gz"), Path(download_root) / filename.removesuffix(".gz"))
+
+        monkeypatch.setattr(tv_mnist, "download_and_extract_archive", fetch)
+        if case == "offline":
+            with pytest.raises(ConfigError) as err:
+                load_split(DataConfig(root=str(tmp_path / case)), train=False)
+            message = str(err.value)
+            assert "\n" not in message and message.startswith("data.root: cannot load mnist from")
+            assert "HARNESS_DATA_ROOT" in message and "Name or service not known" in message
+        else:
+            images, labels = load_split(DataConfig(root=str(tmp_path / case)), train=False)
+            assert torch.equal(images, read_idx(raw / "t10k-images-idx3-ubyte"))
+            assert torch.equal(labels, read_idx(raw / "t10k-labels-idx1-ubyte").long())
+        assert fetched and fetched[0].endswith(".gz")  # torchvision was asked for the files
 
 
 def test_frechet_distance_of_known_gaussians():
@@ -171,21 +188,30 @@ def test_fd_eval_of_an_evaluation_equals_torchmetrics_fid_with_the_evaluators_fe
 def test_reconstruction_canvas_places_each_image_above_its_candidate_in_score_order(tmp_path):
     from harness.plots import reconstruction_canvas, save_reconstructions
 
-    # 3 training images of constant value v (in [-1, 1]), each "matched" by a candidate of value -v,
-    # best SSIM 0.2, 0.9, nan: shown in the order 0.9, 0.2, nan (a nan score is shown last)
+    # training side: 3 images of constant value v (in [-1, 1]), each "matched" by a candidate of
+    # value -v, best SSIM 0.2, 0.9, nan: shown in the order 0.9, 0.2, nan (a nan score last).
+    # held-out side: 2 images of value -1 and 0 with candidates 1 and -0.5, best SSIM 0.1, 0.3.
     values = torch.tensor([-0.5, 0.5, 1.0])
     images = values.view(3, 1, 1, 1).expand(3, 1, 28, 28)
     best = torch.tensor([0.2, 0.9, float("nan")])
-    held = torch.full((2, 1, 28, 28), -1.0)
-    canvas, scores, centres = reconstruction_canvas([(images, best, -images), (held, torch.tensor([0.1, 0.3]), held)],
-                                                    count=4)
+    held = torch.tensor([-1.0, 0.0]).view(2, 1, 1, 1).expand(2, 1, 28, 28)
+    held_match = torch.tensor([1.0, -0.5]).view(2, 1, 1, 1).expand(2, 1, 28, 28)
+    held_best = torch.tensor([0.1, 0.3])
+    canvas, scores, centres = reconstruction_canvas([(images, best, -images), (held, held_best, held_match)], count=4)
     assert canvas.shape == (2 * (9 + 60) + 2, 4 * 30 + 2)
-    for j, (i, v) in enumerate([(1, 0.75), (0, 0.25), (2, 1.0)]):  # (index, (value + 1) / 2)
-        x0 = 2 + 30 * j
-        assert torch.all(canvas[11:39, x0:x0 + 28] == v) and torch.all(canvas[41:69, x0:x0 + 28] == 1 - v), j
-        assert scores[j][:2] == (x0 + 14, 9.5) and scores[j][2] == pytest.approx(best[i].item(), nan_ok=True)
-    assert torch.all(canvas[11:69, 92:122] == 1)  # the 4th column of the training side is empty (white)
-    assert [s[2] for s in scores[3:]] == [pytest.approx(0.3), pytest.approx(0.1)]  # held-out side, best first
-    assert torch.all(canvas[80:108, 2:30] == 0) and centres == [25.0, 55.0, 94.0, 124.0]
-    save_reconstructions(images, best, -images, held, torch.tensor([0.1, 0.3]), held, tmp_path / "r.png")
+    shown = [(11, [(0.75, 0.25), (0.25, 0.75), (1.0, 0.0)]),  # (top row, [(image, candidate) in [0, 1]])
+             (80, [(0.5, 0.25), (0.0, 1.0)])]
+    for y0, cells in shown:
+        for j, (image, candidate) in enumerate(cells):
+            x0 = 2 + 30 * j
+            assert torch.all(canvas[y0:y0 + 28, x0:x0 + 28] == image), (y0, j)
+            assert torch.all(canvas[y0 + 30:y0 + 58, x0:x0 + 28] == candidate), (y0, j)
+            assert canvas[y0 - 1, x0 - 1] == 0.5 and canvas[y0 + 58, x0 + 28] == 0.5  # the frame
+    assert [s[:2] for s in scores] == [(16, 9.5), (46, 9.5), (76, 9.5), (16, 78.5), (46, 78.5)]
+    assert [s[2] for s in scores] == [pytest.approx(v, nan_ok=True) for v in (0.9, 0.2, float("nan"), 0.3, 0.1)]
+    assert torch.all(canvas[9:70, 92:122] == 1)  # no 4th training image: its slot is white, without a frame
+    assert centres == [25.0, 55.0, 94.0, 124.0]
+    with pytest.raises(ValueError, match="one size"):
+        reconstruction_canvas([(images, best, -images), (held[:, :, :20], held_best, held_match[:, :, :20])])
+    save_reconstructions(images, best, -images, held, held_best, held_match, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 0

@@ -9,6 +9,7 @@ import yaml
 
 import harness.sweep
 from harness.cli import main
+from harness.config import ConfigError
 from harness.sweep_config import SweepConfig, load_sweep, short_keys
 
 GOOD = {
@@ -252,15 +253,26 @@ def test_named_variants_give_their_names_and_settings_in_the_files_order():
         SweepConfig(**{**spec, "claim": {**spec["claim"], "lesser": "no_tv"}})
 
 
-def test_set_on_axes_and_search_takes_the_dotted_setting_name_whole(tmp_path):
+def test_set_on_axes_search_and_variants_takes_the_dotted_setting_name_whole(tmp_path):
     file = tmp_path / "good.yaml"
     file.write_text(_with(claim=_DELETE))
     sweep = load_sweep(file, ["axes.classifier.pool=[max]", "search.loss.tv={dist: uniform, low: 0.1, high: 0.2}",
-                              "base.train.epochs=6", "budget.num_samples=3"])
+                              "base.train.epochs=6", "budget.num_samples=3",
+                              "search.loss.cos={dist: loguniform, low: 0.1, high: 0.5}"])
     assert sweep.axes == {"classifier.pool": ["max"]}  # the file's axis, replaced
     assert (sweep.search["loss.tv"].low, sweep.search["loss.tv"].high) == (0.1, 0.2)
-    assert sweep.search["loss.cos"].high == 1.0  # the file's other searched entry, kept
+    # a searched entry is replaced whole: the file's allow_off of loss.cos is not kept
+    assert (sweep.search["loss.cos"].low, sweep.search["loss.cos"].allow_off) == (0.1, False)
     assert sweep.base["train"]["epochs"] == 6 and sweep.budget.num_samples == 3
-    # an axis the file does not have is added beside its own
-    two = load_sweep(file, ["axes.loss.kkt=[0, 1]"])
-    assert two.axes == {"classifier.pool": ["avg", "max"], "loss.kkt": [0, 1]}
+    choice = load_sweep(file, ["search.loss.tv={dist: choice, values: [0, 0.1]}"])
+    assert (choice.search["loss.tv"].values, choice.search["loss.tv"].low) == ([0, 0.1], None)
+    # an axis the file does not have is added beside its own; the last of two pairs wins
+    two = load_sweep(file, ["axes.loss.kkt=[0, 1]", "axes.loss.kkt=[0, 2]"])
+    assert two.axes == {"classifier.pool": ["avg", "max"], "loss.kkt": [0, 2]}
+    # one setting of a named variant
+    named = tmp_path / "named.yaml"
+    named.write_text(yaml.safe_dump({"name": "named", "variants": {"full": None, "no_kkt": {"loss.kkt": 0}}}))
+    variants = load_sweep(named, ["variants.no_kkt.loss.ce=0.5", "variants.full.loss.tv=2"]).named_variants
+    assert variants == {"full": {"loss.tv": 2}, "no_kkt": {"loss.kkt": 0, "loss.ce": 0.5}}
+    with pytest.raises(ConfigError, match=r"^--set axes\.data\.train_size is not valid YAML"):
+        load_sweep(file, ["axes.data.train_size=[500"])

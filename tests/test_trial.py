@@ -70,8 +70,8 @@ def test_loss_combinations_run_and_log_each_term(tiny_config, overrides):
     assert row["score"] == pytest.approx(expected, abs=1e-12)
 
 
-def test_classifier_cache_hit_skips_training(tiny_config):
-    cfg = tiny_config("classifier.seed=99")
+def test_classifier_cache_hit_skips_training(tiny_config, tmp_path):
+    cfg = tiny_config("classifier.seed=99", f"cache_dir={tmp_path}")  # its own cache: the first call must build
     _, first = pretrained_classifier(cfg, torch.device("cpu"))
     _, second = pretrained_classifier(cfg, torch.device("cpu"))
     assert (first["cache_hit"], second["cache_hit"]) == (False, True)
