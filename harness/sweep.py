@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -326,11 +327,17 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
         run_config = tune.RunConfig(
             name=exp_name, storage_path=str(storage), callbacks=[logger], stop=make_stopper(sweep),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=0)
+            # every checkpoint is kept while the run goes on: with num_to_keep, Tune deletes a trial's older
+            # checkpoints before its next state snapshot, so a driver killed in between leaves a snapshot that
+            # names a deleted checkpoint, and --resume fails that trial ("does not exist on storage");
+            # prune_checkpoints keeps each trial's last once the run has ended
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None), verbose=0)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
         results = tuner.fit()
     expected = len(fixed_params) if fixed_params is not None else sweep.budget.num_samples
     outcome = VariantOutcome(variant, settings, interrupted=_interrupted(results, logger, expected), phase=phase)
+    if not outcome.interrupted:
+        prune_checkpoints(exp_path)
     for result in results:
         if result.error is not None:
             outcome.errors += 1
@@ -394,6 +401,17 @@ def _replace_callbacks(tuner, logger) -> None:
 # --------------------------------------------------------------------------------------------
 class SweepInterrupted(RuntimeError):
     pass
+
+
+def prune_checkpoints(exp_path: Path) -> int:
+    """Once a variant's run has ended (not interrupted): each trial keeps its last checkpoint only.
+    Returns how many were removed."""
+    removed = 0
+    for trial_dir in (p for p in exp_path.iterdir() if p.is_dir()) if exp_path.is_dir() else ():
+        for old in sorted(trial_dir.glob("checkpoint_*"))[:-1]:  # checkpoint_000012: zero-padded, sorts in order
+            shutil.rmtree(old, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def _interrupted(results, logger, expected: int) -> bool:

@@ -250,3 +250,22 @@ def test_a_trial_stopped_by_the_scheduler_leaves_nothing_alive_in_its_worker(mon
             torch.set_num_threads(threads)  # run_trial set the trial's 1 thread
     assert stopped.value.__traceback__ is not None  # the exception, with its frames, is still held here
     assert len(alive) == 1 and alive[0]() is None
+
+
+def test_prune_checkpoints_keeps_each_trials_last(tmp_path):
+    from harness.sweep import prune_checkpoints
+
+    exp = tmp_path / "all"
+    for trial, epochs in (("run_trial_a", [0, 1, 2, 9, 10, 11]), ("run_trial_b", [3]), ("run_trial_c", [])):
+        (exp / trial).mkdir(parents=True)
+        (exp / trial / "result.json").write_text("{}")
+        for e in epochs:
+            (exp / trial / f"checkpoint_{e:06d}").mkdir()
+            (exp / trial / f"checkpoint_{e:06d}" / "inverter.pt").write_text("x")
+    (exp / "experiment_state.json").write_text("{}")
+    assert prune_checkpoints(exp) == 5
+    assert sorted(p.name for p in (exp / "run_trial_a").iterdir()) == ["checkpoint_000011", "result.json"]
+    assert sorted(p.name for p in (exp / "run_trial_b").iterdir()) == ["checkpoint_000003", "result.json"]
+    assert [p.name for p in (exp / "run_trial_c").iterdir()] == ["result.json"]
+    assert (exp / "experiment_state.json").exists()
+    assert prune_checkpoints(tmp_path / "absent") == 0
