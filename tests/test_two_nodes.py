@@ -124,6 +124,6 @@ def test_a_sweep_runs_on_two_nodes_and_records_every_trial_once(tmp_path, two_no
     keys = {r["metrics"]["classifier_cache_key"] for r in rows}
     assert len(keys) == 1
     entry = cache / f"classifier-{keys.pop()}.pt"
-    # (the other xdist worker shares this cache and may add entries of its own meanwhile)
+    # (the other xdist workers share this cache and may add entries of their own meanwhile)
     assert entry not in before and entry.is_file()
     assert sorted(r["metrics"]["classifier_cache_hit"] for r in rows) == [0.0] + [1.0] * (TRIALS - 1)
