@@ -64,8 +64,8 @@ def main(argv=None):
         args.trials, args.epochs, args.steps, args.per_class = 2, 2, 2, 5
     args.startup = args.startup or args.trials
 
-    from harness.sweep import best_rows, init_ray, run_sweep
-    from harness.sweep_config import SweepConfig
+    from harness.sweep.tune import best_rows, init_ray, run_sweep
+    from harness.sweep.files import SweepConfig
 
     init_ray(args.address, num_cpus=args.cpus)
     import ray
@@ -87,7 +87,7 @@ def main(argv=None):
             worker_mb = mem.peak_process_rss / 2 ** 20
             ok = [r for r in outcome.rows if not r["error"]]
             epochs = sum(int(r["metrics"].get("epoch", 0)) for r in ok)
-            # the harness's best trial: ranked at equal budget (harness.results.best_trials), so a trial
+            # the harness's best trial: ranked at equal budget (harness.records.results.best_trials), so a trial
             # ASHA stopped early never wins with a score from a shorter budget
             chosen = best_rows([outcome], "score", "max", top=1)
             best = chosen[0]["metrics"]["score"] if chosen else 0.0

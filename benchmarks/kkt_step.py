@@ -31,7 +31,7 @@ CNN = ["classifier.arch=cnn", "classifier.depth=1", "classifier.pool=avg", "clas
 def setup(settings: list[str], n: int, device, tiny: bool):
     import torch
 
-    from harness.classifiers import build_classifier
+    from harness.science.classifiers import build_classifier
     from harness.config import build_config
 
     if tiny:
@@ -50,8 +50,8 @@ def setup(settings: list[str], n: int, device, tiny: bool):
 def step_fn(model, x, y, a, old: bool):
     import torch
 
-    from harness.classifiers import smoothed_relu
-    from harness.kkt import kkt_residual, kkt_residual_explicit, theta_params
+    from harness.science.classifiers import smoothed_relu
+    from harness.science.kkt import kkt_residual, kkt_residual_explicit, theta_params
 
     fn = kkt_residual_explicit if old else kkt_residual
     opt = torch.optim.Adam([x, a], lr=1e-3)
@@ -70,8 +70,8 @@ def compare(model, x, y, a) -> float:
     """The largest relative gap between the two ways: residual, gradient in x, gradient in λ."""
     import torch
 
-    from harness.classifiers import smoothed_relu
-    from harness.kkt import kkt_residual, kkt_residual_explicit, theta_params
+    from harness.science.classifiers import smoothed_relu
+    from harness.science.kkt import kkt_residual, kkt_residual_explicit, theta_params
 
     out = []
     with smoothed_relu(model, 56.5):

@@ -4,7 +4,7 @@
   the path every evaluation takes;
 - brute-force exact SSIM against every same-class training image on a subset of the queries,
   extrapolated to all of them, and the agreement of the two on that subset;
-- the whole evaluation (`harness.metrics.Evaluator`: nearest train and test SSIM, train_coverage
+- the whole evaluation (`harness.science.metrics.Evaluator`: nearest train and test SSIM, train_coverage
   over all 60,000 training images, classifier and evaluator accuracy, diversity, fd_eval).
 
 The queries stand in for a generator's output: 100 held-out real images per class (what a perfect
@@ -30,10 +30,10 @@ def main(argv=None):
 
     import torch
 
-    from harness.classifiers import EvaluatorCNN, ShallowCNN
+    from harness.science.classifiers import EvaluatorCNN, ShallowCNN
     from harness.config import DataConfig, EvalConfig
-    from harness.data import Split, heldout_set, train_subset
-    from harness.metrics import Evaluator, nearest_ssim, nearest_ssim_bruteforce, reference_points
+    from harness.science.data import Split, heldout_set, train_subset
+    from harness.science.metrics import Evaluator, nearest_ssim, nearest_ssim_bruteforce, reference_points
 
     n_q, n_train, n_brute = args.queries, args.train_size, args.brute
     if args.tiny:

@@ -3,7 +3,7 @@
 Same model (2-block avg-pool CNN), same optimiser (Adam 1e-3), batch 100, same epochs, same seed,
 all 60,000 MNIST training images, in one run:
 - reference: torchvision MNIST with ToTensor + Normalize transforms, DataLoader(shuffle=True);
-- harness, contiguous: `harness.classifiers.fit` as the harness runs it (default memory format):
+- harness, contiguous: `harness.science.classifiers.fit` as the harness runs it (default memory format):
              the split loaded once as a tensor in [-1, 1] on the device, batches by indexing a
              random permutation (the JSON's `harness`);
 - harness, channels_last: the same with `fit(channels_last=True)`. Also how far one step's
@@ -60,8 +60,8 @@ def reference_loop(model, root: str, epochs: int, batch: int, workers: int, seed
 
 
 def timed_fit(model, data, epochs: int, batch: int, seed: int, device, channels_last: bool | None):
-    """(samples/s, CPU seconds of this process) of `harness.classifiers.fit`."""
-    from harness.classifiers import fit
+    """(samples/s, CPU seconds of this process) of `harness.science.classifiers.fit`."""
+    from harness.science.classifiers import fit
 
     sync(device)
     start, cpu = time.perf_counter(), time.process_time()
@@ -72,7 +72,7 @@ def timed_fit(model, data, epochs: int, batch: int, seed: int, device, channels_
 
 def interleaved_ratio(data, batch: int, rounds: int, device) -> list[float]:
     """channels_last / contiguous throughput on the same short segment, timed in alternation."""
-    from harness.classifiers import ShallowCNN
+    from harness.science.classifiers import ShallowCNN
 
     ratios = []
     for r in range(rounds):
@@ -91,9 +91,9 @@ def gradient_error(batch: int, seed: int) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from harness.classifiers import ShallowCNN
+    from harness.science.classifiers import ShallowCNN
     from harness.config import DataConfig
-    from harness.data import train_subset
+    from harness.science.data import train_subset
 
     data, _ = train_subset(DataConfig(dataset="mnist", train_size=batch))
     torch.manual_seed(seed)
@@ -128,9 +128,9 @@ def gd_figures(steps: int, tiny: bool, device, mm: float, rounds: int) -> dict:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from harness.classifiers import build_classifier, count_parameters, fit_gd, training_state
+    from harness.science.classifiers import build_classifier, count_parameters, fit_gd, training_state
     from harness.config import build_config, load_yaml
-    from harness.data import classifier_training_set
+    from harness.science.data import classifier_training_set
 
     torch.set_flush_denormal(True)  # as a trial sets it before it pretrains (harness.trial.Trial)
     overrides = [f"classifier.steps={steps}"] + (["classifier.widths=[64,64]"] if tiny else [])
@@ -218,9 +218,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from harness.classifiers import ShallowCNN, accuracy
+    from harness.science.classifiers import ShallowCNN, accuracy
     from harness.config import DataConfig
-    from harness.data import Split, data_root, full_test_set, train_subset
+    from harness.science.data import Split, data_root, full_test_set, train_subset
     from harness.trial import resolve_device
 
     device = resolve_device(args.device)

@@ -1,4 +1,4 @@
-"""How much the direct inverter's range rescale (`harness.inverters.stretch_factor`) changes what a
+"""How much the direct inverter's range rescale (`harness.science.inverters.stretch_factor`) changes what a
 run reports: the candidates a run left behind (its `inverter.pt` beside its `config.yaml`: a
 `harness run` output folder or a Ray trial's checkpoint folder) scored under each rule the harness
 has shipped, by the same evaluator.
@@ -43,7 +43,7 @@ def score(folder: Path) -> dict[str, dict[str, float]]:
     import yaml
 
     from harness.config import build_config
-    from harness.inverters import stretch_factor
+    from harness.science.inverters import stretch_factor
     from harness.trial import Trial
 
     cfg = build_config(yaml.safe_load((folder / "config.yaml").read_text()))

@@ -3,7 +3,7 @@
 The same 8 trials (fixed configs: seeds 0-7 of one loss setting; no search, no pruning) run
 (a) in this process one after another, each with the torch threads one trial gets in the sweep,
     `harness.trial.Trial` stepped to the end and its outputs written (what `harness run` does);
-(b) by the sweep layer (`harness.sweep.run_sweep`: Ray Tune, `reuse_actors`, checkpoints, MLflow
+(b) by the sweep layer (`harness.sweep.tune.run_sweep`: Ray Tune, `reuse_actors`, checkpoints, MLflow
     child runs, images as artifacts) with 2 concurrent trials of 1 CPU each; on a machine with a
     GPU every trial runs on it and the C concurrent trials share it (1/C GPU each), so
     `--concurrency 4` measures 4 trials sharing one GPU against 1 trial alone on it.
@@ -76,8 +76,8 @@ def main(argv=None):
     rss_a = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     # (b) the sweep layer, `concurrency` trials at a time
-    from harness.sweep import init_ray, run_sweep
-    from harness.sweep_config import SweepConfig
+    from harness.sweep.tune import init_ray, run_sweep
+    from harness.sweep.files import SweepConfig
 
     import torch
 

@@ -34,8 +34,8 @@ def check_out(out: Path, flag: str = "--out") -> None:
 def check_sweep_args(sweep, args, out: Path, kind: str) -> None:
     """What `harness sweep` and `harness ablate` can get wrong on the command line or on this
     machine, checked before Ray starts and before anything is written."""
-    from harness.mlflow_store import check_tracking_uri, sqlite_path
-    from harness.sweep_config import check_local_machine
+    from harness.records.mlflow_store import check_tracking_uri, sqlite_path
+    from harness.sweep.files import check_local_machine
 
     check_out(out)
     ray_dir = out / "ray"
@@ -59,8 +59,8 @@ def check_claim_decidable(sweep, seeds: int) -> None:
     claim = sweep.claim
     if claim is None or claim.lesser is None:
         return
-    from harness.verdicts import COUNTED
-    from harness.results import FISHER_ALPHA, fisher_smallest_p
+    from harness.report.verdicts import COUNTED
+    from harness.records.results import FISHER_ALPHA, fisher_smallest_p
 
     if claim.metric not in COUNTED:
         return
@@ -112,7 +112,7 @@ def cmd_run(args) -> int:
     check_data_root(cfg.data)
     from tqdm import tqdm
 
-    from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
+    from harness.records.metric_names import METRIC_NAMES, REFERENCE_NAMES
     from harness.trial import Trial
 
     trial = Trial(cfg)  # data and classifiers load here: input errors surface before any output
@@ -147,12 +147,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from harness.sweep_config import load_sweep
+    from harness.sweep.files import load_sweep
 
     sweep = load_sweep(args.file, args.overrides, smoke=args.smoke)  # validated before Ray starts
     out = Path(args.out or f"runs/{sweep.name}")
     check_sweep_args(sweep, args, out, "sweep")
-    from harness.sweep import best_rows, run_sweep, summary_table
+    from harness.sweep.tune import best_rows, run_sweep, summary_table
 
     variants = sweep.variants()
     print(f"sweep {sweep.name}: {len(variants)} variant(s) x {sweep.budget.num_samples} trials, "
@@ -161,7 +161,7 @@ def cmd_sweep(args) -> int:
     outcomes = run_sweep(sweep, out, address=args.address, resume=args.resume, mlflow_uri=args.mlflow_uri,
                          shared_storage=args.shared_storage)
     print(summary_table(best_rows(outcomes, sweep.metric, sweep.mode), sweep.metric))
-    from harness.tracking import how_to_view
+    from harness.sweep.tracking import how_to_view
 
     total = sum(len(o.rows) for o in outcomes)
     errors = sum(o.errors for o in outcomes)
@@ -172,7 +172,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from harness.sweep_config import load_sweep
+    from harness.sweep.files import load_sweep
 
     sweep = load_sweep(args.file, args.overrides, smoke=args.smoke)
     out = Path(args.out or f"runs/{sweep.name}")
@@ -185,8 +185,8 @@ def cmd_ablate(args) -> int:
                           f"so a study has nothing to compare; use `harness sweep` for one configuration, or add {field}")
     check_claim_decidable(sweep, n_seeds)
     check_sweep_args(sweep, args, out, "study")
-    from harness.study import run_ablation
-    from harness.sweep import best_rows, summary_table
+    from harness.sweep.study import run_ablation
+    from harness.sweep.tune import best_rows, summary_table
 
     seeds = sweep.confirmation_seeds(n_seeds)
     print(f"study {sweep.name}: {len(sweep.variants())} variant(s), each tuned with {sweep.budget.num_samples} "
@@ -195,7 +195,7 @@ def cmd_ablate(args) -> int:
                             shared_storage=args.shared_storage)
     confirmed = [phases["confirm"] for phases in outcomes.values() if "confirm" in phases]
     print(summary_table(best_rows(confirmed, sweep.metric, sweep.mode, top=len(seeds)), sweep.metric))
-    from harness.tracking import how_to_view
+    from harness.sweep.tracking import how_to_view
 
     uri = args.mlflow_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
     print(how_to_view(uri, sweep.name, out))
@@ -204,22 +204,22 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from harness.mlflow_store import require_store
+    from harness.records.mlflow_store import require_store
 
     require_store(args.mlflow_uri)  # reading never creates a store
-    from harness.report_figures import compare_runs
+    from harness.report.figures import compare_runs
 
     print(compare_runs(args.run_ids, args.mlflow_uri))
     return 0
 
 
 def cmd_report(args) -> int:
-    from harness.mlflow_store import require_store
+    from harness.records.mlflow_store import require_store
 
     require_store(args.mlflow_uri)  # reading never creates a store
     if args.out:
         check_out(Path(args.out))
-    from harness.report import write_report
+    from harness.report.write import write_report
 
     path = write_report(args.experiment, args.mlflow_uri, Path(args.out) if args.out else None)
     print(f"report written to {path}")

@@ -16,12 +16,12 @@ import torch
 import yaml
 
 from harness.cache import CacheEntry, cache_dir
-from harness.classifiers import pretrained_classifier, pretrained_evaluator, smoothed_relu
+from harness.science.classifiers import pretrained_classifier, pretrained_evaluator, smoothed_relu
 from harness.config import TrialConfig
-from harness.data import NUM_CLASSES, DATASETS, heldout_set, train_subset
-from harness.inverters import build_inverter
-from harness.losses import build_loss_terms
-from harness.metrics import Evaluation, Evaluator, reference_points
+from harness.science.data import NUM_CLASSES, DATASETS, heldout_set, train_subset
+from harness.science.inverters import build_inverter
+from harness.science.losses import build_loss_terms
+from harness.science.metrics import Evaluation, Evaluator, reference_points
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class Trial:
     def write_outputs(self, out_dir: str | Path) -> dict[str, Path]:
         """metrics.json, history.json, grid.png, nearest.png, reconstructions.png, samples.pt,
         per_train_best_ssim.json, inverter.pt, config.yaml."""
-        from harness.plots import save_grid, save_nearest_pairs, save_reconstructions
+        from harness.science.plots import save_grid, save_nearest_pairs, save_reconstructions
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -37,8 +37,8 @@ def test_pretrain_benchmark(tmp_path):
 def test_channels_last_pretraining_returns_a_model_in_the_default_layout():
     import torch
 
-    from harness.classifiers import ShallowCNN, fit
-    from harness.data import Split
+    from harness.science.classifiers import ShallowCNN, fit
+    from harness.science.data import Split
 
     torch.manual_seed(0)
     data = Split(torch.rand(40, 1, 28, 28) * 2 - 1, torch.arange(40) % 10)

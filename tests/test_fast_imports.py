@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from harness.config import ConfigError, DataConfig
-from harness.data import load_split, read_idx
-from harness.metrics import FeatureMoments, frechet_distance
-from harness.plots import tile
+from harness.science.data import load_split, read_idx
+from harness.science.metrics import FeatureMoments, frechet_distance
+from harness.science.plots import tile
 from tests.conftest import REPO
 
 
 def test_a_trial_process_imports_neither_torchvision_nor_torchmetrics():
-    code = ("import harness.trial, harness.plots, harness.sweep; import sys; "
+    code = ("import harness.trial, harness.science.plots, harness.sweep.tune; import sys; "
             "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'torchmetrics'))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -33,7 +33,7 @@ def test_a_trial_process_imports_neither_torchvision_nor_torchmetrics():
 def test_the_split_read_directly_equals_torchvisions(dataset, folder, train):
     import torchvision.datasets
 
-    from harness.data import _RAW_CACHE, _raw_files, data_root
+    from harness.science.data import _RAW_CACHE, _raw_files, data_root
 
     cfg = DataConfig(dataset=dataset)
     assert _raw_files(data_root(cfg) / folder / "raw", train) is not None  # read directly, not downloaded
@@ -46,7 +46,7 @@ def test_the_split_read_directly_equals_torchvisions(dataset, folder, train):
 
 
 def test_gzipped_files_read_the_same_and_a_truncated_file_is_refused_in_one_line(tmp_path, monkeypatch):
-    from harness.data import data_root
+    from harness.science.data import data_root
     raw = data_root(DataConfig()) / "MNIST" / "raw"
     gz = tmp_path / "gz" / "MNIST" / "raw"
     gz.mkdir(parents=True)
@@ -149,8 +149,8 @@ def test_fd_eval_of_an_evaluation_equals_torchmetrics_fid_with_the_evaluators_fe
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     from harness.config import EvalConfig
-    from harness.data import heldout_set, train_subset
-    from harness.metrics import Evaluator
+    from harness.science.data import heldout_set, train_subset
+    from harness.science.metrics import Evaluator
 
     class Judge(nn.Module):  # (logits, features) as the harness's evaluators return them
         num_features = 12
@@ -186,7 +186,7 @@ def test_fd_eval_of_an_evaluation_equals_torchmetrics_fid_with_the_evaluators_fe
 
 
 def test_reconstruction_canvas_places_each_image_above_its_candidate_in_score_order(tmp_path):
-    from harness.plots import reconstruction_canvas, save_reconstructions
+    from harness.science.plots import reconstruction_canvas, save_reconstructions
 
     # training side: 3 images of constant value v (in [-1, 1]), each "matched" by a candidate of
     # value -v, best SSIM 0.2, 0.9, nan: shown in the order 0.9, 0.2, nan (a nan score last).

@@ -8,26 +8,33 @@ import sys
 import pytest
 
 from harness.config import LossConfig
-from harness.losses import LOSS_TERMS, loss_weights
+from harness.science.losses import LOSS_TERMS, loss_weights
 from tests.conftest import REPO
 
 PACKAGE = REPO / "harness"
 
 
-def harness_imports(module: str) -> set[str]:
-    """The harness modules `module` imports anywhere in its file (also inside functions)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+def module_name(path) -> str:
+    """`sweep.tracking` for harness/sweep/tracking.py; `sweep` for harness/sweep/__init__.py."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def harness_imports(path) -> set[str]:
+    """The harness modules the file at `path` imports anywhere (also inside functions), as
+    dotted names below `harness.`."""
+    tree = ast.parse(path.read_text())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("harness."):
-            found.add(node.module.split(".")[1])
+            found.add(node.module.removeprefix("harness."))
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("harness.")}
-    return found - {module}
+            found |= {a.name.removeprefix("harness.") for a in node.names if a.name.startswith("harness.")}
+    return found - {module_name(path)}
 
 
 def test_import_graph_has_no_cycles():
-    graph = {p.stem: harness_imports(p.stem) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    graph = {module_name(p): harness_imports(p) for p in PACKAGE.rglob("*.py") if module_name(p)}
     state: dict[str, str] = {}
 
     def visit(node, path):
@@ -41,8 +48,8 @@ def test_import_graph_has_no_cycles():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
-    assert "losses" not in graph["config"]
-    assert "sweep" not in graph["tracking"] and not {"sweep", "tracking"} & graph["sweep_config"]
+    assert "science.losses" not in graph["config"]
+    assert "sweep.tune" not in graph["sweep.tracking"] and not {"sweep.tune", "sweep.tracking"} & graph["sweep.files"]
 
 
 def _modules_after(statement: str) -> set[str]:
@@ -53,13 +60,13 @@ def _modules_after(statement: str) -> set[str]:
 
 
 def test_report_imports_neither_torch_nor_ray():
-    loaded = _modules_after("import harness.report")
+    loaded = _modules_after("import harness.report.write")
     assert "torch" not in loaded and "ray" not in loaded
 
 
 def test_config_and_sweep_files_import_no_torch():
-    loaded = _modules_after("import harness.config, harness.sweep_config")
-    assert "torch" not in loaded and "harness.losses" not in loaded
+    loaded = _modules_after("import harness.config, harness.sweep.files")
+    assert "torch" not in loaded and "harness.science.losses" not in loaded
 
 
 def test_every_loss_term_is_a_config_weight_and_every_weight_a_term():
@@ -80,7 +87,7 @@ def test_dependencies_are_the_ones_imported():
     names = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in project["dependencies"]}
     assert "pandas" not in names and "psutil" not in names
     assert any(d.startswith("psutil") for d in project["optional-dependencies"]["benchmarks"])
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from harness.classifiers import MLP, build_classifier, classifier_spec, training_state
+from harness.science.classifiers import MLP, build_classifier, classifier_spec, training_state
 from harness.config import DataConfig, EvalConfig, build_config
-from harness.data import NUM_CLASSES, Split, classifier_training_set, heldout_set, train_subset
-from harness.kkt import fitted_residual, kkt_residual, theta_params
-from harness.metrics import Evaluator, top_fraction_mean
+from harness.science.data import NUM_CLASSES, Split, classifier_training_set, heldout_set, train_subset
+from harness.science.kkt import fitted_residual, kkt_residual, theta_params
+from harness.science.metrics import Evaluator, top_fraction_mean
 from harness.trial import Trial
 from tests.conftest import tiny_overrides
 
@@ -238,7 +238,7 @@ def test_training_state_of_a_zero_model_is_the_closed_form():
 
 def test_nearest_ssim_on_the_trial_device_matches_the_cpu():
     # runs on whatever device is present (a GPU when there is one): the same numbers as the CPU
-    from harness.metrics import nearest_ssim
+    from harness.science.metrics import nearest_ssim
     from harness.trial import resolve_device
 
     train, _ = train_subset(DataConfig(train_size=200))
@@ -271,7 +271,7 @@ def test_direct_trial_resumes_exactly_from_its_checkpoint(reconstruction_trial):
 
 def test_a_classifier_left_at_chance_level_is_refused(tmp_path):
     # gradient descent at an absurd learning rate diverges: the harness must not invert what is left
-    from harness.classifiers import ClassifierDidNotTrain, pretrained_classifier
+    from harness.science.classifiers import ClassifierDidNotTrain, pretrained_classifier
 
     cfg = build_config(None, ["data.train_size=20", "classifier.arch=mlp", "classifier.widths=[16]",
                               "classifier.optimizer=gd", "classifier.steps=5", "classifier.lr=1e6",
@@ -287,8 +287,8 @@ def test_stationarity_diagnostic_runs_by_default_only_in_the_reconstruction_regi
 
 
 def test_gd_warmup_scales_the_first_steps_learning_rate():
-    from harness.classifiers import fit_gd, warmup_lr
-    from harness.data import Split
+    from harness.science.classifiers import fit_gd, warmup_lr
+    from harness.science.data import Split
     assert [warmup_lr(s, 0.1, 4) for s in (0, 1, 3, 10)] == pytest.approx([0.025, 0.05, 0.1, 0.1])
     assert warmup_lr(0, 0.1, 0) == 0.1
     # one plain gd step (no momentum, no weight decay) moves every weight by -lr/warmup · gradient
@@ -319,7 +319,7 @@ def test_centered_classifier_sees_its_input_minus_the_training_mean():
 
 
 def test_direct_bank_starts_at_the_origin_it_is_given():
-    from harness.inverters import build_inverter
+    from harness.science.inverters import build_inverter
     cfg = build_config(None, ["inverter=direct", "data.train_size=100", "direct.init_scale=0.01"])
     origin = torch.linspace(-1, 1, 784).reshape(1, 1, 28, 28)
     plain = build_inverter(cfg, torch.device("cpu"))
@@ -329,7 +329,7 @@ def test_direct_bank_starts_at_the_origin_it_is_given():
 
 
 def test_stretch_to_range_undoes_a_scaled_deviation_from_the_origin():
-    from harness.inverters import stretch_to_range
+    from harness.science.inverters import stretch_to_range
     gen = torch.Generator().manual_seed(0)
     origin = torch.rand(1, 1, 28, 28, generator=gen) * 1.6 - 0.9
     t = (torch.rand(4, 1, 28, 28, generator=gen) > 0.7).float() * 2 - 1  # pixels at ±1, like MNIST
@@ -376,7 +376,7 @@ def _mnist_like_origin_and_targets(gen, n=100):
 
 
 def test_stretch_ignores_a_pixel_with_no_room_at_the_bound():
-    from harness.inverters import stretch_factor, stretch_to_range
+    from harness.science.inverters import stretch_factor, stretch_to_range
     gen = torch.Generator().manual_seed(1)
     origin, t, background = _mnist_like_origin_and_targets(gen)
     t = t[:1]
@@ -388,8 +388,8 @@ def test_stretch_ignores_a_pixel_with_no_room_at_the_bound():
 
 
 def test_stretch_of_noisy_reconstructions_keeps_them_recognisable():
-    from harness.inverters import stretch_factor
-    from harness.metrics import paired_ssim
+    from harness.science.inverters import stretch_factor
+    from harness.science.metrics import paired_ssim
     gen = torch.Generator().manual_seed(2)
     origin, t, _ = _mnist_like_origin_and_targets(gen)
     x = origin + 0.3 * (t - origin) + 0.05 * torch.randn(t.shape, generator=gen)
@@ -408,8 +408,8 @@ def test_stretch_of_noisy_reconstructions_of_real_mnist_digits_never_gives_the_m
     candidate stays its digit (SSIM > 0.5, median > 0.7), where the mean image scores 0.12. A
     stretch fixed by the smallest ratio over all pixels (no_room 0, outliers 0) shrinks 90 of 100 to
     s < 0.01, the mean image; the earlier defaults (0.02, 0.02) left 20 below SSIM 0.3."""
-    from harness.inverters import stretch_factor, stretch_to_range
-    from harness.metrics import paired_ssim
+    from harness.science.inverters import stretch_factor, stretch_to_range
+    from harness.science.metrics import paired_ssim
     t = train_subset(DataConfig(train_size=100))[0].images
     origin = t.mean(0, keepdim=True)
     gen = torch.Generator().manual_seed(0)
@@ -424,7 +424,7 @@ def test_stretch_of_noisy_reconstructions_of_real_mnist_digits_never_gives_the_m
 
 
 def test_stretch_leaves_an_image_without_significant_pixels_alone():
-    from harness.inverters import stretch_factor
+    from harness.science.inverters import stretch_factor
     origin = torch.full((1, 1, 28, 28), -1.0)
     x = origin - 0.01  # every pixel points below a bound it already sits on: no room anywhere
     assert stretch_factor(x, origin).item() == 1.0
@@ -435,7 +435,7 @@ def test_coverage_of_each_side_is_the_fraction_at_its_bar():
     # one all-black candidate per class: each real image's best SSIM is its SSIM against black,
     # computed here pair by pair; each side's coverage at a bar is the fraction of those at or
     # above it, at the usual bar and at the strict one alike
-    from harness.metrics import paired_ssim
+    from harness.science.metrics import paired_ssim
     train, _ = train_subset(DataConfig(train_size=200))
     held = heldout_set(DataConfig(), 20)
     black = torch.full((K, 1, 28, 28), -1.0)
@@ -461,8 +461,8 @@ def test_coverage_of_each_side_is_the_fraction_at_its_bar():
 
 
 def test_disjoint_centring_set_holds_no_training_or_control_image():
-    from harness.classifiers import centring_mean
-    from harness.data import centring_set
+    from harness.science.classifiers import centring_mean
+    from harness.science.data import centring_set
     cfg = DataConfig(train_size=100)
     train, used = train_subset(cfg)
     control = classifier_training_set(cfg.model_copy(update={"classifier_subset": "disjoint"}))
@@ -484,7 +484,7 @@ def test_disjoint_centring_set_holds_no_training_or_control_image():
 
 def test_disjoint_centring_set_fits_up_to_its_largest_training_size():
     from harness.config import ConfigError
-    from harness.data import centring_set
+    from harness.science.data import centring_set
     # MNIST's smallest class (5,421 fives) holds 2 x 2,660 + 100 at n = 26,600, and 2 x 2,661 + 99 beyond
     largest = build_config(None, ["data.train_size=26600", "classifier.center=true", "classifier.center_mean=disjoint"])
     assert len(centring_set(largest.data)) == 1000
@@ -503,8 +503,8 @@ def test_kkt_residual_gram_form_equals_its_definition(arch, margin, layers):
     """The Linear layers' part of ‖θ − G‖² taken from the activations (‖W‖² − 2 Σ D∘Z + Σ (DDᵀ)∘(HHᵀ))
     equals the residual with every gradient G formed by autograd: value and gradients with respect
     to the candidates and the multipliers, to float rounding."""
-    from harness.classifiers import smoothed_relu
-    from harness.kkt import kkt_residual_explicit
+    from harness.science.classifiers import smoothed_relu
+    from harness.science.kkt import kkt_residual_explicit
     settings = {"mlp": ["classifier.arch=mlp", "classifier.widths=[64,32]", "classifier.bias=false"],
                 "cnn": ["classifier.arch=cnn", "classifier.depth=1", "classifier.bias=false"],
                 "cnn_bias": ["classifier.arch=cnn", "classifier.depth=2", "classifier.bias=true"]}[arch]
@@ -530,7 +530,7 @@ def test_kkt_residual_gram_form_equals_its_definition(arch, margin, layers):
 
 
 def test_stretch_skips_non_finite_pixels():
-    from harness.inverters import stretch_factor
+    from harness.science.inverters import stretch_factor
     gen = torch.Generator().manual_seed(1)
     origin, t, _ = _mnist_like_origin_and_targets(gen)
     x = origin + 0.3 * (t[:1] - origin)
@@ -558,7 +558,7 @@ class SharedLinear(nn.Module):
 def test_kkt_residual_of_a_layer_called_twice_equals_its_definition():
     """A module called twice has a gradient summed over both calls, which the Gram form cannot
     take from one call's activations: the residual is then formed as its definition."""
-    from harness.kkt import kkt_residual_explicit
+    from harness.science.kkt import kkt_residual_explicit
     torch.manual_seed(0)
     model = SharedLinear().eval()
     x = torch.randn(4, 1, 28, 28)
@@ -584,7 +584,7 @@ class _Fixed(nn.Module):
 def test_generator_range_rescale_scores_a_scaled_training_image_as_that_image(rescale):
     """generator.rescale: range stretches each evaluation image about the classifier's input mean
     (origin + 0.3·(t − origin) gives t back); none scores it as generated."""
-    from harness.inverters import GeneratorInverter
+    from harness.science.inverters import GeneratorInverter
     gen = torch.Generator().manual_seed(3)
     origin, t, _ = _mnist_like_origin_and_targets(gen, n=20)
     cfg = build_config(None, ["eval.per_class=2", f"generator.rescale={rescale}"])

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from harness.config import LossConfig, build_config
-from harness.inverters import GeneratorInverter
-from harness.losses import LOSS_TERMS, GeneratedBatch, build_loss_terms
+from harness.science.inverters import GeneratorInverter
+from harness.science.losses import LOSS_TERMS, GeneratedBatch, build_loss_terms
 
 K = 10
 

@@ -8,11 +8,11 @@ import math
 import pytest
 import yaml
 
-import harness.sweep
+import harness.sweep.tune
 from harness.cli import main
 from harness.config import ConfigError, load_yaml
-from harness.results import fisher_greater
-from harness.sweep_config import load_sweep
+from harness.records.results import fisher_greater
+from harness.sweep.files import load_sweep
 from tests.test_sweep_file import no_cluster  # noqa: F401 (a fixture)
 
 GOOD = {
@@ -203,7 +203,7 @@ def test_resources_are_left_to_the_cluster_with_an_address(place, monkeypatch):
 
     def connect(*args, **kwargs):
         raise Connected
-    monkeypatch.setattr(harness.sweep, "init_ray", connect)
+    monkeypatch.setattr(harness.sweep.tune, "init_ray", connect)
     file = write(place, sweep_text(resources={"cpu": 10_000}))
     with pytest.raises(Connected):
         main(["sweep", str(file), "--out", str(place / "out"), "--address", "10.0.0.1:6379"])
@@ -266,7 +266,7 @@ def test_report_out_naming_a_file(place, capsys):
 # -- a count claim needs enough seeds to be decidable --------------------------------------------
 @pytest.mark.parametrize("n, expected", [(1, 1 / 2), (2, 1 / 6), (3, 1 / 20), (4, 1 / 70), (5, 1 / 252)])
 def test_smallest_fisher_p_known_answers(n, expected):
-    from harness.results import FISHER_ALPHA, fisher_smallest_p
+    from harness.records.results import FISHER_ALPHA, fisher_smallest_p
 
     assert fisher_smallest_p(n, n) == expected
     assert fisher_smallest_p(3, 3) == 0.05 and not fisher_smallest_p(3, 3) < FISHER_ALPHA
@@ -275,7 +275,7 @@ def test_smallest_fisher_p_known_answers(n, expected):
 
 @pytest.mark.parametrize("n1, n2", [(1, 1), (2, 3), (3, 3), (3, 5), (4, 4), (5, 2)])
 def test_smallest_fisher_p_is_the_minimum_over_every_table(n1, n2):
-    from harness.results import fisher_smallest_p
+    from harness.records.results import fisher_smallest_p
 
     smallest = min(fisher_greater(k1, n1, k2, n2) for k1, k2 in itertools.product(range(n1 + 1), range(n2 + 1)))
     assert math.isclose(fisher_smallest_p(n1, n2), smallest, rel_tol=1e-9)
@@ -315,3 +315,33 @@ def test_shipped_studies_are_decidable_at_their_own_seeds():
     assert perturbation.confirm_seeds >= 4
     with pytest.raises(ConfigError, match="at least 4"):
         check_claim_decidable(perturbation, 3)
+
+
+# -- --resume continues the sweep the folder holds, and no other ----------------------------------
+def test_resume_record_known_answers(tmp_path):
+    from harness.sweep.files import check_resume, sweep_record, write_record
+
+    def record(kind="sweep", seeds=None, *sets):
+        file = tmp_path / "s.yaml"
+        file.write_text(sweep_text())
+        return sweep_record(load_sweep(file, list(sets)), kind, seeds)
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="older version"):
+        check_resume(folder, record())  # a folder without a record: made before the record existed
+    write_record(folder, record())
+    check_resume(folder, record())  # the same sweep
+    check_resume(folder, record("sweep", None, "budget.num_samples=5"))  # raising the budget is allowed
+    check_resume(folder, record("sweep", None, "resources.cpu=2"))  # where trials run may change
+    for sets, words in ((["budget.num_samples=1"], "below the 2 trials"),
+                        (["base.train.epochs=5"], "base.train.epochs differs"),
+                        (["search.loss.tv={dist: uniform, low: 0.0, high: 0.6}"], "search.loss.tv.high differs"),
+                        (["name=n"], "holds sweep 'm', not 'n'")):
+        with pytest.raises(ConfigError, match=words):
+            check_resume(folder, record("sweep", None, *sets))
+    with pytest.raises(ConfigError, match="holds a sweep, not a study"):
+        check_resume(folder, record("study", [1000, 1001]))
+    write_record(folder, record("study", [1000, 1001]))
+    with pytest.raises(ConfigError, match="confirmation seeds"):
+        check_resume(folder, record("study", [1000, 1001, 1002]))

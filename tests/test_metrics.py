@@ -6,8 +6,8 @@ import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from harness.config import DataConfig, EvalConfig
-from harness.data import Split, heldout_set, train_subset
-from harness.metrics import (SSIMStats, compute_score, diversity, is_collapsed, nearest_ssim,
+from harness.science.data import Split, heldout_set, train_subset
+from harness.science.metrics import (SSIMStats, compute_score, diversity, is_collapsed, nearest_ssim,
                              nearest_ssim_bruteforce, paired_ssim, reference_points)
 
 

@@ -6,7 +6,7 @@ import shutil
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
-from harness.tracking import client_for, ensure_experiment
+from harness.sweep.tracking import client_for, ensure_experiment
 
 
 def make_store(root, searched: bool = True):

@@ -1,9 +1,9 @@
-"""The Markdown sections of a report (`harness.report_sections`) on hand-made run records: every
+"""The Markdown sections of a report (`harness.report.sections`) on hand-made run records: every
 run listed, only those that ended normally averaged. No MLflow store."""
 from types import SimpleNamespace
 
-from harness.report_sections import control_section, per_seed_section
-from harness.results import mean_ci
+from harness.report.sections import control_section, per_seed_section
+from harness.records.results import mean_ci
 
 
 def _control_run(seed: int, status="FINISHED", **metrics):

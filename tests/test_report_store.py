@@ -7,7 +7,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
-from harness.report import load_study
+from harness.report.write import load_study
 
 
 def _run(client, exp, parent, variant, phase, status, metrics, params=None):
@@ -138,7 +138,7 @@ def test_load_study_finds_its_parent_beyond_the_newest_thousand_runs(tmp_path):
 
 
 def test_tpe_history_counts_what_each_tpe_trial_could_model():
-    from harness.report_sections import tpe_history
+    from harness.report.sections import tpe_history
     # (start, end): two start-up trials, then three TPE trials starting at 6, 11 and 12
     spans = [(11, 30), (0, 10), (6, 20), (1, 5), (12, None)]
     assert tpe_history(spans, startup=2) == (2, [1, 2, 2])
@@ -245,7 +245,7 @@ def test_a_sweep_counts_the_runs_its_collapse_stopper_ended(tmp_path):
 def test_median_run_is_the_middle_value():
     from types import SimpleNamespace
 
-    from harness.report_figures import median_run
+    from harness.report.figures import median_run
 
     def run(value):
         return SimpleNamespace(data=SimpleNamespace(metrics={"m": value}))
@@ -256,7 +256,7 @@ def test_median_run_is_the_middle_value():
 
 
 def test_one_run_figures_pick_the_median_by_a_graded_metric():
-    from harness.report_figures import figure_metric
+    from harness.report.figures import figure_metric
     assert figure_metric({"claim.metric": "coverage_gap", "metric": "score"}) == "coverage_gap"
     # a count claim (0/1 per run) cannot rank seeds: the study's search metric does
     assert figure_metric({"claim.metric": "collapsed", "metric": "ssim_nn_train_mean"}) == "ssim_nn_train_mean"
@@ -268,7 +268,7 @@ def test_one_run_figures_pick_the_median_by_a_graded_metric():
 def test_coverage_figure_draws_the_bars_the_runs_counted_at():
     from types import SimpleNamespace
 
-    from harness.report_figures import coverage_bars
+    from harness.report.figures import coverage_bars
 
     def run(**params):
         return SimpleNamespace(data=SimpleNamespace(params=params))

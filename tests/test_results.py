@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from harness.results import best_trials, enters_averages, mean_ci
+from harness.records.results import best_trials, enters_averages, mean_ci
 
 
 # -- mean_ci: Student t, values from scipy.stats.t.interval(0.95, n - 1, loc=mean, scale=sem) --
@@ -79,7 +79,7 @@ def test_best_trial_is_ranked_at_equal_budget():
 
 
 def test_sweep_summary_and_ablate_pick_use_the_rule():
-    from harness.sweep import VariantOutcome, best_rows
+    from harness.sweep.tune import VariantOutcome, best_rows
 
     rows = [{"variant": "v", "config": {"loss.tv": t["metrics"]["score"]}, "metrics": t["metrics"],
              "error": t["failed"], "name": t["name"]} for t in TRIALS]
@@ -89,7 +89,7 @@ def test_sweep_summary_and_ablate_pick_use_the_rule():
 
 
 def test_sample_sd_and_counts():
-    from harness.results import count_at_one, sample_sd
+    from harness.records.results import count_at_one, sample_sd
     assert sample_sd([1, 2, 3, 4]) == pytest.approx(1.2909944487358056, abs=1e-12)  # sqrt(5/3)
     assert math.isnan(sample_sd([0.3, float("nan")]))
     assert count_at_one([1.0, 0.0, 1.0, None, float("nan")]) == (2, 3)
@@ -117,7 +117,7 @@ def test_which_runs_enter_the_averages(status, metrics, expected):
 
 
 def test_summary_json_mean_averages_the_runs_the_report_averages():
-    from harness.sweep import VariantOutcome, variant_summary
+    from harness.sweep.tune import VariantOutcome, variant_summary
 
     def row(outcome, score, nonfinite=0.0):
         return {"variant": "v", "trial_id": f"t{score}", "config": {}, "error": outcome == "failed",
@@ -136,8 +136,8 @@ def test_summary_json_mean_averages_the_runs_the_report_averages():
 
 
 def test_summary_json_counts_collapses_as_the_report_does():
-    from harness.results import enters_counts
-    from harness.sweep import VariantOutcome, variant_summary
+    from harness.records.results import enters_counts
+    from harness.sweep.tune import VariantOutcome, variant_summary
 
     def row(outcome, collapsed, nonfinite=0.0):
         return {"variant": "v", "trial_id": f"t{outcome}{collapsed}", "config": {}, "error": outcome == "failed",
@@ -159,8 +159,8 @@ def test_tied_trials_go_to_the_one_that_started_first_in_the_sweep_and_in_the_re
     and picked the last. Both now pick the trial that started first."""
     import types
 
-    from harness.report_sections import best_runs
-    from harness.sweep import VariantOutcome, best_rows
+    from harness.report.sections import best_runs
+    from harness.sweep.tune import VariantOutcome, best_rows
 
     rows = [{"variant": "all", "config": {}, "metrics": {"coverage_gap": 0.0, "epoch": 4, "nonfinite": 0.0},
              "error": False, "name": f"t{n}"} for n in range(6)]  # as Ray created them

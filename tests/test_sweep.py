@@ -254,6 +254,22 @@ def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, 
     assert driver.returncode == 130
     kids, parents = children(uri, "resume")
     assert kids and not [r for r in kids + parents if r.info.status == "RUNNING"], "interrupt left runs RUNNING"
+    # the folder resumes only the sweep it holds: another file, an edited one, or a folder made before
+    # the folder kept its record (an older layout) is refused with one line, before Ray starts
+    other = write_sweep(tmp_path / "other.yaml", name="other", budget={"num_samples": 4},
+                        base={**TINY, "train": {"epochs": 4, "steps_per_epoch": 3, "batch_size": 20}})
+    edited = write_sweep(tmp_path / "edited.yaml", name="resume", budget={"num_samples": 4},
+                         base={**TINY, "train": {"epochs": 4, "steps_per_epoch": 3, "batch_size": 10}},
+                         resources={"cpu": 1, "max_concurrent": 2})
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    (older / "sweep.json").unlink()
+    for cmd, words in ((sweep_cmd(other, out, ray_address, "--resume"), ("--resume", "'other'")),
+                       (sweep_cmd(edited, out, ray_address, "--resume"), ("--resume", "base.train.batch_size")),
+                       (sweep_cmd(file, older, ray_address, "--resume"), ("--resume", "older version"))):
+        refusal = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        lines = refusal.stderr.strip().splitlines()
+        assert refusal.returncode == 2 and len(lines) == 1 and all(w in lines[0] for w in words), refusal.stderr[-2000:]
     # 2. resume, then SIGKILL the driver mid-run, right after a trial ended: nothing can clean
     # up, and the Optuna study must already hold that trial (written as it ended, not at the end)
     db = out / "optuna.db"
@@ -308,7 +324,7 @@ def test_without_address_a_private_ray_starts_even_when_another_runs(ray_address
     `ray start --head` (or its stale address file) would; the harness must start its own."""
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     try:
-        proc = _python("import ray; from harness.sweep import init_ray; "
+        proc = _python("import ray; from harness.sweep.tune import init_ray; "
                        f"cluster = init_ray(None, num_cpus=1, temp_dir={temp!r}); "
                        "print(ray.get_runtime_context().gcs_address, cluster['CPU']); ray.shutdown()",
                        RAY_ADDRESS=ray_address)
@@ -321,7 +337,7 @@ def test_without_address_a_private_ray_starts_even_when_another_runs(ray_address
 
 def test_workers_see_the_drivers_data_and_cache_settings(ray_address, tmp_path):
     """The session's head was started with other settings: the workers get the driver's."""
-    proc = _python("import os, ray; from harness.sweep import init_ray; "
+    proc = _python("import os, ray; from harness.sweep.tune import init_ray; "
                    f"init_ray({ray_address!r}); "
                    "env = ray.remote(lambda: [os.environ.get(k) for k in ('HARNESS_DATA_ROOT', 'HARNESS_CACHE_DIR')]); "
                    "print(*ray.get(env.remote()))",

@@ -7,10 +7,10 @@ import sys
 import pytest
 import yaml
 
-import harness.sweep
+import harness.sweep.tune
 from harness.cli import main
 from harness.config import ConfigError
-from harness.sweep_config import SweepConfig, load_sweep, short_keys
+from harness.sweep.files import SweepConfig, load_sweep, short_keys
 
 GOOD = {
     "name": "good",
@@ -133,8 +133,8 @@ def no_cluster(monkeypatch, tmp_path):
     """A sweep that got past validation would start Ray here: make that a test failure."""
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started for a malformed sweep file")
-    monkeypatch.setattr(harness.sweep, "init_ray", refuse)
-    monkeypatch.setattr(harness.sweep, "open_tracking", refuse)
+    monkeypatch.setattr(harness.sweep.tune, "init_ray", refuse)
+    monkeypatch.setattr(harness.sweep.tune, "open_tracking", refuse)
     monkeypatch.chdir(tmp_path)  # anything written to the working directory would show up here
 
 

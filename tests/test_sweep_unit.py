@@ -7,12 +7,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-import harness.sweep
+import harness.sweep.tune
 from harness.cli import main
 from harness.config import ClusterError, ConfigError
-from harness.sweep import (CollapseNanStopper, check_shared_storage, collapse_streak, init_ray, trial_resources,
+from harness.sweep.tune import (CollapseNanStopper, check_shared_storage, collapse_streak, init_ray, trial_resources,
                            worker_env)
-from harness.sweep_config import SweepConfig
+from harness.sweep.files import SweepConfig
 from tests.conftest import free_port
 
 
@@ -61,13 +61,13 @@ def test_stopper_patience_is_counted_in_evaluations():
     (3, 1, "pruned by ASHA at epoch 1"),       # before the stopper's minimum epoch
 ])
 def test_trial_is_labelled_collapsed_only_at_the_stoppers_patience(tmp_path, streak, epoch, reason):
-    from harness.tracking import MlflowTrialLogger
+    from harness.sweep.tracking import MlflowTrialLogger
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
     parent = client.create_run(exp).info.run_id
-    logger = MlflowTrialLogger(uri, exp, parent, {}, max_epochs=6, collapse_patience=3, collapse_min_epoch=2)
+    logger = MlflowTrialLogger(uri, exp, parent, {}, max_epochs=6, stopper=CollapseNanStopper(3, 2))
     trial = types.SimpleNamespace(trial_id="t1", config={}, last_result={}, checkpoint=None)
     logger.on_trial_result(0, [], trial, {"epoch": epoch, "collapsed": 1.0, "collapse_streak": streak, "score": 0.0})
     logger.on_trial_complete(0, [], trial)
@@ -148,7 +148,7 @@ def _write_sweep(path, **spec):
 
 
 def test_unreachable_address_exits_non_zero_with_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(harness.sweep, "open_tracking", lambda *a, **k: pytest.fail("tracking opened"))
+    monkeypatch.setattr(harness.sweep.tune, "open_tracking", lambda *a, **k: pytest.fail("tracking opened"))
     file = _write_sweep(tmp_path / "s.yaml")
     out = tmp_path / "out"
     code = main(["sweep", str(file), "--out", str(out), "--address", f"127.0.0.1:{free_port()}"])
@@ -164,11 +164,11 @@ class Reached(Exception):
 
 def test_multi_node_cluster_needs_shared_storage(tmp_path, capsys, monkeypatch):
     two_nodes = {"CPU": 4.0, "nodes": [{"CPU": 2.0}, {"CPU": 2.0}]}
-    monkeypatch.setattr(harness.sweep, "init_ray", lambda address, **k: two_nodes)
+    monkeypatch.setattr(harness.sweep.tune, "init_ray", lambda address, **k: two_nodes)
 
     def reached(*args, **kwargs):
         raise Reached
-    monkeypatch.setattr(harness.sweep, "open_tracking", reached)
+    monkeypatch.setattr(harness.sweep.tune, "open_tracking", reached)
     file = _write_sweep(tmp_path / "s.yaml")
     out = tmp_path / "out"
     assert main(["sweep", str(file), "--out", str(out), "--address", "10.0.0.1:6379"]) == 2
@@ -199,7 +199,7 @@ def test_cpu_request_is_checked_against_the_largest_node():
 
 
 def test_control_inverts_the_classifier_the_tuned_settings_train():
-    from harness.study import confirm_settings, control_settings
+    from harness.sweep.study import confirm_settings, control_settings
     best = {"loss.tv": 0.3, "direct.lr": 0.02, "classifier.weight_decay": 0.002, "data.train_size": 50}
     # the confirmation run of seed 1001 trains its classifier with the tuned weight decay on n = 50;
     # the control of that seed must invert that classifier, with none of the tuned inversion weights
@@ -245,7 +245,7 @@ def test_a_trial_stopped_by_the_scheduler_leaves_nothing_alive_in_its_worker(mon
     threads = torch.get_num_threads()
     with pytest.raises(Stopped) as stopped:
         try:
-            harness.sweep.run_trial({}, base, [])
+            harness.sweep.tune.run_trial({}, base, [])
         finally:
             torch.set_num_threads(threads)  # run_trial set the trial's 1 thread
     assert stopped.value.__traceback__ is not None  # the exception, with its frames, is still held here
@@ -253,7 +253,7 @@ def test_a_trial_stopped_by_the_scheduler_leaves_nothing_alive_in_its_worker(mon
 
 
 def test_prune_checkpoints_keeps_each_trials_last(tmp_path):
-    from harness.sweep import prune_checkpoints
+    from harness.sweep.tune import prune_checkpoints
 
     exp = tmp_path / "all"
     for trial, epochs in (("run_trial_a", [0, 1, 2, 9, 10, 11]), ("run_trial_b", [3]), ("run_trial_c", [])):

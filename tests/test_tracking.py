@@ -9,9 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from harness.optuna_study import StudyRecorder, storage_url, trial_params
-from harness.sweep_config import Distribution
-from harness.tracking import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MlflowTrialLogger, client_for, ensure_experiment,
+from harness.records.optuna_study import StudyRecorder, storage_url, trial_params
+from harness.sweep.files import Distribution
+from harness.sweep.tracking import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MlflowTrialLogger, client_for, ensure_experiment,
                               runs_table_url, trial_metrics)
 
 SEARCH = {"loss.cos": Distribution(dist="loguniform", low=0.01, high=1.0, allow_off=True),
@@ -61,7 +61,7 @@ def test_experiment_opens_on_the_runs_table(tmp_path):
 
 @pytest.mark.parametrize("status, child", [("FINISHED", "KILLED"), ("KILLED", "KILLED"), ("FAILED", "FAILED")])
 def test_leftover_running_children_never_end_finished(tmp_path, status, child):
-    from harness.tracking import finish_open_runs
+    from harness.sweep.tracking import finish_open_runs
     client = client_for(f"sqlite:///{tmp_path / 'm.db'}")
     exp_id = ensure_experiment(client, "e", tmp_path / "art")
     parent = client.create_run(exp_id, run_name="parent").info.run_id

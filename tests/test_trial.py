@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from harness.classifiers import pretrained_classifier
-from harness.losses import loss_weights
-from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
+from harness.science.classifiers import pretrained_classifier
+from harness.science.losses import loss_weights
+from harness.records.metric_names import METRIC_NAMES, REFERENCE_NAMES
 from harness.trial import Trial
 from tests.conftest import tiny_overrides
 

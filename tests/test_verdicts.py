@@ -1,4 +1,4 @@
-"""Known answers for the rules a report decides by (`harness.verdicts`), on hand-made numbers and
+"""Known answers for the rules a report decides by (`harness.report.verdicts`), on hand-made numbers and
 run records: no MLflow store, no figures."""
 import subprocess
 import sys
@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.results import MeanCI, mean_ci
-from harness.verdicts import (averaged_runs, claim_verdict, control_reading, exclusion, verdict_kind,
+from harness.records.results import MeanCI, mean_ci
+from harness.report.verdicts import (averaged_runs, claim_verdict, control_reading, exclusion, verdict_kind,
                               yardstick)
 
 
@@ -170,7 +170,7 @@ def test_averaged_runs_keep_only_runs_that_ended_normally_with_a_finite_loss():
 
 
 def test_verdicts_import_no_mlflow_and_no_matplotlib():
-    code = "import sys, harness.verdicts; print(' '.join(sorted(sys.modules)))"
+    code = "import sys, harness.report.verdicts; print(' '.join(sorted(sys.modules)))"
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 timeout=120).stdout.split())
     assert not {"mlflow", "matplotlib", "torch", "ray"} & loaded

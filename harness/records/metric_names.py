@@ -1,5 +1,5 @@
 """The names of the metrics a trial reports (no torch here: sweep files are checked against
-these names before anything heavy is imported). Definitions are in `harness.metrics`.
+these names before anything heavy is imported). Definitions are in `harness.science.metrics`.
 
 `ssim_nn_train_mean` is measured against all N training images; `ssim_nn_train_side_mean` and
 `ssim_nn_test_mean` against the two equal sides (the training side capped to as many images per

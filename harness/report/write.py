@@ -1,19 +1,19 @@
 """`harness report`: read a study from MLflow (runs, metric histories, artifacts) and turn it into
 reports/<study>/README.md with PNG figures that test the study's claim. The rules it decides by
-are `harness.verdicts`; the Markdown sections `harness.report_sections`; the figures (and
-`harness compare`) `harness.report_figures`."""
+are `harness.report.verdicts`; the Markdown sections `harness.report.sections`; the figures (and
+`harness compare`) `harness.report.figures`."""
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
 
 from harness.config import ConfigError
-from harness.mlflow_store import TAG_PHASE, TAG_VARIANT, child_runs, client_for, newest_parent
-from harness.report_figures import ReadingClient, figures_section, unreadable_section
-from harness.report_sections import (control_section, per_seed_section, reference_points, seeds_section,
+from harness.records.mlflow_store import TAG_PHASE, TAG_VARIANT, child_runs, client_for, newest_parent
+from harness.report.figures import ReadingClient, figures_section, unreadable_section
+from harness.report.sections import (control_section, per_seed_section, reference_points, seeds_section,
                                      table_metrics, tuning_section, variants_section)
-from harness.results import mean_ci
-from harness.verdicts import COUNTED, averaged_runs, claim_verdict, counted_runs, yardstick
+from harness.records.results import mean_ci
+from harness.report.verdicts import COUNTED, averaged_runs, claim_verdict, counted_runs, yardstick
 
 
 def load_study(experiment: str, uri: str):

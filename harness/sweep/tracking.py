@@ -24,11 +24,11 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from harness.config import flatten
-from harness.mlflow_store import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, TAG_CLASSIFIER_KEY,  # noqa: F401
+from harness.records.mlflow_store import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, TAG_CLASSIFIER_KEY,  # noqa: F401
                                   TAG_KIND, TAG_NOTE, TAG_OPTUNA_STORAGE, TAG_OPTUNA_STUDY, TAG_OPTUNA_TRIAL,
                                   TAG_OUTCOME, TAG_PHASE, TAG_STOP_REASON, TAG_SWEEP_DIR, TAG_TRIAL_ID,
                                   TAG_VARIANT, child_runs, client_for, default_tracking_uri)
-from harness.sweep_config import resolve_trial, settings_of
+from harness.sweep.files import resolve_trial, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +138,13 @@ class MlflowTrialLogger(Callback):
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_config: dict,
                  max_epochs: int, tags: dict[str, str] | None = None, fixed: dict[int, dict] | None = None,
                  metric: str = "score", objectives: list[str] | None = None, recorder=None,
-                 collapse_patience: int | None = None, collapse_min_epoch: int = 1):
-        from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
+                 stopper=None):
+        from harness.records.metric_names import METRIC_NAMES, REFERENCE_NAMES
 
         self.uri, self.experiment_id, self.parent = tracking_uri, experiment_id, parent_run_id
         self.base_config, self.max_epochs, self.tags = base_config, max_epochs, tags or {}
-        # the collapse stopper's rule (None: no such stopper), to tell its stops from ASHA's
-        self.collapse_patience, self.collapse_min_epoch = collapse_patience, collapse_min_epoch
+        # the sweep's collapse stopper (None: no such stopper), asked to tell its stops from ASHA's
+        self.stopper = stopper
         self.fixed = fixed or {}  # grid index -> settings, for trials of a fixed list (no search)
         self.metric, self.objectives, self.recorder = metric, objectives or [metric], recorder
         self.evaluation_names = (*METRIC_NAMES, *REFERENCE_NAMES)
@@ -306,11 +306,8 @@ class MlflowTrialLogger(Callback):
         self._end(trial, run_id, outcome, status, reason, {**result, "epoch": epoch})
 
     def stopped_collapsed(self, result: dict) -> bool:
-        """Whether the collapse stopper ended the trial: collapsed at `collapse_patience`
-        evaluations in a row, past its minimum epoch (else an early stop was ASHA's)."""
-        return (self.collapse_patience is not None
-                and result.get("collapse_streak", 0) >= self.collapse_patience
-                and result.get("epoch", 0) >= self.collapse_min_epoch)
+        """Whether the collapse stopper ended the trial (else an early stop was ASHA's)."""
+        return self.stopper is not None and self.stopper.collapsed(result)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.config import GeneratorConfig
-from harness.data import NUM_CLASSES
+from harness.science.data import NUM_CLASSES
 
 
 def indicator_matrix(labels: torch.Tensor, k: int = NUM_CLASSES) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from harness.config import ConfigError
-from harness.results import TAG_OUTCOME  # (defined there: the report rules read it without MLflow)
+from harness.records.results import TAG_OUTCOME  # (defined there: the report rules read it without MLflow)
 
 TAG_SWEEP_DIR = "harness.sweep_dir"
 TAG_TRIAL_ID = "harness.trial_id"

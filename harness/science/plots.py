@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from harness.data import NUM_CLASSES  # noqa: E402
+from harness.science.data import NUM_CLASSES  # noqa: E402
 
 
 def tile(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 0.5) -> torch.Tensor:

@@ -15,10 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from harness.config import ConfigError  # noqa: E402
-from harness.mlflow_store import TAG_OPTUNA_STORAGE, client_for  # noqa: E402
-from harness.report_sections import join, run_seeds  # noqa: E402
-from harness.results import is_finite_number, mean_ci  # noqa: E402
-from harness.verdicts import COUNTED, counted_runs  # noqa: E402
+from harness.records.mlflow_store import TAG_OPTUNA_STORAGE, client_for  # noqa: E402
+from harness.report.sections import join, run_seeds  # noqa: E402
+from harness.records.results import is_finite_number, mean_ci  # noqa: E402
+from harness.report.verdicts import COUNTED, counted_runs  # noqa: E402
 
 LAW_METRICS = ("coverage_gap", "train_top10", "heldout_top10")
 
@@ -329,7 +329,7 @@ def importance_figure(client, parent, variants, figures: Path, params: dict) -> 
     import optuna
     from optuna.importance import PedAnovaImportanceEvaluator
 
-    from harness.optuna_study import complete_trials
+    from harness.records.optuna_study import complete_trials
 
     if not any(k.startswith("search.") for k in params):
         raise NotDrawn("this study searched no setting (its file has no `search`): there is no importance to draw")

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from harness.config import ClusterError, ConfigError
-from harness.results import best_trials, enters_averages, enters_counts, finite
-from harness.verdicts import COUNTED
-from harness.sweep_config import OFF_SUFFIX, SweepConfig, clean_searched, resolve_trial
+from harness.records.results import best_trials, enters_averages, enters_counts, finite
+from harness.report.verdicts import COUNTED
+from harness.sweep.files import (OFF_SUFFIX, SweepConfig, check_resume, clean_searched, resolve_trial, sweep_record,
+                                 write_record)
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +226,11 @@ class CollapseNanStopper:
         self.patience, self.min_epoch = patience, min_epoch
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        if result.get("nonfinite"):
-            return True
+        return bool(result.get("nonfinite")) or self.collapsed(result)
+
+    def collapsed(self, result: dict) -> bool:
+        """Whether this rule stops a trial for collapse at `result` (the tracking callback asks it
+        to tell the stopper's stops from ASHA's)."""
         return result.get("epoch", 0) >= self.min_epoch and result.get("collapse_streak", 0) >= self.patience
 
     def stop_all(self) -> bool:
@@ -253,20 +257,23 @@ class VariantOutcome:
 
 def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path, resources: dict,
                 tracking, phase: str, resume: bool,
-                fixed_params: list[dict] | None = None) -> VariantOutcome:
+                fixed_params: list[dict] | None = None, trial_base: dict | None = None) -> VariantOutcome:
     """Tune one variant: Optuna + ASHA over `sweep.search` (or the `fixed_params` list, one
-    trial each, no search), every trial logged under the parent MLflow run."""
+    trial each, no search), every trial logged under the parent MLflow run. `trial_base` is the
+    variant's trial config before searched values (`sweep.trial_base(settings)` when not given):
+    a study builds it once per variant for all its phases."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from harness.tracking import TAG_PHASE, TAG_VARIANT, MlflowTrialLogger
+    from harness.sweep.tracking import TAG_PHASE, TAG_VARIANT, MlflowTrialLogger
 
     # the trial's torch threads are its CPUs: set here, the one config both the trial and its
     # MLflow params come from
-    base = {**sweep.trial_base(settings), "threads": max(1, int(resources["cpu"]))}
-    max_epochs = sweep.epochs(settings)
+    base = {**(trial_base if trial_base is not None else sweep.trial_base(settings)),
+            "threads": max(1, int(resources["cpu"]))}
+    max_epochs = resolve_trial(base, {}).train.epochs
     storage = (out_dir / "ray").resolve()
     exp_name = f"{phase}-{variant}" if phase != "tune" else variant
     exp_path = storage / exp_name
@@ -277,17 +284,17 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
     objectives = sweep.objectives or {sweep.metric: sweep.mode}
     recorder = None
     if fixed_params is None and sweep.search:  # an Optuna search: persist its study trial by trial
-        from harness.optuna_study import StudyRecorder, storage_url
+        from harness.records.optuna_study import StudyRecorder, storage_url
         recorder = StudyRecorder(storage_url(out_dir), f"{sweep.name}/{exp_name}",
                                  ["maximize" if m == "max" else "minimize" for m in objectives.values()],
                                  list(objectives), sweep.search,
                                  {"mlflow_parent_run_id": parent_id, "mlflow_experiment_id": experiment_id,
                                   "variant": variant, "phase": phase})
+    stopper = make_stopper(sweep)  # Ray's Stopper; the logger gets its plain (picklable) rule
     logger = MlflowTrialLogger(uri, experiment_id, parent_id, base, max_epochs,
                                tags={TAG_VARIANT: variant, TAG_PHASE: phase}, fixed=fixed,
                                metric=sweep.metric, objectives=list(objectives), recorder=recorder,
-                               collapse_patience=sweep.stop.collapse_patience,
-                               collapse_min_epoch=sweep.stop.collapse_min_epoch)
+                               stopper=CollapseNanStopper(stopper.patience, stopper.min_epoch))
     if resume and tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True,
                                    resume_unfinished=True, restart_errored=False)
@@ -325,7 +332,7 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
             tune_config = tune.TuneConfig(scheduler=scheduler, num_samples=1, reuse_actors=True,
                                           max_concurrent_trials=concurrency)
         run_config = tune.RunConfig(
-            name=exp_name, storage_path=str(storage), callbacks=[logger], stop=make_stopper(sweep),
+            name=exp_name, storage_path=str(storage), callbacks=[logger], stop=stopper,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             # every checkpoint is kept while the run goes on: with num_to_keep, Tune deletes a trial's older
             # checkpoints before its next state snapshot, so a driver killed in between leaves a snapshot that
@@ -423,8 +430,8 @@ def _interrupted(results, logger, expected: int) -> bool:
 
 def open_tracking(sweep_name: str, out_dir: Path, mlflow_uri: str | None, kind: str, params: dict,
                   resume: bool) -> tuple[str, str, str]:
-    from harness.optuna_study import storage_url
-    from harness.tracking import (TAG_OPTUNA_STORAGE, client_for, default_tracking_uri, ensure_experiment,
+    from harness.records.optuna_study import storage_url
+    from harness.sweep.tracking import (TAG_OPTUNA_STORAGE, client_for, default_tracking_uri, ensure_experiment,
                                   start_parent)
 
     uri = mlflow_uri or default_tracking_uri(out_dir)
@@ -446,11 +453,16 @@ def start_driver(sweep: SweepConfig, out_dir: Path, address: str | None, resume:
     if not resume and (out_dir / "ray").exists() and any((out_dir / "ray").iterdir()):
         raise ConfigError(f"--out: {out_dir} already holds a {kind}; pass --resume to continue it or "
                           "choose another --out")
+    record = sweep_record(sweep, kind, params.get("seeds"))
+    if resume:
+        check_resume(out_dir, record)  # the same sweep as the folder holds, before Ray starts
     cluster = init_ray(address)
     cache = sweep.base.get("cache_dir") or os.environ.get("HARNESS_CACHE_DIR") or "~/.cache/inversion-harness"
     check_shared_storage(address, cluster, shared_storage, out_dir, cache)
     resources = trial_resources(sweep, cluster)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_record(out_dir, record)
     return resources, open_tracking(sweep.name, out_dir, mlflow_uri, kind, params, resume)
 
 
@@ -458,7 +470,7 @@ def start_driver(sweep: SweepConfig, out_dir: Path, address: str | None, resume:
 def closing_runs(tracking: tuple[str, str, str], kind: str):
     """End the parent and every child still RUNNING however the driver leaves: FINISHED,
     KILLED on interrupt (then exit as KeyboardInterrupt), FAILED on an error."""
-    from harness.tracking import client_for, finish_open_runs
+    from harness.sweep.tracking import client_for, finish_open_runs
 
     parent, experiment_id, uri = tracking
     client = client_for(uri)
@@ -528,7 +540,7 @@ def record_outcome(client, parent_id: str, sweep: SweepConfig, outcomes: list[Va
     as artifacts. Called after every variant, so an interrupted sweep keeps what it finished."""
     from mlflow.entities import Metric
 
-    from harness.tracking import TAG_NOTE
+    from harness.sweep.tracking import TAG_NOTE
 
     metric = sweep.metric
     variants = [variant_summary(o, metric, sweep.mode) for o in outcomes]
@@ -572,7 +584,7 @@ def _short(value) -> str:
 
 
 def best_rows(outcomes: list[VariantOutcome], metric: str, mode: str, top: int = 3) -> list[dict]:
-    """The best `top` trials of each variant, by `harness.results.best_trials`' rule."""
+    """The best `top` trials of each variant, by `harness.records.results.best_trials`' rule."""
     out = []
     for o in outcomes:
         out += best_trials(o.rows, metric, mode, top, metrics=lambda r: r["metrics"], failed=lambda r: r["error"])

@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.config import ConfigError
-from harness.sweep import (SweepInterrupted, VariantOutcome, best_rows, closing_runs, record_outcome, run_variant,
+from harness.sweep.tune import (SweepInterrupted, VariantOutcome, best_rows, closing_runs, record_outcome, run_variant,
                            start_driver)
-from harness.sweep_config import AshaConfig, StopConfig, SweepConfig
+from harness.sweep.files import AshaConfig, StopConfig, SweepConfig
 
 
 def confirm_settings(best_config: dict, seed: int) -> dict:
@@ -56,7 +56,8 @@ def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: s
             record_outcome(client, tracking[0], sweep, [o for phases in outcomes.values() for o in phases.values()],
                            out_dir, "study")
         for variant, settings in sweep.variants():
-            tuned = run_variant(sweep, variant, settings, out_dir, resources, tracking, "tune", resume)
+            base = sweep.trial_base(settings)  # built once: the tune and confirm phases share it
+            tuned = run_variant(sweep, variant, settings, out_dir, resources, tracking, "tune", resume, trial_base=base)
             outcomes[variant] = {"tune": tuned}
             record()
             if tuned.interrupted:
@@ -66,7 +67,7 @@ def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: s
                 continue  # every tuning trial failed: nothing to confirm; the report says so
             fixed = [confirm_settings(best[0]["config"], s) for s in seeds]
             confirmed = run_variant(confirm_sweep, variant, settings, out_dir, resources, tracking, "confirm",
-                                    resume, fixed_params=fixed)
+                                    resume, fixed_params=fixed, trial_base=base)
             outcomes[variant]["confirm"] = confirmed
             record()
             if confirmed.interrupted:

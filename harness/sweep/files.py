@@ -8,6 +8,7 @@ own typed model, as is a point at each end of every searched range, before Ray s
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import re
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.config import (MAX_NAME, ConfigError, TrialConfig, _Section, build_config, check_data_root,
                             control_character, deep_merge, flatten, load_yaml, parse_overrides, parse_yaml, seed_field,
                             short_repr, unflatten)
-from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
+from harness.records.metric_names import METRIC_NAMES, REFERENCE_NAMES
 
 _NONE = object()
 TARGET_NAMES = (*METRIC_NAMES, *REFERENCE_NAMES)  # what a sweep may optimise or a claim compare
@@ -587,3 +588,78 @@ def _sweep_section(loc) -> type[BaseModel] | None:
     return model
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# The record of what a sweep folder holds, so that --resume continues that sweep and no other.
+# --------------------------------------------------------------------------------------------
+RECORD_FILE = "sweep.json"
+RECORD_LAYOUT = 2  # 2: the harness/science, sweep, records, report package layout (folders before it have no record)
+RESUME_MAY_CHANGE = ("resources",)  # where the trials run does not change what they compute
+
+
+def sweep_record(sweep: SweepConfig, kind: str, seeds: list[int] | None = None) -> dict:
+    """What a sweep or study folder was started with: its kind, name, every setting of the sweep
+    file as loaded (after --set and --smoke) and, for a study, its confirmation seeds."""
+    return {"layout": RECORD_LAYOUT, "kind": kind, "name": sweep.name, "seeds": seeds,
+            "settings": sweep.model_dump(mode="json", by_alias=True)}
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """The dotted path of the first setting that differs between two JSON-like values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in old or key not in new:
+                return where
+            found = _first_difference(old[key], new[key], where)
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (path or "(the whole file)")
+
+
+def check_resume(out: Path, record: dict) -> None:
+    """--resume continues the sweep the folder holds, never another: the same kind, name and
+    settings (budget.num_samples may be raised, `resources` may change). A folder without a record
+    was made before the current package layout and cannot be resumed."""
+    path = Path(out) / RECORD_FILE
+    if not path.is_file():
+        raise ConfigError(f"--resume: {out} was made by an older version of the harness (before the "
+                          "harness/science, sweep, records, report layout) and cannot be resumed with this one; "
+                          "start it again with another --out (`harness report` still reads its store)")
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: {path} is unreadable ({type(exc).__name__}); this folder cannot be "
+                          "resumed, start again with another --out") from None
+    if held.get("kind") != record["kind"]:
+        raise ConfigError(f"--resume: {out} holds a {held.get('kind')}, not a {record['kind']}; resume it with "
+                          f"`harness {'ablate' if held.get('kind') == 'study' else 'sweep'}`")
+    if held.get("name") != record["name"]:
+        raise ConfigError(f"--resume: {out} holds sweep {held.get('name')!r}, not {record['name']!r}; resume it "
+                          "with its own sweep file, or choose another --out")
+    if held.get("seeds") != record["seeds"]:
+        raise ConfigError(f"--resume: {out} was started with confirmation seeds {held.get('seeds')}, not "
+                          f"{record['seeds']}; resume with the same --seeds")
+    old = {k: v for k, v in (held.get("settings") or {}).items() if k not in RESUME_MAY_CHANGE}
+    new = {k: v for k, v in record["settings"].items() if k not in RESUME_MAY_CHANGE}
+    old_n = (old.get("budget") or {}).get("num_samples")
+    new_n = (new.get("budget") or {}).get("num_samples")
+    if isinstance(old_n, int) and isinstance(new_n, int) and new_n >= old_n:
+        old = {**old, "budget": {**old["budget"], "num_samples": new_n}}  # raising the budget alone is allowed
+    differs = _first_difference(old, new)
+    if differs == "budget.num_samples":
+        raise ConfigError(f"--resume: budget.num_samples {new_n} is below the {old_n} trials {out} was started "
+                          "with; a resumed sweep may raise its budget, not lower it")
+    if differs is not None:
+        raise ConfigError(f"--resume: {differs} differs from the sweep {out} was started with; resume with the "
+                          f"same file and --set values (see {path}), or start again with another --out")
+
+
+def write_record(out: Path, record: dict) -> None:
+    """Write the folder's record (atomically: a killed driver leaves the old one or the new one)."""
+    path = Path(out) / RECORD_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, path)

@@ -18,8 +18,8 @@ from pytorch_msssim import ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d
 
 from harness.config import EvalConfig
-from harness.data import NUM_CLASSES, Split
-from harness.metric_names import METRIC_NAMES, REFERENCE_NAMES
+from harness.science.data import NUM_CLASSES, Split
+from harness.records.metric_names import METRIC_NAMES, REFERENCE_NAMES
 
 DATA_RANGE = 2.0  # pixels live in [-1, 1]
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5

@@ -16,8 +16,8 @@ from torch import nn
 
 from harness.cache import CacheEntry, cache_dir
 from harness.config import ClassifierConfig, ConfigError, EvaluatorConfig, TrialConfig
-from harness.data import NUM_CLASSES, Split, centring_set, classifier_training_set, evaluator_set, full_test_set, heldout_set
-from harness.kkt import fitted_residual, parameterised_layers
+from harness.science.data import NUM_CLASSES, Split, centring_set, classifier_training_set, evaluator_set, full_test_set, heldout_set
+from harness.science.kkt import fitted_residual, parameterised_layers
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from torch import nn
 from torch.func import functional_call
 
 from harness.config import LossConfig
-from harness.data import NUM_CLASSES
-from harness.kkt import kkt_residual, multiplier_shape, theta_params
+from harness.science.data import NUM_CLASSES
+from harness.science.kkt import kkt_residual, multiplier_shape, theta_params
 
 
 @dataclass

@@ -1,14 +1,14 @@
 """The Markdown sections of a study report: the variants' table and reference points, the seeds,
 every confirmation run, the class-level control, the tuning. Each takes run records already read
-from MLflow and returns lines; what is averaged and how a claim is judged is `harness.verdicts`."""
+from MLflow and returns lines; what is averaged and how a claim is judged is `harness.report.verdicts`."""
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 
-from harness.mlflow_store import TAG_STOP_REASON, TAG_VARIANT
-from harness.results import MeanCI, best_trials, count_at_one, finite, mean_ci, sample_sd
-from harness.verdicts import (COUNTED, averaged_runs, claim_verdict, control_reading, exclusion, interval_text,
+from harness.records.mlflow_store import TAG_STOP_REASON, TAG_VARIANT
+from harness.records.results import MeanCI, best_trials, count_at_one, finite, mean_ci, sample_sd
+from harness.report.verdicts import (COUNTED, averaged_runs, claim_verdict, control_reading, exclusion, interval_text,
                               verdict_kind, yardstick)
 
 TABLE_METRICS = ("score", "ssim_nn_train_mean", "ssim_nn_train_side_mean", "ssim_nn_test_mean", "memorization_gap",
@@ -35,7 +35,7 @@ def _ended(run) -> bool:
 
 
 def best_runs(runs: list, params: dict, top: int | None = 1) -> list:
-    """The best runs by the study's own metric and mode, under `harness.results.best_trials`' rule."""
+    """The best runs by the study's own metric and mode, under `harness.records.results.best_trials`' rule."""
     return best_trials(runs, params.get("metric", "score"), params.get("mode", "max"), top,
                        metrics=lambda r: r.data.metrics, failed=lambda r: not _ended(r),
                        started=lambda r: r.info.start_time or 0)

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.config import TrialConfig
-from harness.data import NUM_CLASSES
-from harness.generator import Generator, sample_conditioning
-from harness.losses import GeneratedBatch
+from harness.science.data import NUM_CLASSES
+from harness.science.generator import Generator, sample_conditioning
+from harness.science.losses import GeneratedBatch
 
 
 def jitter(x: torch.Tensor, pixels: int, rng: torch.Generator) -> torch.Tensor:

@@ -1,12 +1,12 @@
 """The rules a study report decides by: which runs are averaged, the claim's verdict (intervals
 that separate, or Fisher's exact test for a count), the reading of the class-level control, and
 where each variant sits among its reference points. Pure functions of numbers and run records
-(no MLflow client, no matplotlib); `harness.report_sections` only words and lays them out."""
+(no MLflow client, no matplotlib); `harness.report.sections` only words and lays them out."""
 from __future__ import annotations
 
 import math
 
-from harness.results import (FISHER_ALPHA, TAG_OUTCOME, MeanCI, enters_averages, enters_counts, fisher_greater,
+from harness.records.results import (FISHER_ALPHA, TAG_OUTCOME, MeanCI, enters_averages, enters_counts, fisher_greater,
                              fisher_smallest_p)
 
 COUNTED = ("collapsed",)  # 0/1 per run: a count ("1 of 3") reads better than a t-interval
