@@ -203,10 +203,29 @@ def test_control_inverts_the_classifier_the_tuned_settings_train():
     best = {"loss.tv": 0.3, "direct.lr": 0.02, "classifier.weight_decay": 0.002, "data.train_size": 50}
     # the confirmation run of seed 1001 trains its classifier with the tuned weight decay on n = 50;
     # the control of that seed must invert that classifier, with none of the tuned inversion weights
-    assert confirm_settings(best, 1001) == {**best, "seed": 1001, "classifier.seed": 1001}
+    # by default a confirmation seed also draws the training subset, the same for every variant
+    assert confirm_settings(best, 1001) == {**best, "seed": 1001, "classifier.seed": 1001, "data.subset_seed": 1001}
+    assert confirm_settings(best, 1001, subset=False) == {**best, "seed": 1001, "classifier.seed": 1001}
     assert control_settings(best, 1001) == {"classifier.weight_decay": 0.002, "data.train_size": 50,
-                                            "seed": 1001, "classifier.seed": 1001}
-    assert control_settings({"loss.tv": 0.3}, 7) == {"seed": 7, "classifier.seed": 7}
+                                            "seed": 1001, "classifier.seed": 1001, "data.subset_seed": 1001}
+    assert control_settings({"loss.tv": 0.3}, 7, subset=False) == {"seed": 7, "classifier.seed": 7}
+
+
+def test_confirmation_seeds_draw_different_training_subsets_paired_across_variants():
+    """Known answer on the real data: seeds 1000 and 1001 give different training images; at one
+    seed, variants that differ in pooling alone see the same images."""
+    from harness.config import build_config
+    from harness.science.data import train_subset
+    from harness.sweep.study import confirm_settings
+    from harness.sweep.files import resolve_trial
+
+    def indices(pool, seed):
+        cfg = resolve_trial({"data": {"train_size": 20}, "classifier": {"pool": pool}}, confirm_settings({}, seed))
+        return train_subset(cfg.data)[1].tolist()
+
+    assert indices("avg", 1000) == indices("max", 1000)
+    assert indices("avg", 1000) != indices("avg", 1001)
+    assert build_config({}).data.subset_seed == 0  # a plain run is unchanged
 
 
 def test_a_trial_stopped_by_the_scheduler_leaves_nothing_alive_in_its_worker(monkeypatch):

@@ -167,6 +167,10 @@ class SweepConfig(_Section):
         "of the classifiers from one of the generator")
     confirm_seeds: int = Field(3, ge=1, description="harness ablate: confirmation seeds per variant (--seeds "
                                "overrides it); a claim on a count (collapsed) needs at least 4")
+    confirm_subset: bool = Field(
+        True, description="harness ablate: a confirmation seed also draws the training subset (data.subset_seed, "
+        "and so the disjoint subset of a negative control), not only the classifier's and the inverter's "
+        "initialisation; every variant at seed s sees the same images (paired). false: one subset for all seeds")
     checkpoint_every: int = Field(5, ge=1, description="checkpoint the generator every this many epochs")
     max_failures: int = Field(1, ge=0, description="retries of a failing trial, from its last checkpoint")
 

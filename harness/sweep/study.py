@@ -19,20 +19,22 @@ from harness.sweep.tune import (SweepInterrupted, VariantOutcome, best_rows, clo
 from harness.sweep.files import AshaConfig, StopConfig, SweepConfig
 
 
-def confirm_settings(best_config: dict, seed: int) -> dict:
-    """The tuned weights with the seed of both the generator and the classifier set to `seed`:
-    the confirmation measures the variant, not one lucky classifier."""
-    return {**best_config, "seed": seed, "classifier.seed": seed}
+def confirm_settings(best_config: dict, seed: int, subset: bool = True) -> dict:
+    """The tuned weights with the seed of the generator, the classifier and (with `subset`) the
+    training subset set to `seed`: the confirmation measures the variant over training sets and
+    initialisations, not one lucky classifier on one set of images. Every variant gets the same
+    settings at the same seed, so the variants stay paired."""
+    return {**best_config, "seed": seed, "classifier.seed": seed, **({"data.subset_seed": seed} if subset else {})}
 
 
 CLASSIFIER_KEYS = ("classifier.", "data.")  # searched settings that decide which classifier a seed trains
 
 
-def control_settings(best_config: dict, seed: int) -> dict:
+def control_settings(best_config: dict, seed: int, subset: bool = True) -> dict:
     """The control's settings for one confirmation seed: none of the tuned loss or inverter
     weights, but every tuned setting that decides the classifier (`classifier.*`, `data.*`), so
     that the control inverts the very classifier the confirmation run of that seed inverted."""
-    return confirm_settings({k: v for k, v in best_config.items() if k.startswith(CLASSIFIER_KEYS)}, seed)
+    return confirm_settings({k: v for k, v in best_config.items() if k.startswith(CLASSIFIER_KEYS)}, seed, subset)
 
 
 def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: str | None = None,
@@ -65,7 +67,7 @@ def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: s
             best = best_rows([tuned], sweep.metric, sweep.mode, top=1)
             if not best:
                 continue  # every tuning trial failed: nothing to confirm; the report says so
-            fixed = [confirm_settings(best[0]["config"], s) for s in seeds]
+            fixed = [confirm_settings(best[0]["config"], s, sweep.confirm_subset) for s in seeds]
             confirmed = run_variant(confirm_sweep, variant, settings, out_dir, resources, tracking, "confirm",
                                     resume, fixed_params=fixed, trial_base=base)
             outcomes[variant]["confirm"] = confirmed
@@ -74,7 +76,8 @@ def run_ablation(sweep: SweepConfig, out_dir: Path, seeds: list[int], address: s
                 raise SweepInterrupted(variant)
             if sweep.control:
                 control = run_variant(sweep.control_sweep(), variant, settings, out_dir, resources, tracking,
-                                      "control", resume, fixed_params=[control_settings(best[0]["config"], s) for s in seeds])
+                                      "control", resume, fixed_params=[control_settings(best[0]["config"], s, sweep.confirm_subset)
+                                                    for s in seeds])
                 outcomes[variant]["control"] = control
                 record()
                 if control.interrupted:
