@@ -11,12 +11,17 @@ one, saves the duplicate work: the first process builds, the others wait and loa
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import copy
 import fcntl
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +40,59 @@ def cache_dir(configured: str | None) -> Path:
 
 def content_key(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)) and node.body \
+                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) \
+                and isinstance(node.body[0].value.value, str):
+            node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(module_source: str) -> ast.Module:
+    return ast.parse(module_source)
+
+
+def definition_source(module_source: str, name: str) -> str:
+    """The code of the top-level definition of `name` in `module_source` (a def, a class or an
+    assignment), normalised: docstrings, comments and layout dropped (`ast.unparse`), so it changes
+    with what the code does and not with where it sits (file path, line numbers) or how it is worded."""
+    for node in _parsed(module_source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = {node.name}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = {t.id for t in targets if isinstance(t, ast.Name)}
+        else:
+            continue
+        if name in names:
+            return ast.unparse(_strip_docstrings(copy.deepcopy(node)))
+    raise KeyError(f"no top-level definition of {name!r} in the module (renamed? update the list that names it)")
+
+
+def module_sources(modules) -> dict[str, str]:
+    """{module name: its source text} of imported modules, read from their files now: taken when the
+    modules are imported, it is the text of the code the process runs, even if a file is edited later."""
+    return {name: inspect.getsource(sys.modules[name]) for name in modules}
+
+
+def code_fingerprint(definitions: dict[str, tuple[str, ...]], sources: dict[str, str]) -> str:
+    """sha256 of the normalised code (`definition_source`) of the named top-level definitions,
+    `{module name: (definition name, ...)}`, in the module texts `sources` (`module_sources`): part of a
+    cache key, so that an entry another version of that code built is not found."""
+    return _fingerprint(tuple((m, tuple(sorted(definitions[m])), sources[m]) for m in sorted(definitions)))
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(parts: tuple[tuple[str, tuple[str, ...], str], ...]) -> str:
+    digest = hashlib.sha256()
+    for module, names, text in parts:
+        for name in names:
+            digest.update(f"{module}.{name}\n{definition_source(text, name)}\n".encode())
+    return digest.hexdigest()[:24]
 
 
 class CacheEntry:

@@ -34,7 +34,7 @@ def check_out(out: Path, flag: str = "--out") -> None:
 def check_sweep_args(sweep, args, out: Path, kind: str) -> None:
     """What `harness sweep` and `harness ablate` can get wrong on the command line or on this
     machine, checked before Ray starts and before anything is written."""
-    from harness.records.mlflow_store import check_tracking_uri, sqlite_path
+    from harness.records.mlflow_store import check_server, check_tracking_uri, sqlite_path
     from harness.sweep.files import check_local_machine
 
     check_out(out)
@@ -50,12 +50,15 @@ def check_sweep_args(sweep, args, out: Path, kind: str) -> None:
                               "out to keep the store in OUT/mlflow.db")
     if not args.address or args.address == "local":  # a cluster's machines are known only once connected
         check_local_machine(sweep)
+    if args.mlflow_uri:
+        check_server(args.mlflow_uri)  # last: a server that does not answer is exit 3, not a wrong input
 
 
-def check_claim_decidable(sweep, seeds: int) -> None:
+def check_claim_decidable(sweep, seeds: int, sweep_trials: bool = False) -> None:
     """A claim on a count (collapsed) is decided by a one-sided Fisher exact test at p < 0.05,
     whose smallest attainable p with S runs a side is 1 / C(2S, S): refuse seeds that cannot
-    reach it (3 give exactly 0.05)."""
+    reach it (3 give exactly 0.05). `sweep_trials`: the runs are a sweep's trials per variant
+    (budget.num_samples), not a study's confirmation seeds."""
     claim = sweep.claim
     if claim is None or claim.lesser is None:
         return
@@ -68,6 +71,11 @@ def check_claim_decidable(sweep, seeds: int) -> None:
     if best < FISHER_ALPHA:
         return
     need = next(s for s in itertools.count(seeds) if fisher_smallest_p(s, s) < FISHER_ALPHA)
+    if sweep_trials:
+        raise ConfigError(f"budget.num_samples: the claim on {claim.metric} (a count) is decided by Fisher's exact "
+                          f"test at p < {FISHER_ALPHA:g}, but with {seeds} trials per variant the smallest attainable "
+                          f"p is {best:.3g}; use at least {need} (smallest p {fisher_smallest_p(need, need):.3g}): "
+                          f"--set budget.num_samples={need} or budget: {{num_samples: {need}}} in the file")
     raise ConfigError(f"--seeds: the claim on {claim.metric} (a count) is decided by Fisher's exact test at "
                       f"p < {FISHER_ALPHA:g}, but with {seeds} seeds per variant the smallest attainable p is "
                       f"{best:.3g}; use at least {need} seeds (smallest p {fisher_smallest_p(need, need):.3g}): "
@@ -112,7 +120,7 @@ def cmd_run(args) -> int:
     check_data_root(cfg.data)
     from tqdm import tqdm
 
-    from harness.records.metric_names import METRIC_NAMES, REFERENCE_NAMES
+    from harness.records.metric_names import METRIC_NAMES, REFERENCE_NAMES, SITUATIONAL_NAMES
     from harness.trial import Trial
 
     trial = Trial(cfg)  # data and classifiers load here: input errors surface before any output
@@ -137,7 +145,8 @@ def cmd_run(args) -> int:
     bar.close()
     paths = trial.write_outputs(out)
     final = trial.final_metrics()
-    print(format_table([(k, f"{final[k]:.4f}") for k in (*METRIC_NAMES, *REFERENCE_NAMES) if k in final]))
+    print(format_table([(k, f"{final[k]:.4f}") for k in (*METRIC_NAMES, *SITUATIONAL_NAMES, *REFERENCE_NAMES)
+                        if k in final]))
     print(f"outputs in {out}/: {', '.join(p.name for p in paths.values())}")
     if final.get("nonfinite"):
         print(f"error: the loss became NaN/inf at epoch {int(final['epoch'])}; training stopped "
@@ -151,6 +160,8 @@ def cmd_sweep(args) -> int:
 
     sweep = load_sweep(args.file, args.overrides, smoke=args.smoke)  # validated before Ray starts
     out = Path(args.out or f"runs/{sweep.name}")
+    if not args.smoke:  # --smoke checks a file end to end at 2 trials a variant: it decides no claim
+        check_claim_decidable(sweep, sweep.budget.num_samples, sweep_trials=True)
     check_sweep_args(sweep, args, out, "sweep")
     from harness.sweep.tune import best_rows, run_sweep, summary_table
 
@@ -184,6 +195,9 @@ def cmd_ablate(args) -> int:
         raise ConfigError(f"{field}: {sweep.name} has {'no axes' if field == 'axes' and not sweep.axes else 'one variant'}, "
                           f"so a study has nothing to compare; use `harness sweep` for one configuration, or add {field}")
     check_claim_decidable(sweep, n_seeds)
+    from harness.sweep.files import check_one_regime
+
+    check_one_regime(sweep)
     check_sweep_args(sweep, args, out, "study")
     from harness.sweep.study import run_ablation
     from harness.sweep.tune import best_rows, summary_table
@@ -223,6 +237,23 @@ def cmd_report(args) -> int:
 
     path = write_report(args.experiment, args.mlflow_uri, Path(args.out) if args.out else None)
     print(f"report written to {path}")
+    return 0
+
+
+def cmd_index(args) -> int:
+    from harness.report.index import write_index
+
+    readme = Path(args.readme)
+    if not readme.parent.is_dir():
+        raise ConfigError(f"--readme: folder {readme.parent} does not exist; point it at reports/README.md")
+    if args.check:
+        if write_index(readme, check=True):
+            print(f"{readme}: the index is current")
+            return 0
+        print(f"{readme}: the index is out of date; run `harness index`", file=sys.stderr)
+        return 1
+    write_index(readme)
+    print(f"index written to {readme}")
     return 0
 
 
@@ -268,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_ids", nargs="+", help="MLflow run ids")
     p.add_argument("--mlflow-uri", required=True, help="tracking URI")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("index", help="regenerate the index of reports/README.md from the reports' own verdicts")
+    p.add_argument("--readme", default="reports/README.md", help="the index file; its folder holds one folder per report")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the index is out of date")
+    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("config", help="print every setting with its default and documentation")
     p.set_defaults(func=cmd_help_config)

@@ -12,10 +12,11 @@ import os
 import reprlib
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -26,8 +27,60 @@ class ClusterError(RuntimeError):
     """Ray could not be started or reached; the message says why, in one line."""
 
 
+NUMBER_ERRORS = ("not_finite", "bool_not_number")  # error types whose message already quotes the value
+
+
+def _leaf_types(annotation) -> set:
+    """The scalar types a field takes: `list[int] | None` -> {int, NoneType}, `float | Literal["auto"]`
+    -> {float, str}; a dict's values count, its keys do not; `Any` stays Any."""
+    if annotation is Any:
+        return {Any}
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return {type(a) for a in args}
+    if origin is dict:
+        args = args[1:]
+    return set().union(*(_leaf_types(a) for a in args)) if args else {annotation}
+
+
+def _finite_or_not_a_number(item: float | str) -> bool:
+    """False for inf and nan, as a float or as text a number setting would read as one ("inf", "-nan")."""
+    try:
+        return math.isfinite(float(item))
+    except ValueError:
+        return True
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_finite_numbers(cls, value, info):
+        """A number setting refuses true/false (pydantic would take them as 1 and 0) and inf/nan
+        (YAML .inf/.nan, or `inf` in --set), before its range check, so the message says why."""
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool):
+                kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
+                if kinds & {int, float} and not kinds & {bool, Any}:
+                    example = "a number such as 1.0" if float in kinds else "a whole number such as 1"
+                    raise PydanticCustomError("bool_not_number", f"{str(item).lower()} is not a number; give {example}")
+            elif isinstance(item, (float, str)) and not _finite_or_not_a_number(item):
+                kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
+                if kinds & {int, float} and Any not in kinds:
+                    raise PydanticCustomError("not_finite", f"{str(item).strip()} is not a finite number; give a "
+                                              "number such as 1.0")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite(cls, value, info):
+        """Every number is finite, however it was converted."""
+        bad = next((v for v in (value if isinstance(value, list) else [value])
+                    if isinstance(v, float) and not math.isfinite(v)), None)
+        if bad is not None:
+            raise PydanticCustomError("not_finite", f"{bad!r} is not a finite number; give a number such as 1.0")
+        return value
 
 
 SEED_MAX = 2 ** 32 - 1  # numpy's and Optuna's samplers take seeds in [0, 2**32)
@@ -140,7 +193,8 @@ class ClassifierConfig(_Section):
 class GeneratorConfig(_Section):
     latent_dim: int = Field(100, ge=1, description="Dimension of the latent z.")
     embed_dim: int = Field(100, ge=1, description="Dimension of the conditioning embedding.")
-    channels: int = Field(32, ge=8, description="Channels of the first transposed conv (halved per stage).")
+    channels: int = Field(32, ge=8, description="The generator's width: every layer's channels scale with it "
+                          "(2x, 1x, 1/2x and 1/4x this from the first transposed conv to the last).")
     dropout: float = Field(0.5, ge=0, lt=1, description="Dropout2d in the upsampling stages (heavy: 0.1-0.5; 0.5 is the first default that was not collapsed, see README).")
     soft_fraction: float = Field(0.5, ge=0, le=1, description="Share of each training batch with "
                                  "soft (softmax) conditioning; the rest is one-hot.")
@@ -150,6 +204,24 @@ class GeneratorConfig(_Section):
         "deviation from the classifier's input mean stretched to the pixel range (range, as direct.rescale: "
         "range; a KKT-trained image is a training image only up to scale about that mean). Without a "
         "centred classifier the mean is the zero image.")
+    output: Literal["tanh", "scaled_tanh"] = Field(
+        "tanh", description="Output layer: tanh(h) (the study's), or scaled_tanh: origin + output_scale · tanh(h) "
+        "about the classifier's input mean (the zero image without classifier.center), which reaches ±1 at a "
+        "finite h; the pixel term then bounds the image itself to ±pixel_bound, as for the direct inverter's "
+        "candidates, and images are clamped to [-1, 1] when scored.")
+    output_scale: float = Field(2.0, gt=0, description="scaled_tanh: s of origin + s · tanh(h) (2: every pixel of "
+                                "any origin in [-1, 1] reaches both -1 and 1 with |tanh| < 1).")
+    code_params: Literal["none", "learned_z", "embedding"] = Field(
+        "none", description="Free parameters per bank code (the fixed codes G(bank_z) that the kkt term and "
+        "eval.generator_images: bank use): none; learned_z (each code's z is a learnable parameter, starting at "
+        "its fixed draw); or embedding (a learnable channels x 10 x 10 map per code, zero at the start, added to "
+        "the generator's 10 x 10 class map), so that the generator can hold as many distinct images as codes. "
+        "Fresh-latent samples get neither.")
+    distill_from: str | None = Field(
+        None, description="Diagnostic: a .pt file holding `images` and `labels` (a run's samples.pt, or a direct "
+        "run's inverter.pt: its raw candidates), images clamped to [-1, 1]. Before the first epoch G(bank_z) is "
+        "fitted to them by MSE (target j to the next bank code of its class; train.distill_steps), then training "
+        "goes on with the loss; each evaluation logs distill_matched_frac and distill_ssim_mean.")
 
 
 class LossConfig(_Section):
@@ -162,7 +234,8 @@ class LossConfig(_Section):
                       "same-class pairs, inverted (pixel-space diversity; not in the study's list).")
     tv: float = Field(1.0, ge=0, description="Total variation (smoothness; 1.0 with jitter 2 was the best "
                       "default found at equal wall time, see README).")
-    pixel: float = Field(0.0, ge=0, description="Pixel-range penalty on the pre-Tanh output.")
+    pixel: float = Field(0.0, ge=0, description="Pixel-range penalty on the pre-Tanh output (on the image itself "
+                        "for generator.output: scaled_tanh and for the direct inverter's candidates).")
     pert: float = Field(0.0, ge=0, description="Perturbation consistency.")
     conf: float = Field(0.0, ge=0, description="Confidence: 1 - p_y (or entropy).")
     grad: float = Field(0.0, ge=0, description="Norm of the classifier's parameter gradient.")
@@ -180,7 +253,8 @@ class LossConfig(_Section):
     conf_form: Literal["prob", "entropy"] = Field("prob", description="conf: mean(1 - p_y) or entropy of p.")
     grad_layers: int = Field(0, ge=0, description="grad: last N parameterised layers of θ (0 = all).")
     kkt_codes_per_class_per_100: float = Field(
-        10.0, gt=0, description="kkt: bank size M = this x classes x N/100 (at least kkt_min_codes).")
+        10.0, gt=0, description="Size of the generator's bank of fixed codes, M = this x classes x N/100 (at least "
+        "kkt_min_codes; 20 = 2n): the kkt term's candidates, and the images eval.generator_images: bank scores.")
     kkt_min_codes: int = Field(100, ge=1, description="kkt: lower bound on the bank size M.")
     kkt_layers: int | None = Field(None, ge=0, description="kkt: last N parameterised layers of θ (0 = all; "
                                    "default: all for the direct inverter, the last 2 for the generator).")
@@ -191,6 +265,12 @@ class LossConfig(_Section):
     kkt_lambda_min: float = Field(0.001, ge=0, description="kkt: λ_min of the λ penalty.")
     kkt_lambda_weight: float = Field(1.0, ge=0, description="kkt: w_λ, weight of the λ penalty.")
     kkt_lambda_init: float = Field(0.001, gt=0, description="kkt: initial λ of every code.")
+    kkt_estimator: Literal["full", "minibatch", "unbiased"] = Field(
+        "full", description="kkt, generator inverter: full (the whole bank of M codes every step, the exact "
+        "residual; the direct inverter always does this); minibatch (B = the generator batch of the M codes, "
+        "scaled by M/B: its expected value adds the estimate's variance, which identical candidates lower; the "
+        "study's runs before this setting); or unbiased (two independent draws of B/2 codes each, the inner "
+        "product of their two residuals: its expectation is the full residual; one estimate can be negative).")
 
 
 class TrainConfig(_Section):
@@ -222,6 +302,14 @@ class TrainConfig(_Section):
                                "0 = epochs alone.")
     compile: bool = Field(False, description="torch.compile the generator (a GPU switch; off by default: the "
                           "compile time does not pay back on a CPU-sized run).")
+    lambda_lr: float | None = Field(None, gt=0, description="Learning rate of the KKT multipliers for the generator "
+                                    "inverter, a separate Adam parameter group (default: lr, one group); the direct "
+                                    "inverter's is direct.lambda_lr.")
+    distill_steps: int = Field(0, ge=0, description="generator.distill_from: at most this many Adam steps (lr) of "
+                               "the MSE distillation before the first epoch; it stops early once every target is "
+                               "matched at distill_ssim. Not counted in train_seconds (distill_seconds).")
+    distill_ssim: float = Field(0.9, gt=0, le=1, description="generator.distill_from: SSIM of G(bank_z)_i to its "
+                                "target at which the target counts as matched (distill_matched_frac).")
 
 
 class DirectConfig(_Section):
@@ -242,6 +330,12 @@ class DirectConfig(_Section):
 
 class EvalConfig(_Section):
     per_class: int = Field(100, ge=2, description="Generated evaluation images per class (hot conditioning).")
+    generator_images: Literal["sample", "bank"] = Field(
+        "sample", description="The generator's scored images: sample (per_class images per class from fresh "
+        "latents, dropout as sample_dropout), or bank (G(bank_z), the M fixed codes that the kkt term acts on, "
+        "dropout off: the candidates the objective shapes, as the direct inverter's bank). With bank, the "
+        "sample's diversity and accuracies are logged as sample_diversity, sample_evaluator_acc, "
+        "sample_target_acc (with sample they equal diversity, evaluator_acc, target_acc).")
     latent_seed: int = seed_field(1234, "Seed of the fixed evaluation latents (and dropout masks).")
     sample_dropout: bool = Field(
         True, description="Keep the generator's Dropout2d active when sampling the evaluation set "
@@ -316,6 +410,12 @@ class TrialConfig(_Section):
                                  f"beside the training subset and the negative control's; at data.train_size "
                                  f"{self.data.train_size} the smallest {self.data.dataset} class leaves {max(room, 0)}: "
                                  f"use data.train_size <= {largest} or center_mean: own")
+        if self.generator.distill_from and self.inverter != "generator":
+            raise ValueError("generator.distill_from: distils into the generator's bank, but inverter is "
+                             f"{self.inverter}; use inverter: generator or leave distill_from unset")
+        if self.generator.distill_from and not self.train.distill_steps:
+            raise ValueError("generator.distill_from: train.distill_steps is 0, so nothing would be distilled; "
+                             "give train.distill_steps > 0 (e.g. 500)")
         return self
 
 
@@ -327,6 +427,8 @@ def _format_error(err: ValidationError) -> str:
         section = _section_at(first["loc"][:-1])
         allowed = ", ".join(section.model_fields) if section else ""
         return f"{loc}: unknown key; allowed here: {allowed}"
+    if first["type"] in NUMBER_ERRORS:
+        return f"{loc}: {msg}"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
         # model validators report at the section level: their message already names the field

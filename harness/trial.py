@@ -19,7 +19,7 @@ from harness.cache import CacheEntry, cache_dir
 from harness.science.classifiers import pretrained_classifier, pretrained_evaluator, smoothed_relu
 from harness.config import TrialConfig
 from harness.science.data import NUM_CLASSES, DATASETS, heldout_set, train_subset
-from harness.science.inverters import build_inverter
+from harness.science.inverters import GeneratorInverter, build_inverter, load_targets
 from harness.science.losses import build_loss_terms
 from harness.science.metrics import Evaluation, Evaluator, reference_points
 
@@ -85,6 +85,13 @@ class Trial:
         self.resumed = False
         self.last_evaluation: Evaluation | None = None
         self.evaluated_epoch = 0  # the epoch `last_evaluation` measured
+        # generator.distill_from: the targets, the bank code each is distilled into, and how it went
+        self.distill_targets: torch.Tensor | None = None
+        self.distill_codes: torch.Tensor | None = None
+        self.distill_info: dict[str, float] = {}
+        if cfg.generator.distill_from and isinstance(self.inverter, GeneratorInverter):
+            self.distill_targets, labels = load_targets(cfg.generator.distill_from)
+            self.distill_codes = self.inverter.codes_for(labels)
 
     @property
     def classifier_metrics(self) -> dict[str, float]:
@@ -102,6 +109,8 @@ class Trial:
         """One epoch of generator steps; returns the mean of each term and of the total loss."""
         if self.cfg.fault == "raise_once" and self.epoch == 2 and not self.resumed:
             raise InjectedFault("injected fault (fault: raise_once) at epoch 3")
+        if self.distill_targets is not None and self.epoch == 0 and not self.distill_info:
+            self.distill()
         self.inverter.train()
         sums = {name: 0.0 for name in self.terms} | {"loss": 0.0}
         steps = self.cfg.train.steps_per_epoch
@@ -145,9 +154,47 @@ class Trial:
         return self.inverter.eval_images()
 
     def evaluate(self) -> Evaluation:
-        self.last_evaluation = self.evaluator(*self.generate_eval_images())
+        evaluation = self.evaluator(*self.generate_eval_images())
+        evaluation.metrics.update(self.inverter_metrics(evaluation.metrics))
+        self.last_evaluation = evaluation
         self.evaluated_epoch = self.epoch
         return self.last_evaluation
+
+    def inverter_metrics(self, scored: dict[str, float]) -> dict[str, float]:
+        """What an evaluation adds beside the scored images' metrics: the generator's fresh-latent
+        sample (sample_*; the scored values themselves when the sample is what is scored), the kkt
+        term's residual over its whole bank (kkt_residual_bank, under the classifier's smoothing as in
+        training) and, after a distillation, how many of its targets the bank still matches."""
+        out: dict[str, float] = {}
+        if isinstance(self.inverter, GeneratorInverter):
+            if self.cfg.eval.generator_images == "bank":
+                out.update(self.evaluator.sample_metrics(*self.inverter.sample_images()))
+            else:
+                out.update(sample_diversity=scored["diversity"], sample_evaluator_acc=scored["evaluator_acc"],
+                           sample_target_acc=scored["target_acc"])
+        if "kkt" in self.terms:
+            with smoothed_relu(self.classifier, self.cfg.train.relu_alpha):
+                out["kkt_residual_bank"] = self.terms["kkt"].bank_residual()
+        if self.distill_targets is not None:
+            out.update(self.distill_match())
+        return out
+
+    def distill(self) -> None:
+        """generator.distill_from: fit the bank codes to their targets before the first epoch."""
+        start = time.perf_counter()
+        info = self.inverter.distill(self.distill_targets, self.distill_codes, self.cfg.train.distill_steps,
+                                     self.cfg.train.distill_ssim)
+        self.distill_info = {**info, "distill_seconds": time.perf_counter() - start}
+
+    @torch.no_grad()
+    def distill_match(self) -> dict[str, float]:
+        """SSIM of each distilled target's code image G(bank_z)_i (as generated) to the target."""
+        from harness.science.metrics import paired_ssim
+
+        images = self.inverter.kkt_images(self.distill_codes).float().cpu()
+        ssim = paired_ssim(images, self.distill_targets)
+        return {"distill_matched_frac": (ssim >= self.cfg.train.distill_ssim).float().mean().item(),
+                "distill_ssim_mean": ssim.mean().item(), **self.distill_info}
 
     def step(self, evaluate: bool = False) -> dict[str, float]:
         """Train one epoch, evaluate when due (or when `evaluate`, e.g. at an epoch whose outputs
@@ -199,6 +246,8 @@ class Trial:
                  "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
                  "torch_rng": torch.get_rng_state(), "epoch": self.epoch, "history": self.history,
                  "train_seconds": self.train_seconds}
+        if self.distill_info:
+            state["distill"] = dict(self.distill_info)
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -215,6 +264,7 @@ class Trial:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.epoch, self.history = state["epoch"], list(state["history"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.distill_info = dict(state.get("distill", {}))
         self.last_evaluation, self.evaluated_epoch = None, 0  # of the run before; the next step evaluates
         self.resumed = True
 

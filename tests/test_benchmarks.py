@@ -89,6 +89,16 @@ def test_asha_benchmark(tmp_path, ray_address):
     assert all(a["peak_rss_ray_worker_mb"] > 100 for a in arms.values())  # the sampler saw the Ray workers
 
 
+@pytest.mark.sweep
+def test_disk_benchmark(tmp_path, ray_address):
+    fig = bench("disk", tmp_path, "--address", ray_address)
+    before, after = fig["before"], fig["after"]
+    assert fig["trials"] == 6 and fig["checkpoints_removed"] >= fig["trials"]  # every trial's checkpoints went
+    assert after["runs_with_weights"] == 1 and after["weights_mb"] > 0  # the best trial's, in MLflow
+    assert 0 < after["ray_mb_per_trial"] < before["ray_mb_per_trial"]
+    assert after["ray_peak_mb"] >= after["ray_mb"]
+
+
 def test_memory_benchmark(tmp_path):
     # the sweep half is the smoke sweep plus the sampler that test_sweep_overhead_benchmark runs
     fig = bench("memory", tmp_path, "--no-sweep")
@@ -164,9 +174,56 @@ def test_rescale_rules_benchmark(tmp_path):
     fig = bench("rescale_rules", tmp_path)
     (run,) = fig["runs"].values()
     assert set(run) == {"min", "0.02", "now"}
-    for m in run.values():
+    for m in run.values():  # the known answers are in the test below, on a hand-built bank
         assert m["candidates"] == 40 and 0 <= m["at_origin"] <= 40
-        assert m["coverage_gap"] == pytest.approx(m["train_coverage"] - m["heldout_coverage"], abs=1e-6)
+        assert all(0 <= m[k] <= 1 for k in ("train_coverage", "heldout_coverage"))
+
+
+def test_rescale_rules_benchmark_on_a_hand_built_bank(tmp_path):
+    """A run folder whose bank is built by hand, scored by the benchmark. Per class, six candidates:
+    o + 0.5 (t − o) for the class's two training images t and its two held-out-side images (each
+    comes back as that image under every rule: stretch 2, see `stretch_to_range`), and twice the
+    origin o with its corner pixel pushed from −1 (o's value there: every MNIST image is 0 in its
+    corners) to −1.5. The rule `min` (no_room 0) lets that pixel, which has no room, fix the stretch at
+    0: at the origin; the other rules leave it out (stretch 1). Both give the image o. So every
+    rule finds every image of both sides, and only `at_origin` tells the rules apart: 20, 0, 0."""
+    import torch
+
+    from harness.config import build_config
+    from harness.trial import Trial
+
+    cfg = build_config({"inverter": "direct", "data": {"train_size": 20},
+                        "classifier": {"arch": "mlp", "widths": [64], "norm": "none", "bias": False, "dropout": 0,
+                                       "center": True, "optimizer": "gd", "steps": 20},
+                        "evaluator": {"epochs": 1}, "eval": {"per_class": 4, "diversity_pairs": 5},
+                        "loss": {"ce": 0, "tv": 0, "bn": 0, "kkt": 1, "pixel": 1},
+                        "direct": {"rescale": "range", "candidates_per_class": 6},
+                        "train": {"epochs": 1, "steps_per_epoch": 3}})
+    trial = Trial(cfg)
+    o = trial.inverter.origin.cpu()
+    assert o[0, 0, 0, 0].item() == -1.0
+    train, held = trial.train_set, trial.evaluator.heldout
+    assert len(train) == len(held) == 20 and not trial.evaluator.capped  # both sides: 2 images per class
+    outlier = o.clone()
+    outlier[0, 0, 0, 0] = -1.5
+    bank = torch.cat([torch.cat([o + 0.5 * (train.images[train.labels == k] - o),
+                                 o + 0.5 * (held.images[held.labels == k] - o), outlier, outlier])
+                      for k in range(10)])
+    assert torch.equal(trial.inverter.labels, torch.arange(10).repeat_interleave(6))
+    with torch.no_grad():
+        trial.inverter.images.copy_(bank)
+    trial.write_outputs(tmp_path / "run")
+    out = tmp_path / "rescale_rules.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rescale_rules.py"), str(tmp_path / "run"),
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"].values()
+    assert {rule: m["at_origin"] for rule, m in run.items()} == {"min": 20, "0.02": 0, "now": 0}
+    for m in run.values():
+        assert m["candidates"] == 60
+        assert m["train_coverage"] == m["heldout_coverage"] == 1.0
+        assert m["coverage_gap"] == m["coverage_gap_strict"] == 0.0
+        assert m["top10_gap"] == pytest.approx(0.0, abs=1e-4)
 
 
 def test_kkt_step_benchmark(tmp_path):

@@ -104,3 +104,74 @@ def test_two_processes_building_one_entry_publish_one_valid_file(tmp_path, use_l
     assert int(CacheEntry(root, "classifier", {"race": 1}).load()["who"]) == winners.pop()
     if use_lock:
         assert sorted(hit for _, _, hit in got) == [False, True]  # one build, one load
+
+
+# --- the cache key follows the code that fills the entry (issue 27, item 4) ---
+
+def _edited(monkeypatch, module: str, old: str, new: str) -> None:
+    """Make the classifier module's fingerprints see `module`'s text with `old` replaced by `new`."""
+    from harness.science import classifiers
+    text = classifiers.SOURCES[module]
+    assert text.count(old) == 1, f"{old!r} is not (once) in {module}: update this test"
+    monkeypatch.setitem(classifiers.SOURCES, module, text.replace(old, new))
+
+
+def _keys(*overrides: list[str]) -> list[str]:
+    from harness.cache import content_key
+    from harness.config import build_config
+    from harness.science.classifiers import classifier_spec
+    return [content_key(classifier_spec(build_config(None, o))) for o in overrides]
+
+
+ADAM, GD = [], ["classifier.optimizer=gd"]
+
+
+def test_changing_the_training_code_changes_the_classifier_key(monkeypatch):
+    before = _keys(ADAM, GD)
+    # the change that once went unnoticed: fit_gd's update (fused or not)
+    _edited(monkeypatch, "harness.science.classifiers", "weight_decay=weight_decay, fused=fused)",
+            "weight_decay=weight_decay, fused=False)")
+    after_fit_gd = _keys(ADAM, GD)
+    assert after_fit_gd[0] != before[0] and after_fit_gd[1] != before[1]
+    # a model's layers, and the subset it is trained on
+    _edited(monkeypatch, "harness.science.classifiers", "nn.Linear(dim, out, bias=bias)", "nn.Linear(dim, out, bias=False)")
+    after_mlp = _keys(ADAM)
+    _edited(monkeypatch, "harness.science.data", "gen = torch.Generator().manual_seed(cfg.subset_seed)\n",
+            "gen = torch.Generator().manual_seed(cfg.subset_seed + 7)\n")
+    after_subset = _keys(ADAM)
+    assert len({before[0], after_fit_gd[0], after_mlp[0], after_subset[0]}) == 4
+
+
+def test_the_kkt_code_counts_only_where_pretraining_measures_stationarity(monkeypatch):
+    before = _keys(ADAM, GD)
+    _edited(monkeypatch, "harness.science.kkt", "best = min(best, r.item())", "best = min(best, 2 * r.item())")
+    after = _keys(ADAM, GD)
+    assert after[0] == before[0]  # adam: no stationarity stored with the classifier
+    assert after[1] != before[1]  # gd: kkt_residual_train / _heldout are part of the entry
+
+
+def test_the_evaluator_key_changes_with_its_training_code(monkeypatch):
+    from harness.cache import content_key
+    from harness.config import build_config
+    from harness.science.classifiers import evaluator_spec
+    before = content_key(evaluator_spec(build_config()))
+    _edited(monkeypatch, "harness.science.classifiers", "nn.Dropout(0.3), nn.Linear(64 * 7 * 7",
+            "nn.Dropout(0.5), nn.Linear(64 * 7 * 7")
+    assert content_key(evaluator_spec(build_config())) != before
+
+
+def test_the_code_fingerprint_ignores_docstrings_comments_layout_and_position():
+    from harness.cache import code_fingerprint
+    code = ('"""module"""\nimport torch\n\n\ndef fit(x, lr):\n    """Doc."""\n    # a comment\n'
+            '    return x - lr * (x)\n\n\nTABLE = {"a": lambda c: fit(c, 1)}\n')
+    names = {"m": ("fit", "TABLE")}
+    reworded = ('"""another module docstring"""\nimport os\nimport torch\n\n# moved down, re-documented\n\n\n'
+                'TABLE = {\n    "a": lambda c: fit(c, 1),  # why\n}\n\n\n'
+                'def fit(x,\n        lr):\n    """Another docstring, other lines."""\n    return x - lr * x\n')
+    changed = code.replace("x - lr * (x)", "x + lr * (x)")
+    base = code_fingerprint(names, {"m": code})
+    assert code_fingerprint(names, {"m": reworded}) == base
+    assert code_fingerprint(names, {"m": changed}) != base
+    assert code_fingerprint(names, {"m": code.replace('fit(c, 1)', 'fit(c, 2)')}) != base  # an assignment counts
+    with pytest.raises(KeyError, match="renamed"):
+        code_fingerprint({"m": ("fit_gd",)}, {"m": code})

@@ -184,8 +184,32 @@ def test_train_and_heldout_sides_have_equal_size_and_balance():
     beyond[ev.train_side_index] = False
     extra = ev(train.images[beyond][:200], train.labels[beyond][:200]).metrics
     assert extra["ssim_nn_train_mean"] == pytest.approx(1.0)
-    assert extra["ssim_nn_train_side_mean"] < 0.95
-    assert extra["memorization_gap"] == pytest.approx(extra["ssim_nn_train_side_mean"] - extra["ssim_nn_test_mean"])
+    assert extra["ssim_nn_train_side_mean"] < 0.95  # the gap's known answer: the test below
+
+
+def test_memorization_gap_compares_the_capped_training_side_with_the_heldout_side():
+    """Constant images, whose SSIM has a closed form: (2ab + C1) / (a² + b² + C1), C1 = (0.01 · 2)²,
+    the structure term 1. Per class, training images at 0.25 and 0.5 and one held-out image at −0.5:
+    both sides are capped at one image per class, the training side being the first (0.25). The
+    candidates, at 0.5, are training images beyond the cap."""
+    c1 = (0.01 * 2.0) ** 2
+
+    def ssim(a, b):
+        return (2 * a * b + c1) / (a * a + b * b + c1)
+
+    def constant(levels):
+        return Split(torch.tensor(levels * K, dtype=torch.float32)[:, None, None, None].expand(-1, 1, 28, 28).clone(),
+                     torch.arange(K).repeat_interleave(len(levels)))
+
+    train, held, candidates = constant([0.25, 0.5]), constant([-0.5]), constant([0.5])
+    judge = TinyJudge().eval()
+    ev = Evaluator(EvalConfig(topk=3, diversity_pairs=10), train, held, judge, judge, {"ref_heldout_diversity": 0.8})
+    assert ev.capped and ev.side_per_class == 1
+    m = ev(candidates.images, candidates.labels).metrics
+    assert m["ssim_nn_train_mean"] == pytest.approx(1.0, abs=1e-4)  # every candidate is a training image
+    assert m["ssim_nn_train_side_mean"] == pytest.approx(ssim(0.5, 0.25), abs=1e-4)  # 0.8003
+    assert m["ssim_nn_test_mean"] == pytest.approx(ssim(0.5, -0.5), abs=1e-4)  # -0.9984
+    assert m["memorization_gap"] == pytest.approx(ssim(0.5, 0.25) - ssim(0.5, -0.5), abs=2e-4)  # 1.7987
 
 
 def test_negative_control_subset_is_disjoint_and_balanced():
@@ -524,6 +548,77 @@ def test_kkt_residual_gram_form_equals_its_definition(arch, margin, layers):
             out.append((r.item(), *torch.autograd.grad(r, [x, a])))
     (r_gram, gx_gram, ga_gram), (r_def, gx_def, ga_def) = out
     assert r_def > 0.01
+    assert r_gram == pytest.approx(r_def, rel=1e-5)
+    assert torch.allclose(gx_gram, gx_def, rtol=1e-4, atol=1e-4 * gx_def.abs().max().item())
+    assert torch.allclose(ga_gram, ga_def, rtol=1e-4, atol=1e-4 * ga_def.abs().max().item())
+
+
+def _kkt_residual_by_definition(model, theta, x, y, lam, scale):
+    """‖θ − scale · ∇_θ Σ_i λ_i m_i‖² / ‖θ‖² written out here, independently of harness.science.kkt:
+    m_i the own logit minus the largest other one (λ of shape (n,)), or one term per other class j,
+    λ_ij (own − j) (λ of shape (n, K); the own-class entry multiplies own − own = 0)."""
+    from torch.func import functional_call
+    logits, _ = functional_call(model, theta, (x,))
+    own = logits[torch.arange(len(y)), y]
+    if lam.dim() == 1:
+        others = logits.masked_fill(nn.functional.one_hot(y, K).bool(), -math.inf)
+        weighted = (lam * (own - others.max(1).values)).sum()
+    else:
+        weighted = (lam * (own[:, None] - logits)).sum()
+    params = list(theta.values())
+    grads = torch.autograd.grad(scale * weighted, params, create_graph=True)
+    return sum((p - g).pow(2).sum() for p, g in zip(params, grads)) / sum(p.pow(2).sum() for p in params)
+
+
+@pytest.mark.parametrize("margin, bias, layers, rows, by_gram", [
+    # the max margin (loss.kkt_margin: max, the default) through the hidden layers; the head (32 x 10)
+    # is formed explicitly at 12 candidates
+    ("max", False, 0, 12, {"model.body.1", "model.body.3"}),
+    # a head layer by the Gram form: 4 candidates x (32 + 10) < 32 x 10
+    ("max", False, 1, 4, {"model.head"}),
+    ("all", False, 1, 4, {"model.head"}),
+    # layers with bias, the head among them, by the Gram form (the bias part ‖b − Σ_i D_i‖²)
+    ("max", True, 0, 4, {"model.body.1", "model.body.3", "model.head"}),
+    ("all", True, 1, 4, {"model.head"}),
+    # a hidden layer with bias by the Gram form, its head formed explicitly
+    ("all", True, 2, 12, {"model.body.3"}),
+])
+def test_kkt_residual_gram_form_equals_its_definition_where_used(margin, bias, layers, rows, by_gram):
+    """The Gram form on the cases it serves (the max margin, a head layer, layers with bias), on a
+    tiny centred MLP: the residual, and its gradients with respect to the candidates and the
+    multipliers, equal those of the residual formed by its definition (written out in this test)."""
+    from harness.science.classifiers import smoothed_relu
+    cfg = build_config(None, ["classifier.arch=mlp", "classifier.widths=[64,32]", f"classifier.bias={str(bias).lower()}",
+                              "classifier.norm=none", "classifier.dropout=0", "classifier.activation=relu",
+                              "classifier.center=true"])
+    torch.manual_seed(3)
+    model = build_classifier(cfg.classifier, 0.1 * torch.randn(1, 28, 28)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if bias:  # nonzero biases, of the weights' size, so that their part of the residual counts
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.bias.copy_(m.weight.abs().mean() * torch.randn(m.out_features).sign())
+    x = (0.5 * torch.randn(rows, 1, 28, 28)).requires_grad_(True)
+    y = torch.arange(rows) % K
+    a = (torch.rand(rows, K) if margin == "all" else torch.rand(rows)).requires_grad_(True)
+    out = []
+    with smoothed_relu(model, 20.0):
+        # the scale at which ‖scale · G‖ = ‖θ‖, so that neither side of θ − scale · G dominates:
+        # r(s) + r(−s) = 2 + 2 s² ‖G‖² / ‖θ‖²
+        ends = [_kkt_residual_by_definition(model, theta_params(model, layers), x, y, a.pow(2), s).item()
+                for s in (1.0, -1.0)]
+        scale = (sum(ends) / 2 - 1) ** -0.5
+        for fn in (kkt_residual, _kkt_residual_by_definition):
+            theta = theta_params(model, layers)
+            r = fn(model, theta, x, y, a.pow(2), scale)
+            grads = torch.autograd.grad(r, [x, a, *theta.values()], allow_unused=True)
+            out.append((r.item(), grads[0], grads[1]))
+            if fn is kkt_residual:  # the Gram form takes no gradient with respect to W: W is not in its graph
+                gram = {name.rsplit(".", 1)[0] for name, g in zip(theta, grads[2:]) if g is None}
+                assert gram == by_gram
+    (r_gram, gx_gram, ga_gram), (r_def, gx_def, ga_def) = out
+    assert r_def > 0.05 and abs(r_def - 1) > 0.05  # the multipliers' side counts, and does not cancel θ
     assert r_gram == pytest.approx(r_def, rel=1e-5)
     assert torch.allclose(gx_gram, gx_def, rtol=1e-4, atol=1e-4 * gx_def.abs().max().item())
     assert torch.allclose(ga_gram, ga_def, rtol=1e-4, atol=1e-4 * ga_def.abs().max().item())

@@ -304,6 +304,55 @@ def test_enough_seeds_decide_a_count_claim(tmp_path):
     check_claim_decidable(load_sweep(write(tmp_path, sweep_text(claim={**COUNT_CLAIM, "metric": "diversity"}))), 2)
 
 
+def test_sweep_refuses_a_count_claim_its_trials_cannot_decide(place, capsys):
+    # budget.num_samples 2 per variant: the smallest attainable p is 1 / C(4, 2) = 0.167
+    file = write(place, sweep_text(claim=COUNT_CLAIM))
+    line = refused(["sweep", str(file), "--out", str(place / "out")], place, capsys,
+                   "budget.num_samples", "collapsed", "0.167", "at least 4", "--set budget.num_samples=4")
+    assert "0.0143" in line  # 1/70 at 4 trials
+    refused(["sweep", str(file), "--out", str(place / "out"), "--set", "budget.num_samples=3"], place, capsys,
+            "budget.num_samples", "smallest attainable p is 0.05")
+
+
+def test_enough_trials_decide_a_count_claim_in_a_sweep(tmp_path):
+    from harness.cli import check_claim_decidable
+
+    sweep = load_sweep(write(tmp_path, sweep_text(claim=COUNT_CLAIM, budget={"num_samples": 4})))
+    check_claim_decidable(sweep, sweep.budget.num_samples, sweep_trials=True)
+    with pytest.raises(ConfigError, match="budget.num_samples"):
+        check_claim_decidable(sweep, 3, sweep_trials=True)
+    # a claim on an averaged metric is decided by the interval of the difference, not by counts
+    check_claim_decidable(load_sweep(write(tmp_path, sweep_text(claim={**COUNT_CLAIM, "metric": "diversity"}))), 2,
+                          sweep_trials=True)
+
+
+EQUIVALENCE_CLAIM = {"statement": "pooling does not change diversity", "metric": "diversity", "greater": "pool=avg",
+                     "lesser": "pool=max", "margin": 0.05}
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"margin": 0}, "claim.margin"),
+    ({"margin": -0.05}, "claim.margin"),
+    ({"margin": float("inf")}, "claim.margin"),
+    ({"margin": float("nan")}, "claim.margin"),
+    ({"margin": "wide"}, "claim.margin"),
+    ({"lesser": None, "reference": "ref_blank_ssim"}, "give lesser, not reference"),
+    ({"metric": "collapsed"}, "collapsed is a count"),
+])
+def test_equivalence_claim_margin_is_checked(tmp_path, changes, words):
+    claim = {k: v for k, v in {**EQUIVALENCE_CLAIM, **changes}.items() if v is not None}
+    with pytest.raises(ConfigError, match="margin") as err:
+        load_sweep(write(tmp_path, sweep_text(claim=claim)))
+    assert words in str(err.value), str(err.value)
+
+
+def test_equivalence_claim_margin_reaches_the_study(tmp_path):
+    sweep = load_sweep(write(tmp_path, sweep_text(claim=EQUIVALENCE_CLAIM)))
+    assert sweep.claim.margin == 0.05
+    assert load_sweep(write(tmp_path, sweep_text(claim={**EQUIVALENCE_CLAIM, "margin": None}))).claim.margin is None
+    assert load_sweep(write(tmp_path, sweep_text(claim=EQUIVALENCE_CLAIM)), ["claim.margin=0.1"]).claim.margin == 0.1
+
+
 def test_shipped_studies_are_decidable_at_their_own_seeds():
     from harness.cli import check_claim_decidable
     from tests.conftest import REPO
@@ -311,6 +360,7 @@ def test_shipped_studies_are_decidable_at_their_own_seeds():
     for path in sorted((REPO / "search_spaces").glob("*.yaml")):
         sweep = load_sweep(path)
         check_claim_decidable(sweep, sweep.confirm_seeds)
+        check_claim_decidable(sweep, sweep.budget.num_samples, sweep_trials=True)  # harness sweep FILE
     perturbation = load_sweep(REPO / "search_spaces" / "perturbation.yaml")  # a claim on collapsed
     assert perturbation.confirm_seeds >= 4
     with pytest.raises(ConfigError, match="at least 4"):
@@ -345,3 +395,161 @@ def test_resume_record_known_answers(tmp_path):
     write_record(folder, record("study", [1000, 1001]))
     with pytest.raises(ConfigError, match="confirmation seeds"):
         check_resume(folder, record("study", [1000, 1001, 1002]))
+
+
+def test_resume_a_record_made_before_claim_margin_existed(tmp_path):
+    from harness.sweep.files import check_resume, sweep_record, write_record
+
+    file = write(tmp_path, sweep_text(claim=COUNT_CLAIM))
+    now = sweep_record(load_sweep(file), "sweep")
+    assert now["settings"]["claim"]["margin"] is None
+    older = {**now, "settings": {**now["settings"], "claim": {k: v for k, v in now["settings"]["claim"].items()
+                                                              if k != "margin"}}}
+    folder = tmp_path / "out"
+    folder.mkdir()
+    write_record(folder, older)
+    check_resume(folder, now)  # an optional setting added since, left unset: the same sweep
+    with pytest.raises(ConfigError, match="claim.margin differs"):
+        check_resume(folder, sweep_record(load_sweep(file, ["claim.metric=diversity", "claim.margin=0.1"]), "sweep"))
+
+
+# -- issue 28: --set on a variant the file does not name -------------------------------------------
+NAMED = {"full": None, "no_kkt": {"loss.kkt": 0}, "no_bn": {"loss.bn": 0}}
+
+
+@pytest.mark.parametrize("command", ["sweep", "ablate"])
+def test_set_on_a_variant_the_file_does_not_name(command, place, capsys):
+    file = write(place, sweep_text(axes=None, variants=NAMED))
+    line = refused([command, str(file), "--out", str(place / "out"), "--set", "variants.nobn.loss.bn=0.5"],
+                   place, capsys, "variants.nobn", "not a variant")
+    assert all(name in line.split("its variants are")[1] for name in NAMED)
+    file = write(place, sweep_text())  # axes, no named variants
+    refused([command, str(file), "--out", str(place / "out"), "--set", "variants.x.y=1"], place, capsys,
+            "variants.x", "no named variants")
+
+
+def test_set_on_a_variant_the_file_names_still_works(tmp_path):
+    file = write(tmp_path, sweep_text(axes=None, variants=NAMED))
+    variants = load_sweep(file, ["variants.no_kkt.loss.ce=0.5", "variants.full.loss.cos=2"]).named_variants
+    assert variants == {"full": {"loss.cos": 2}, "no_kkt": {"loss.kkt": 0, "loss.ce": 0.5}, "no_bn": {"loss.bn": 0}}
+
+
+# -- issue 28: every number is a finite number, and true is not one -------------------------------
+@pytest.mark.parametrize("value, words", [("inf", "inf is not a finite number"), (".nan", "nan is not a finite number"),
+                                          ("-.inf", "-inf is not a finite number"), ("true", "true is not a number")])
+def test_run_refuses_a_weight_that_is_not_a_finite_number(value, words, place, capsys):
+    line = refused(["run", "--set", f"loss.kkt={value}", "--out", str(place / "out")], place, capsys, "loss.kkt", words)
+    assert "give a number such as 1.0" in line
+
+
+def test_run_refuses_inf_in_a_config_file(place, capsys):
+    config = write(place, "loss:\n  kkt: .inf\n", "trial.yaml")
+    refused(["run", "--config", str(config), "--out", str(place / "out")], place, capsys,
+            "loss.kkt", "not a finite number")
+    config = write(place, "train:\n  epochs: true\n", "trial.yaml")
+    refused(["run", "--config", str(config), "--out", str(place / "out")], place, capsys,
+            "train.epochs", "not a number", "whole number")
+
+
+@pytest.mark.parametrize("command", ["sweep", "ablate"])
+@pytest.mark.parametrize("text, names", [
+    (sweep_text(base={"train": {"epochs": 4}, "loss": {"kkt": True}}), ("base", "loss.kkt", "true is not a number")),
+    (sweep_text(search={"loss.tv": {"dist": "uniform", "low": 0.0, "high": math.inf}}),
+     ("search.loss.tv.high", "inf is not a finite number")),
+    (sweep_text(budget={"num_samples": True}), ("budget.num_samples", "true is not a number")),
+    (sweep_text(resources={"gpu": math.nan}), ("resources.gpu", "nan is not a finite number")),
+])
+def test_sweep_file_numbers_are_finite_numbers(text, names, command, place, capsys):
+    file = write(place, text)
+    refused([command, str(file), "--out", str(place / "out")], place, capsys, *names)
+    refused([command, str(write(place, sweep_text())), "--out", str(place / "out"), "--set", "base.loss.kkt=inf"],
+            place, capsys, "loss.kkt", "not a finite number")
+
+
+def test_numbers_and_booleans_still_take_their_own_values(tmp_path):
+    from harness.config import build_config
+
+    cfg = build_config({}, ["loss.kkt=1", "loss.tv=0", "train.epochs=3", "classifier.bias=false", "train.amp=true",
+                            "loss.kkt_layers=2", "classifier.widths=[100, 50]", "name=inf"])
+    assert (cfg.loss.kkt, cfg.loss.tv, cfg.train.epochs, cfg.classifier.bias, cfg.train.amp) == (1.0, 0.0, 3, False, True)
+    assert cfg.classifier.widths == [100, 50] and cfg.name == "inf"
+    sweep = load_sweep(write(tmp_path, sweep_text(
+        search={"train.amp": {"dist": "choice", "values": [True, False]},
+                "loss.tv": {"dist": "uniform", "low": 0, "high": 1, "allow_off": True}},
+        resources={"gpu": "auto"}, asha={"enabled": False})))
+    assert sweep.search["train.amp"].values == [True, False] and sweep.resources.gpu == "auto"
+
+
+# -- issue 28: a malformed SQLite URI, and a tracking server that does not answer -----------------
+def sweep_or_reader(command: str, place, uri: str) -> list[str]:
+    if command in ("sweep", "ablate"):
+        return [command, str(write(place, sweep_text())), "--out", str(place / "out"), "--mlflow-uri", uri]
+    if command == "report":
+        return ["report", "--experiment", "x", "--mlflow-uri", uri, "--out", str(place / "out")]
+    return ["compare", "0123abcd", "--mlflow-uri", uri]
+
+
+@pytest.mark.parametrize("command", ["sweep", "ablate", "report", "compare"])
+@pytest.mark.parametrize("uri, meant", [("sqlite://relative.db", "sqlite:///relative.db"),
+                                        ("sqlite:relative.db", "sqlite:///relative.db"),
+                                        ("sqlite://", "sqlite:///ABSOLUTE/PATH.db")])
+def test_mlflow_uri_malformed_sqlite(uri, meant, command, place, capsys):
+    refused(sweep_or_reader(command, place, uri), place, capsys, "--mlflow-uri", uri, meant, "three slashes")
+
+
+def test_mlflow_uri_wellformed_sqlite_passes(tmp_path):
+    from harness.records.mlflow_store import check_tracking_uri
+
+    for uri in ("sqlite:///relative.db", f"sqlite:///{tmp_path}/m.db", "sqlite:///runs/x/mlflow.db?mode=ro"):
+        check_tracking_uri(uri)
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("command", ["sweep", "ablate", "report", "compare"])
+def test_mlflow_server_that_does_not_answer_exits_3_at_once(command, place, capsys, no_proxy):
+    from tests.conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    argv = sweep_or_reader(command, place, uri)
+    before = contents(place)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 3, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[:2000]
+    assert uri in lines[0] and "start the server or check --mlflow-uri" in lines[0], lines[0]
+    assert contents(place) == before, "something was written"
+
+
+def test_mlflow_server_that_answers_passes_the_check(no_proxy):
+    """Any HTTP answer passes (here a 404: a server without /health); the check is one request."""
+    import http.server
+    import threading
+
+    from harness.records.mlflow_store import check_server
+
+    asked = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        check_server(f"http://127.0.0.1:{server.server_port}/")
+        check_server(f"http://user:secret@127.0.0.1:{server.server_port}/prefix")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == ["/health", "/prefix/health"]

@@ -250,9 +250,12 @@ def test_median_run_is_the_middle_value():
     def run(value):
         return SimpleNamespace(data=SimpleNamespace(metrics={"m": value}))
     runs = [run(0.9), run(0.1), run(float("nan")), run(0.5)]
-    assert median_run(runs, "m") == (runs[3], 3)
-    assert median_run([*runs, run(0.7)], "m")[0] is runs[3]  # 0.1 0.5 0.7 0.9: the lower middle
-    assert median_run([run(None)], "m") == (None, 0)
+    odd = median_run(runs, "m")  # 0.1 0.5 0.9: 0.5 is the median
+    assert (odd.run, odd.n, odd.median, odd.other) == (runs[3], 3, 0.5, None)
+    even = median_run([*runs, run(0.7)], "m")  # 0.1 0.5 0.7 0.9: the median 0.6 lies between 0.5 and 0.7
+    assert even.run is runs[3] and even.n == 4 and even.median == pytest.approx(0.6)
+    assert even.other.data.metrics["m"] == 0.7
+    assert median_run([run(None)], "m") is None
 
 
 def test_one_run_figures_pick_the_median_by_a_graded_metric():

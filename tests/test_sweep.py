@@ -297,14 +297,20 @@ def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, 
     for k in kids:  # each epoch logged once, also for trials replayed from a checkpoint
         assert [m.step for m in client.get_metric_history(k.info.run_id, "loss")] == list(range(1, 5))
     assert "4 trials (0 failed)" in proc.stdout
-    # every checkpoint was kept while the sweep ran (a snapshot may name any of them); once it ended,
-    # each trial keeps its last
+    # a trial's checkpoints stayed while it could be resumed (a snapshot may name any of them); once it
+    # ended and Tune's saved state recorded so, they went: a finished trial keeps no checkpoint, and the
+    # best trial's weights are in its MLflow run (keep_best 1), none on disk
     # (the killed driver may leave the folder of a trial it had started and the resume drew again)
     trial_dirs = [d for d in (out / "ray" / "all").iterdir() if d.is_dir() and d.name.startswith("run_trial")]
     assert all(len(list(d.glob("checkpoint_*"))) <= 1 for d in trial_dirs)
+    assert not list((out / "ray").rglob("inverter.pt")) and not list((out / "ray").rglob("state.pt"))
     for k in kids:
         own = [d for d in trial_dirs if d.name.startswith(f"run_trial_{k.data.tags['harness.trial_id']}_")]
-        assert len(own) == 1 and len(list(own[0].glob("checkpoint_*"))) == 1, own
+        assert len(own) == 1 and not list(own[0].glob("checkpoint_*")), own
+        assert {"grid.png", "samples.pt", "metrics.json"} <= {a.path for a in client.list_artifacts(k.info.run_id)}
+    best = json.loads((out / "summary.json").read_text())["variants"][0]["best"]
+    with_weights = [k.info.run_id for k in kids if "inverter.pt" in {a.path for a in client.list_artifacts(k.info.run_id)}]
+    assert with_weights == [best["run_id"]]
     # the study kept what the killed driver wrote and holds each trial once, linked to its run
     study = optuna.load_study(study_name="resume/all", storage=f"sqlite:///{db}")
     assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == sorted(

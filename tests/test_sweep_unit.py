@@ -288,3 +288,133 @@ def test_prune_checkpoints_keeps_each_trials_last(tmp_path):
     assert [p.name for p in (exp / "run_trial_c").iterdir()] == ["result.json"]
     assert (exp / "experiment_state.json").exists()
     assert prune_checkpoints(tmp_path / "absent") == 0
+
+
+@pytest.mark.parametrize("result, epoch, outcome, reason", [
+    # the time budget ended it, whatever else held at that epoch (a collapse streak at the stopper's patience)
+    ({"out_of_time": 1.0, "collapse_streak": 3}, 3, "timed_out",
+     "stopped: time budget train.max_seconds reached at epoch 3"),
+    ({"out_of_time": 1.0}, 6, "finished", "completed the epoch budget (6 epochs)"),  # its last epoch anyway
+    ({"out_of_time": 0.0, "train_seconds": 9.0}, 3, "pruned", "pruned by ASHA at epoch 3"),  # the flag decides
+    ({"train_seconds": 2.5}, 2, "timed_out", "stopped: time budget train.max_seconds reached at epoch 2"),
+    ({"train_seconds": 1.5}, 2, "pruned", "pruned by ASHA at epoch 2"),  # under the limit: ASHA's stop
+])
+def test_trial_stopped_by_its_time_budget_is_labelled_so(tmp_path, result, epoch, outcome, reason):
+    """A trial that `train.max_seconds` ended is not ASHA's: the trainable's `out_of_time` flag says
+    so, else the trial's training seconds against its limit (here 2 s)."""
+    from harness.sweep.tracking import MlflowTrialLogger
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    parent = client.create_run(exp).info.run_id
+    logger = MlflowTrialLogger(uri, exp, parent, {"train": {"epochs": 6, "max_seconds": 2.0}}, max_epochs=6,
+                               stopper=CollapseNanStopper(3, 2))
+    trial = types.SimpleNamespace(trial_id="t1", config={}, last_result={}, checkpoint=None)
+    logger.on_trial_result(0, [], trial, {"epoch": epoch, "collapsed": 1.0, "collapse_streak": 0, "score": 0.1,
+                                          **result})
+    logger.on_trial_complete(0, [], trial)
+    run = client.get_run(logger.runs["t1"])
+    assert run.data.tags["harness.stop_reason"] == reason and run.data.tags["harness.outcome"] == outcome
+    assert run.info.status == ("FINISHED" if outcome == "finished" else "KILLED")
+    assert logger.outcomes["t1"] == outcome
+
+
+# -- what a sweep keeps on disk ------------------------------------------------------------------
+def _experiment_state(exp, trials):
+    """An experiment_state-*.json as Tune writes it: per trial its id, status, folder and run
+    metadata, whose (pickled) checkpoint manager records the checkpoint registered last."""
+    import json
+
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    data = []
+    for trial_id, status, folder, checkpoints in trials:
+        meta = _TrainingRunMetadata()
+        meta.checkpoint_manager = _CheckpointManager(CheckpointConfig())
+        for name in checkpoints:
+            meta.checkpoint_manager.register_checkpoint(
+                _TrainingResult(checkpoint=Checkpoint(str(exp / folder / name)), metrics={}))
+        data.append([json.dumps({"trial_id": trial_id, "status": status, "relative_logdir": folder}),
+                     meta.get_json_state()])
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": data}))
+
+
+def _trial_folder(exp, folder, checkpoints, results=()):
+    import json
+
+    (exp / folder).mkdir(parents=True)
+    (exp / folder / "result.json").write_text("".join(json.dumps({"checkpoint_dir_name": c}) + "\n" for c in results))
+    for name in checkpoints:
+        (exp / folder / name).mkdir()
+        (exp / folder / name / "state.pt").write_text("state")
+        (exp / folder / name / "inverter.pt").write_text(f"weights of {folder}/{name}")
+    return exp / folder
+
+
+def _left(exp, folder):
+    return sorted(p.name for p in (exp / folder).iterdir() if p.name != "result.json")
+
+
+def test_prune_keeps_the_checkpoint_tune_recorded_last_not_the_last_name(tmp_path):
+    """A driver killed after a snapshot leaves checkpoints the snapshot never named (checkpoint_000003
+    here); the resumed trial continues from the one Tune recorded (000002). Pruning keeps that one:
+    Tune's experiment state says which, else the trial's result.json; the folder name does not."""
+    from harness.sweep.tune import prune_checkpoints
+
+    exp = tmp_path / "all"
+    stray = ["checkpoint_000001", "checkpoint_000002", "checkpoint_000003"]
+    _trial_folder(exp, "run_trial_a_1", stray)  # errored: resumed from its recorded checkpoint on --resume
+    _trial_folder(exp, "run_trial_b_2", stray, results=["checkpoint_000001", None, "checkpoint_000002"])  # no record
+    _trial_folder(exp, "run_trial_c_3", stray[:2])  # ended, artifacts in MLflow: nothing left to resume
+    _trial_folder(exp, "run_trial_d_4", stray[:2])  # ended, but its artifacts were never logged
+    _experiment_state(exp, [("a", "ERROR", "run_trial_a_1", stray[:2]),
+                            ("c", "TERMINATED", "run_trial_c_3", stray[:2]),
+                            ("d", "TERMINATED", "run_trial_d_4", stray[:1])])
+    assert prune_checkpoints(exp, ended={"c"}) == 2 + 2 + 2 + 1
+    assert _left(exp, "run_trial_a_1") == ["checkpoint_000002"]  # the old rule kept checkpoint_000003
+    assert _left(exp, "run_trial_b_2") == ["checkpoint_000002"]
+    assert _left(exp, "run_trial_c_3") == []
+    assert _left(exp, "run_trial_d_4") == ["checkpoint_000001"]
+
+
+def test_an_ended_trials_checkpoints_go_once_tunes_saved_state_records_its_end(tmp_path):
+    """While the sweep runs: a trial whose end the logger saw keeps its checkpoints until Tune's
+    saved experiment state says TERMINATED (a snapshot from before would resume it from them); then
+    they go, and only a trial that may be the variant's best keeps its weights. At the run's end the
+    best trial's weights go to MLflow and no weights stay on disk."""
+    from harness.sweep.storage import CheckpointKeeper
+
+    exp = tmp_path / "all"
+    ckpts = ["checkpoint_000000", "checkpoint_000001"]
+    for t in "abcd":
+        _trial_folder(exp, f"run_trial_{t}", ckpts)
+    keeper = CheckpointKeeper(exp, "score", "max", keep_best=1)
+    keeper.trial_ended("d", {"epoch": 2, "score": 0.7})
+    keeper.trial_ended("a", {"epoch": 2, "score": 0.5})
+    keeper.trial_ended("b", {"epoch": 2, "score": 0.7})
+    _experiment_state(exp, [(t, "RUNNING", f"run_trial_{t}", ckpts) for t in "abcd"])
+    assert keeper.poll(force=True) == 0 and _left(exp, "run_trial_a") == ckpts  # the snapshot predates their end
+    # Tune's saved state lists trials in no particular order; its trial list (the sweep's rows) in creation order
+    _experiment_state(exp, [(t, "RUNNING" if t == "c" else "TERMINATED", f"run_trial_{t}", ckpts) for t in "dcba"])
+    assert keeper.poll(force=True, trials=[types.SimpleNamespace(trial_id=t) for t in "abcd"]) == 3
+    assert _left(exp, "run_trial_a") == []  # b ranks above it: not the best
+    assert _left(exp, "run_trial_d") == []  # as good as b, but later in Tune's order: the summary picks b
+    assert _left(exp, "run_trial_b") == ["inverter.pt"]
+    assert (exp / "run_trial_b" / "inverter.pt").read_text() == "weights of run_trial_b/checkpoint_000001"
+    assert _left(exp, "run_trial_c") == ckpts  # still running: untouched
+    keeper.trial_ended("c", {"epoch": 2, "score": 0.9})  # c ends, better than b: b's weights go
+    _experiment_state(exp, [(t, "TERMINATED", f"run_trial_{t}", ckpts) for t in "abcd"])
+    assert keeper.poll(force=True) == 1
+    assert _left(exp, "run_trial_b") == [] and _left(exp, "run_trial_c") == ["inverter.pt"]
+    _trial_folder(exp, "run_trial_e", ckpts)  # errored: --resume resumes it from what Tune recorded last
+    _experiment_state(exp, [(t, "TERMINATED", f"run_trial_{t}", ckpts) for t in "abcd"]
+                      + [("e", "ERROR", "run_trial_e", ckpts[:1])])
+    logged = []
+    keeper.settle([("c", "run-c")], lambda run_id, path: logged.append((run_id, path.read_text())) or True,
+                  ended={"a", "b", "c", "d"})
+    assert logged == [("run-c", "weights of run_trial_c/checkpoint_000001")]
+    assert all(_left(exp, f"run_trial_{t}") == [] for t in "abcd")
+    assert _left(exp, "run_trial_e") == ["checkpoint_000000"]

@@ -4,8 +4,14 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import pytest
+import math
 
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from harness.records.differences import (difference_kind, equivalence, paired_difference, seeds_for_power, sign_flip_p,
+                                         welch_difference)
 from harness.records.results import MeanCI, mean_ci
 from harness.report.verdicts import (averaged_runs, claim_verdict, control_reading, exclusion, verdict_kind,
                               yardstick)
@@ -16,29 +22,187 @@ PARAMS = {"claim.statement": "avg leaks more than max", "claim.metric": "ssim_nn
           "claim.greater": "pool=avg", "claim.lesser": "pool=max", "claim.reference": "None"}
 
 
-def _stats(avg, mx):
-    return {"pool=avg": {"ssim_nn_train_mean": MeanCI(*avg, 3)}, "pool=max": {"ssim_nn_train_mean": MeanCI(*mx, 3)}}
+def _by_seed(avg, mx, avg_seeds=(1000, 1001, 1002, 1003), mx_seeds=(1000, 1001, 1002, 1003)):
+    """Stats and per-seed values of both variants, as `harness.report.write` passes them."""
+    stats = {"pool=avg": {"ssim_nn_train_mean": mean_ci(avg)}, "pool=max": {"ssim_nn_train_mean": mean_ci(mx)}}
+    return stats, {"pool=avg": list(zip(avg_seeds, avg)), "pool=max": list(zip(mx_seeds, mx))}
 
 
 @pytest.mark.parametrize("avg, mx, verdict", [
-    ((0.30, 0.25, 0.35), (0.10, 0.05, 0.15), "**supported**"),
-    ((0.10, 0.05, 0.15), (0.30, 0.25, 0.35), "**not supported** (the opposite holds)"),
-    # the means differ but the intervals overlap: no verdict either way
-    ((0.30, 0.20, 0.40), (0.25, 0.15, 0.35), "**inconclusive**"),
-    ((0.25, 0.20, 0.40), (0.30, 0.15, 0.35), "**inconclusive**"),
-    # intervals that touch do not separate
-    ((0.30, 0.25, 0.35), (0.20, 0.15, 0.25), "**inconclusive**"),
+    ((0.30, 0.33, 0.32), (0.10, 0.11, 0.14), "**supported**"),  # differences 0.20, 0.22, 0.18
+    ((0.10, 0.11, 0.14), (0.30, 0.33, 0.32), "**not supported** (the opposite holds)"),
+    # the means differ but the differences 0.10, -0.10, 0.05 straddle 0: no verdict either way
+    ((0.30, 0.20, 0.35), (0.20, 0.30, 0.30), "**inconclusive**"),
+    # the separate intervals overlap ([0.23, 0.54] and [0.07, 0.20] at seeds that share an offset), the
+    # paired differences 0.10, 0.20, 0.15 do not: the difference is what the claim is about
+    ((0.30, 0.45, 0.40), (0.20, 0.25, 0.25), "**supported**"),
 ])
 def test_claim_between_variants(avg, mx, verdict):
-    text = claim_verdict(PARAMS, _stats(avg, mx), {})
+    stats, values = _by_seed(avg, mx, (1000, 1001, 1002), (1000, 1001, 1002))
+    text = claim_verdict(PARAMS, stats, {}, values)
     assert text.startswith(verdict + ":") or text.startswith(verdict + " "), text
-    assert "n=3" in text
+    assert "n=3" in text and "paired by seed over 3 seeds" in text
+
+
+# the pooling example: greater and lesser at the same seeds 1000-1003
+POOL_G, POOL_L = (0.30, 0.50, 0.45, 0.30), (0.10, 0.20, 0.15, 0.20)
+
+
+def test_paired_difference_known_answer():
+    d = [g - l for g, l in zip(POOL_G, POOL_L)]  # 0.20, 0.30, 0.30, 0.10
+    sd = (sum((x - 0.225) ** 2 for x in d) / 3) ** 0.5  # sqrt(0.0275 / 3) = 0.0957
+    half = sps.t.ppf(0.975, 3) * sd / 2  # 3.182 x 0.0957 / sqrt(4) = 0.152
+    diff = paired_difference(POOL_G, POOL_L)
+    assert diff.test == "paired" and diff.n1 == diff.n2 == 4 and diff.df == 3
+    assert diff.effect == pytest.approx(0.225)
+    assert (diff.low, diff.high) == pytest.approx((0.225 - half, 0.225 + half))
+    assert (round(float(diff.low), 2), round(float(diff.high), 2)) == (0.07, 0.38)
+    assert diff.p == pytest.approx(2 / 16)  # all four positive: that pattern and its mirror of 16
+    assert difference_kind(diff) == "supported"
+    # the old rule, separate intervals that do not overlap, would not say it: they overlap
+    g, l_ = mean_ci(POOL_G), mean_ci(POOL_L)
+    assert g.low < l_.high
+    stats_, values = _by_seed(POOL_G, POOL_L)
+    text = claim_verdict(PARAMS, stats_, {}, values)
+    assert text.startswith("**supported**: avg leaks more than max. ssim_nn_train_mean: pool=avg 0.388 ± 0.164 (n=4) "
+                           "vs pool=max 0.163 ± 0.076 (n=4)"), text
+    assert ("paired by seed over 4 seeds both ran: mean 0.225, 95% CI [0.073, 0.377] (Student t, 3 df); sign-flip "
+            "permutation p = 0.125 (exact, all 16 sign patterns; the smallest attainable with 4 pairs is 0.125)") in text
+    # effect / sd = 2.35: TTestPower solves 80% power at n = 3.6, rounded up
+    assert "80% power at this effect and spread (sd of the differences 0.096) takes about 4 paired seeds" in text
+
+
+def test_sign_flip_p_known_answers():
+    # 0.1, 0.2, 0.3, -0.05: |sum| 0.55; of the 16 patterns those with |sum| >= 0.55 are (+ + + -),
+    # (+ + + +) = 0.65 and their mirrors: 4 of 16
+    assert sign_flip_p([0.1, 0.2, 0.3, -0.05]) == pytest.approx(4 / 16)
+    assert sign_flip_p([0.0, 0.0, 0.0]) == 1.0
+    assert sign_flip_p([0.1] * 8) == pytest.approx(2 / 256)  # the design notes' smallest p at n = 8
+    # above 16 pairs a fixed-seed sample of 100,000 patterns: within Monte Carlo error of the exact p
+    d = np.random.default_rng(3).normal(0.3, 1.0, 17)
+    exact = sign_flip_p(d, exact_limit=17)
+    sampled = sign_flip_p(d)
+    assert abs(sampled - exact) < 4 * (exact * (1 - exact) / 100_000) ** 0.5 + 1e-5
+    assert sign_flip_p(d) == sampled  # the same seed, the same p
+    # vectorised over simulated studies: row by row the same
+    rows = np.random.default_rng(4).normal(size=(5, 6))
+    assert np.allclose(sign_flip_p(rows), [sign_flip_p(r) for r in rows])
+
+
+def test_welch_difference_known_answer():
+    # the pooling numbers at seeds that differ: nothing to pair
+    v1, v2 = np.var(POOL_G, ddof=1), np.var(POOL_L, ddof=1)  # 0.009792 and 0.002292
+    se = (v1 / 4 + v2 / 4) ** 0.5  # 0.0568
+    df = se ** 4 / ((v1 / 4) ** 2 / 3 + (v2 / 4) ** 2 / 3)  # Welch-Satterthwaite: 4.24
+    half = sps.t.ppf(0.975, df) * se
+    diff = welch_difference(POOL_G, POOL_L)
+    assert diff.test == "welch" and (diff.n1, diff.n2) == (4, 4)
+    assert diff.effect == pytest.approx(0.225) and diff.df == pytest.approx(df)
+    assert (diff.low, diff.high) == pytest.approx((0.225 - half, 0.225 + half))
+    assert diff.p == pytest.approx(2 * sps.t.sf(0.225 / se, df))
+    assert diff.sd == pytest.approx(((v1 + v2) / 2) ** 0.5)  # the pooled sd
+    stats_, values = _by_seed(POOL_G, POOL_L, mx_seeds=(2000, 2001, 2002, 2003))
+    text = claim_verdict(PARAMS, stats_, {}, values)
+    assert text.startswith("**supported**"), text
+    assert ("difference of means pool=avg − pool=max, unpaired (Welch's t; fewer than 3 seeds ran once on both "
+            "sides): 0.225, 95% CI [0.071, 0.379] (Welch, 4.2 df); Welch p = 0.015; n = 4 and 4 runs") in text
+    assert "takes about 4 seeds per variant" in text
+
+
+def test_verdict_pairs_the_shared_seeds_and_falls_back_to_welch():
+    # four shared seeds and one run of pool=avg without a partner: paired over the four
+    stats_, values = _by_seed((*POOL_G, 0.9), POOL_L, avg_seeds=(1000, 1001, 1002, 1003, 1004))
+    text = claim_verdict(PARAMS, stats_, {}, values)
+    assert "paired by seed over 4 seeds both ran (1 run without a partner left out): mean 0.225" in text
+    # two shared seeds are too few to pair: Welch over every run
+    stats_, values = _by_seed(POOL_G, POOL_L, mx_seeds=(1000, 1001, 2002, 2003))
+    assert "unpaired (Welch's t" in claim_verdict(PARAMS, stats_, {}, values)
+    # a seed that repeats within a variant (tuning trials at one seed) pairs with nothing
+    stats_, values = _by_seed(POOL_G, POOL_L, avg_seeds=(0, 0, 0, 0), mx_seeds=(0, 0, 0, 0))
+    assert "unpaired (Welch's t" in claim_verdict(PARAMS, stats_, {}, values)
+    # one run a side: no difference can be judged
+    stats_, values = _by_seed(POOL_G[:1], POOL_L[:1], (1000,), (1000,))
+    assert claim_verdict(PARAMS, stats_, {}, values).startswith("**inconclusive**")
+    assert "a difference needs at least 2 runs of each variant" in claim_verdict(PARAMS, stats_, {}, values)
+
+
+def test_zero_spread_is_decided_by_the_permutation_p():
+    # coverage moves in steps of 0.05: three seeds all +0.05 give a t-interval of no width, which
+    # is no test; the sign-flip p (2/8) decides: inconclusive. Six seeds: 2/64 < 0.05
+    three = paired_difference([0.30, 0.40, 0.35], [0.25, 0.35, 0.30])
+    assert bool(three.flat) and difference_kind(three) == "inconclusive" and three.p == pytest.approx(0.25)
+    six = paired_difference([0.30, 0.40, 0.35] * 2, [0.25, 0.35, 0.30] * 2)
+    assert difference_kind(six) == "supported" and six.p == pytest.approx(2 / 64)
+    assert difference_kind(paired_difference([0.3] * 6, [0.3] * 6)) == "inconclusive"
+    # unpaired with no spread on either side: the exact permutation p of the groups, 2 / C(6, 3) = 0.1
+    flat = welch_difference([1.0, 1.0, 1.0], [0.95, 0.95, 0.95])
+    assert bool(flat.flat) and flat.p == pytest.approx(0.1) and difference_kind(flat) == "inconclusive"
+    assert difference_kind(welch_difference([1.0] * 4, [0.95] * 4)) == "supported"  # 2 / 70
+    stats_, values = _by_seed((0.30, 0.40, 0.35), (0.25, 0.35, 0.30), (1, 2, 3), (1, 2, 3))
+    text = claim_verdict(PARAMS, stats_, {}, values)
+    assert text.startswith("**inconclusive**") and "the spread is zero" in text
+
+
+def test_seeds_for_power_known_answers():
+    # differences -0.5, 0.5, 1.5: mean 0.5, sd 1, effect size 0.5; TTestPower: 33.37 -> 34 seeds (the
+    # normal approximation ((1.96 + 0.84) / 0.5)^2 + 2 = 33.4)
+    diff = paired_difference([0.5, 1.5, 2.5], [1.0, 1.0, 1.0])
+    assert seeds_for_power(diff) == 34
+    assert seeds_for_power(paired_difference([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])) == math.inf  # no effect
+    assert seeds_for_power(paired_difference([10.0, 10.1, 10.2], [0.0, 0.0, 0.0])) == 2  # huge effect
+    # Welch: effect / pooled sd = 1: TTestIndPower 16.7 -> 17 per variant
+    assert seeds_for_power(welch_difference([0.0, 1.0, 2.0], [-1.0, 0.0, 1.0])) == 17
+    stats_, values = _by_seed((0.5, 1.5, 2.5), (1.0, 1.0, 1.0), (1, 2, 3), (1, 2, 3))
+    assert "takes about 34 paired seeds" in claim_verdict(PARAMS, stats_, {}, values)
+
+
+EQUIV = {**PARAMS, "claim.statement": "pooling does not change leakage"}
+
+
+@pytest.mark.parametrize("margin, verdict", [
+    (0.5, "**supported**"),      # 90% CI [0.112, 0.338] inside ±0.5: TOST p = 0.005
+    (0.3, "**inconclusive**"),   # 0.338 > 0.3, and the 95% CI [0.073, 0.377] is not wholly outside
+    (0.05, "**not supported**"),  # the 95% CI [0.073, 0.377] lies wholly above 0.05
+])
+def test_equivalence_claim_by_tost_known_answers(margin, verdict):
+    from statsmodels.stats.weightstats import ttost_ind, ttost_paired
+
+    diff = paired_difference(POOL_G, POOL_L)
+    se = float(diff.se)
+    p = max(sps.t.sf((0.225 + margin) / se, 3), sps.t.cdf((0.225 - margin) / se, 3))
+    eq = equivalence(diff, margin)
+    assert eq.p == pytest.approx(p)
+    assert eq.p == pytest.approx(ttost_paired(np.array(POOL_G), np.array(POOL_L), -margin, margin)[0])
+    half90 = sps.t.ppf(0.95, 3) * se
+    assert (eq.low, eq.high) == pytest.approx((0.225 - half90, 0.225 + half90))  # [0.112, 0.338]
+    assert (eq.p < 0.05) == (-margin < eq.low and eq.high < margin)  # TOST = the 90% interval inside ±margin
+    welch = equivalence(welch_difference(POOL_G, POOL_L), margin)
+    assert welch.p == pytest.approx(ttost_ind(np.array(POOL_G), np.array(POOL_L), -margin, margin,
+                                              usevar="unequal")[0])
+    stats_, values = _by_seed(POOL_G, POOL_L)
+    text = claim_verdict({**EQUIV, "claim.margin": str(margin)}, stats_, {}, values)
+    assert text.startswith(verdict + ":"), text
+    assert (f"claim of no difference, |pool=avg − pool=max| < margin {margin:g}: TOST p = {_fmt(p)} (the larger of "
+            "the two one-sided p's), 90% CI of the difference [0.112, 0.338]") in text
+    assert "95% CI [0.073, 0.377]" in text and "pool=avg 0.388 ± 0.164 (n=4)" in text
+
+
+def _fmt(p):
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def test_equivalence_of_nearly_equal_variants_is_supported_unpaired_too():
+    g, l_ = (0.30, 0.31, 0.29, 0.30), (0.30, 0.29, 0.31, 0.30)
+    stats_, values = _by_seed(g, l_, mx_seeds=(2000, 2001, 2002, 2003))
+    text = claim_verdict({**EQUIV, "claim.margin": "0.05"}, stats_, {}, values)
+    assert text.startswith("**supported**") and "unpaired (Welch's t" in text
+    assert verdict_kind(text) == "supported"
 
 
 def test_claim_on_a_variant_without_runs_is_inconclusive():
     stats = {"pool=avg": {"ssim_nn_train_mean": MeanCI(0.3, 0.25, 0.35, 3)}}
-    assert claim_verdict(PARAMS, stats, {}).startswith("**inconclusive**: avg leaks more than max: variant pool=max")
-    assert claim_verdict({**PARAMS, "claim.metric": "None"}, stats, {}).startswith("No claim")
+    assert claim_verdict(PARAMS, stats, {}, {}).startswith("**inconclusive**: avg leaks more than max: variant pool=max")
+    assert claim_verdict({**PARAMS, "claim.metric": "None"}, stats, {}, {}).startswith("No claim")
 
 
 @pytest.mark.parametrize("empty", ["pool=avg", "pool=max"])
@@ -47,12 +211,12 @@ def test_claim_on_a_variant_whose_runs_were_all_excluded_says_so(empty):
     stats = {"pool=avg": {"ssim_nn_train_mean": MeanCI(0.3, 0.25, 0.35, 3)},
              "pool=max": {"ssim_nn_train_mean": MeanCI(0.1, 0.05, 0.15, 3)}}
     stats[empty] = {"ssim_nn_train_mean": mean_ci([float("nan"), float("nan")])}
-    text = claim_verdict(PARAMS, stats, {})
+    text = claim_verdict(PARAMS, stats, {}, {})
     assert text == ("**inconclusive**: avg leaks more than max: no run of variant " + empty + " was averaged on "
                     "ssim_nn_train_mean (none ended normally with a finite loss and a recorded value; see Per seed "
                     "for why each was left out).")
     ref = claim_verdict({**PARAMS, "claim.lesser": "None", "claim.reference": "ref_blank_ssim"},
-                        {"pool=avg": {"ssim_nn_train_mean": mean_ci([])}}, {"pool=avg": {"ref_blank_ssim": 0.25}})
+                        {"pool=avg": {"ssim_nn_train_mean": mean_ci([])}}, {"pool=avg": {"ref_blank_ssim": 0.25}}, {})
     assert "no run of variant pool=avg was averaged" in ref
 
 
@@ -69,14 +233,14 @@ REFS = {"pool=avg": {"ref_blank_ssim": 0.25}, "pool=max": {"ref_blank_ssim": 0.4
 ])
 def test_claim_against_the_variants_own_reference(greater, interval, verdict):
     stats = {greater: {"ssim_nn_train_mean": MeanCI(*interval, 3)}}
-    text = claim_verdict({**REF_PARAMS, "claim.greater": greater}, stats, REFS)
+    text = claim_verdict({**REF_PARAMS, "claim.greater": greater}, stats, REFS, {})
     assert text.startswith(verdict + ":"), text
     assert f"{REFS[greater]['ref_blank_ssim']:.3f}" in text
 
 
 def test_claim_against_a_missing_reference_is_inconclusive():
     stats = {"pool=avg": {"ssim_nn_train_mean": MeanCI(0.9, 0.85, 0.95, 3)}}
-    assert claim_verdict({**REF_PARAMS, "claim.greater": "pool=avg"}, stats, {}).startswith("**inconclusive**")
+    assert claim_verdict({**REF_PARAMS, "claim.greater": "pool=avg"}, stats, {}, {}).startswith("**inconclusive**")
 
 
 def test_yardstick_places_each_variant_against_its_own_references():
@@ -130,7 +294,7 @@ COLLAPSE = {"claim.metric": "collapsed", "claim.statement": "pert stabilises", "
 def test_claim_on_collapse_counts_uses_fishers_exact_test(without, with_, verdict, p):
     def stat(k, n):
         return {"collapsed": mean_ci([1.0] * k + [0.0] * (n - k))}
-    text = claim_verdict(COLLAPSE, {"pert=0.0": stat(*without), "pert=1.0": stat(*with_)}, {})
+    text = claim_verdict(COLLAPSE, {"pert=0.0": stat(*without), "pert=1.0": stat(*with_)}, {}, {})
     assert text.startswith(verdict + ":") or text.startswith(verdict + " "), text
     assert f"collapsed: pert=0.0 {without[0]} of {without[1]} vs pert=1.0 {with_[0]} of {with_[1]}" in text
     assert p in text
@@ -138,7 +302,7 @@ def test_claim_on_collapse_counts_uses_fishers_exact_test(without, with_, verdic
 
 def test_claim_on_collapse_without_values_is_inconclusive():
     stats = {"pert=0.0": {"collapsed": mean_ci([1.0, 0.0])}, "pert=1.0": {"collapsed": mean_ci([None, float("nan")])}}
-    assert claim_verdict(COLLAPSE, stats, {}) == ("**inconclusive**: pert stabilises: no run of variant pert=1.0 was "
+    assert claim_verdict(COLLAPSE, stats, {}, {}) == ("**inconclusive**: pert stabilises: no run of variant pert=1.0 was "
                                                   "averaged on collapsed (none ended normally with a finite loss and "
                                                   "a recorded value; see Per seed for why each was left out).")
 
@@ -152,7 +316,7 @@ def test_claim_on_collapse_without_values_is_inconclusive():
 def test_count_verdict_states_the_smallest_attainable_p(n1, n2, smallest, decidable):
     # no run collapsed on either side: inconclusive, whatever the seeds
     stats = {"pert=0.0": {"collapsed": mean_ci([0.0] * n1)}, "pert=1.0": {"collapsed": mean_ci([0.0] * n2)}}
-    text = claim_verdict(COLLAPSE, stats, {})
+    text = claim_verdict(COLLAPSE, stats, {}, {})
     assert text.startswith("**inconclusive**")
     assert f"smallest attainable one-sided p with {n1} and {n2} runs: {smallest})" in text
     assert ("no counts of this many runs could: it takes more seeds" in text) == (not decidable)

@@ -13,3 +13,10 @@ METRIC_NAMES = (
     "fd_eval", "score",
 )
 REFERENCE_NAMES = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim", "ref_heldout_diversity")
+# logged only where they apply: the generator's fresh-latent sample (with eval.generator_images: bank the
+# metrics above are of G(bank_z) and these are the sample's; with sample they repeat diversity, evaluator_acc
+# and target_acc), the kkt term's residual over its whole bank (both inverters), and a distillation's targets
+SITUATIONAL_NAMES = (
+    "sample_diversity", "sample_evaluator_acc", "sample_target_acc", "kkt_residual_bank",
+    "distill_matched_frac", "distill_ssim_mean", "distill_matched_at_start", "distill_steps_done", "distill_seconds",
+)

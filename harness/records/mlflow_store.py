@@ -2,13 +2,18 @@
 MLflow only (no torch, no Ray): `harness report` reads a study through this module."""
 from __future__ import annotations
 
+import http.client
 import os
 import re
+import ssl
+import urllib.error
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mlflow.tracking import MlflowClient
 
-from harness.config import ConfigError
+from harness.config import ClusterError, ConfigError
 from harness.records.results import TAG_OUTCOME  # (defined there: the report rules read it without MLflow)
 
 TAG_SWEEP_DIR = "harness.sweep_dir"
@@ -53,6 +58,62 @@ def check_tracking_uri(uri: str) -> None:
         db = path if path.suffix == ".db" else path / "mlflow.db"
         raise ConfigError(f"--mlflow-uri: {uri[:80]} is a folder path, which MLflow reads as its deprecated file "
                           f"store; give a database, e.g. sqlite:///{db}, or a tracking server http://HOST:PORT")
+    if scheme.group(1).lower().split("+")[0] == "sqlite":
+        rest = uri[scheme.end():].split("?", 1)[0]
+        if not (rest.startswith("///") and rest[3:]):  # sqlite://x.db: two slashes make x.db a host name
+            meant = rest[2:] if rest.startswith("//") else rest
+            if not meant.strip("/"):
+                forms = "sqlite:///mlflow.db (relative to the working directory) or sqlite:///ABSOLUTE/PATH.db"
+            elif meant.startswith("/"):
+                forms = f"sqlite:///{meant[:80]} (sqlite:///ABSOLUTE/PATH.db)"
+            else:
+                forms = (f"sqlite:///{meant[:80]} (relative to the working directory) or "
+                         f"sqlite:///{os.path.abspath(meant)[:120]} (sqlite:///ABSOLUTE/PATH.db)")
+            raise ConfigError(f"--mlflow-uri: {uri[:80]} is not a valid SQLite URI; a SQLite store is sqlite: and "
+                              f"three slashes before its path: give {forms}")
+
+
+SERVER_TIMEOUT = 3.0  # seconds a tracking server has to answer the up-front check
+
+
+class TrackingServerError(ClusterError):
+    """The tracking server of an http(s) --mlflow-uri does not answer (exit code 3, like a cluster)."""
+
+
+def check_server(uri: str, timeout: float = SERVER_TIMEOUT) -> None:
+    """An http(s) tracking server answers, asked once with a short timeout before anything starts:
+    MLflow's own client retries an unreachable one for minutes. Any HTTP answer will do (a 404 of a
+    server without /health, a 401 of an authenticating proxy); so will a TLS error (MLflow has its
+    own certificate settings). Other schemes are left alone."""
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https"):
+        return
+    try:
+        parts.port  # noqa: B018 (raises for a port that is not a number)
+    except ValueError:
+        raise ConfigError(f"--mlflow-uri: {uri[:80]} has a port that is not a number; give http://HOST:PORT") from None
+    if not parts.hostname:
+        raise ConfigError(f"--mlflow-uri: {uri[:80]} names no host; give http://HOST:PORT")
+    netloc = parts.netloc.rsplit("@", 1)[-1]  # credentials stay out of the check
+    url = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):
+            return
+        if isinstance(reason, TimeoutError):
+            why = f"no answer within {timeout:g} s"
+        elif isinstance(reason, OSError):
+            why = (reason.strerror or str(reason) or type(reason).__name__).lower()
+        else:
+            why = str(reason)[:80] or type(reason).__name__
+    shown = f"{parts.scheme}://{netloc}{parts.path}"[:80]
+    raise TrackingServerError(f"--mlflow-uri: no MLflow tracking server answers at {shown} ({why}); start the "
+                              "server or check --mlflow-uri")
 
 
 def require_store(uri: str) -> None:
@@ -63,6 +124,7 @@ def require_store(uri: str) -> None:
     if path is not None and not path.is_file():
         raise ConfigError(f"--mlflow-uri: no MLflow store at {path} (the file does not exist); a study writes "
                           "OUT/mlflow.db, so pass sqlite:///OUT/mlflow.db")
+    check_server(uri)
 
 
 def client_for(uri: str) -> MlflowClient:

@@ -6,7 +6,7 @@ trial into a study of its own (SQLite, one study per variant, named `<sweep>/<va
 state the trial really reached:
 
   COMPLETE  the trial ran its whole epoch budget; its value is its final metric
-  PRUNED    ASHA, the collapse stopper or a NaN/inf loss ended it early; its intermediate values
+  PRUNED    ASHA, the collapse stopper, a NaN/inf loss or its time budget ended it early; its intermediate values
             (epoch -> metric, the evaluations the scheduler saw) are kept
   FAIL      the trial raised more often than `max_failures` allowed
 
@@ -36,7 +36,7 @@ ATTR_STOP_REASON = "stop_reason"
 
 # how a trial ended (also the MLflow tag `harness.outcome`) -> its Optuna state
 OUTCOME_STATES = {"finished": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "collapsed": TrialState.PRUNED,
-                  "nonfinite": TrialState.PRUNED, "failed": TrialState.FAIL}
+                  "nonfinite": TrialState.PRUNED, "timed_out": TrialState.PRUNED, "failed": TrialState.FAIL}
 
 
 def storage_url(out_dir: Path) -> str:

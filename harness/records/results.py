@@ -107,7 +107,7 @@ def fisher_smallest_p(n1: int, n2: int) -> float:
     return 1 / math.comb(n1 + n2, n1)
 
 
-TAG_OUTCOME = "harness.outcome"  # how a trial ended: finished / pruned / collapsed / nonfinite / failed
+TAG_OUTCOME = "harness.outcome"  # how a trial ended: finished / pruned / collapsed / nonfinite / timed_out / failed
 
 
 def enters_counts(status: str, metrics: dict[str, Any], outcome: str | None = None) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -84,26 +85,51 @@ def _save(fig, figures: Path, name: str) -> str:
     return name
 
 
-def median_run(runs: list, metric: str) -> tuple[object | None, int]:
-    """(the run at the median of `metric` among `runs` with a finite value, how many that is): the
-    lower of the two middle runs for an even count, ties in input order. A figure of one run shows
-    the median seed, so that it is what a typical seed gives, not the best of several tries."""
+@dataclass(frozen=True)
+class MedianRun:
+    """The run a one-run figure shows for a variant: of its `n` runs with a finite value of the
+    metric, the one nearest their median `median`. With an odd count that run is the median; with an
+    even count the median lies halfway between the two middle runs, both equally near it: the lower
+    one is shown and `other` is the upper, unless the two have the same value (then it is the median)."""
+    run: object
+    n: int
+    median: float
+    other: object | None = None
+
+    def label(self, metric: str) -> str:
+        """'seed S (metric v, the median of n)', or for an even count which middle run this is."""
+        value = self.run.data.metrics[metric]
+        head = f"seed {join(run_seeds([self.run]))} ({metric} {value:.3f}"
+        if self.other is None:
+            return f"{head}, the median of {self.n})"
+        return (f"{head}, the lower middle of {self.n}: their median {self.median:.3f} lies halfway between it and "
+                f"seed {join(run_seeds([self.other]))} at {self.other.data.metrics[metric]:.3f})")
+
+
+def median_run(runs: list, metric: str) -> MedianRun | None:
+    """The run of `runs` nearest the median of `metric` over those with a finite value (`MedianRun`),
+    None if none has one; ties in input order. A figure of one run shows the median seed, so that it
+    is what a typical seed gives, not the best of several tries."""
     ranked = sorted((r for r in runs if is_finite_number(r.data.metrics.get(metric))),
                     key=lambda r: r.data.metrics[metric])
-    return (ranked[(len(ranked) - 1) // 2], len(ranked)) if ranked else (None, 0)
+    if not ranked:
+        return None
+    n = len(ranked)
+    lower, upper = ranked[(n - 1) // 2], ranked[n // 2]
+    low, high = lower.data.metrics[metric], upper.data.metrics[metric]
+    return MedianRun(lower, n, (low + high) / 2, upper if high != low else None)
 
 
-def shown_runs(basis: dict[str, list], variants: list[str], metric: str) -> dict[str, tuple[object, int]]:
+def shown_runs(basis: dict[str, list], variants: list[str], metric: str) -> dict[str, MedianRun]:
     """Each variant's median run by `metric` (`median_run`), for the variants that have one."""
     chosen = {v: median_run(basis.get(v, []), metric) for v in variants}
-    return {v: (run, n) for v, (run, n) in chosen.items() if run is not None}
+    return {v: shown for v, shown in chosen.items() if shown is not None}
 
 
-def shown_caption(shown: dict[str, tuple[object, int]], metric: str) -> str:
-    """Which run a figure shows for each variant, and that it is the median of how many."""
+def shown_caption(shown: dict[str, MedianRun], metric: str) -> str:
+    """Which run a figure shows for each variant, and where it lies against the median of how many."""
     return (f"Each variant is shown by its median run by {metric} among the runs it averages: " +
-            "; ".join(f"{v} seed {join(run_seeds([run]))} ({metric} {run.data.metrics[metric]:.3f}, the median of {n})"
-                      for v, (run, n) in shown.items()) + ".")
+            "; ".join(f"{v} {s.label(metric)}" for v, s in shown.items()) + ".")
 
 
 def figure_metric(params: dict) -> str:
@@ -152,22 +178,26 @@ def figures_section(client, parent, params: dict, tuned: dict[str, list], confir
     return lines
 
 
-def _read_shown(client, shown: dict[str, tuple[object, int]], names: tuple[str, ...], metric: str) -> list:
-    """(variant, run, n, images) for each shown run whose artifacts `names` can all be read."""
+def _read_shown(client, shown: dict[str, MedianRun], names: tuple[str, ...], metric: str) -> list:
+    """(variant, MedianRun, images) for each shown run whose artifacts `names` can all be read."""
     if not shown:
         raise NotDrawn(f"no averaged run has a finite {metric} to find its median by")
     read = []
     with tempfile.TemporaryDirectory() as tmp:
-        for v, (run, n) in shown.items():
-            paths = [_artifact(client, run.info.run_id, name, Path(tmp) / f"{v}-{name}") for name in names]
+        for v, s in shown.items():
+            paths = [_artifact(client, s.run.info.run_id, name, Path(tmp) / f"{v}-{name}") for name in names]
             if all(paths):
-                read.append((v, run, n, [plt.imread(path) for path in paths]))
+                read.append((v, s, [plt.imread(path) for path in paths]))
     return read
 
 
-def grids_figure(client, shown: dict[str, tuple[object, int]], figures: Path, metric: str) -> tuple[str, str]:
-    panels = [(f"{v}, seed {join(run_seeds([run]))} ({metric} {run.data.metrics[metric]:.3f}, median of {n})",
-               grid, near) for v, run, n, (grid, near) in _read_shown(client, shown, ("grid.png", "nearest.png"), metric)]
+def grids_figure(client, shown: dict[str, MedianRun], figures: Path, metric: str) -> tuple[str, str]:
+    def title(v, s):
+        value = s.run.data.metrics[metric]
+        where = f"median of {s.n}" if s.other is None else f"lower middle of {s.n}, median {s.median:.3f}"
+        return f"{v}, seed {join(run_seeds([s.run]))} ({metric} {value:.3f}, {where})"
+    panels = [(title(v, s), grid, near)
+              for v, s, (grid, near) in _read_shown(client, shown, ("grid.png", "nearest.png"), metric)]
     if not panels:
         raise NotDrawn("no variant's median run has a readable grid.png and nearest.png "
                        "(see the artifacts that could not be read, below)")
@@ -250,9 +280,9 @@ def law_figure(basis, variants, figures: Path) -> str | None:
     return _save(fig, figures, "leakage_vs_params_per_pixel.png")
 
 
-def reconstructions_figure(client, shown: dict[str, tuple[object, int]], figures: Path, metric: str) -> tuple[str, str]:
-    panels = [(f"{v}, seed {join(run_seeds([run]))}", run.data.metrics, image)
-              for v, run, _, (image,) in _read_shown(client, shown, ("reconstructions.png",), metric)]
+def reconstructions_figure(client, shown: dict[str, MedianRun], figures: Path, metric: str) -> tuple[str, str]:
+    panels = [(f"{v}, seed {join(run_seeds([s.run]))}", s.run.data.metrics, image)
+              for v, s, (image,) in _read_shown(client, shown, ("reconstructions.png",), metric)]
     if not panels:
         raise NotDrawn("no variant's median run has a readable reconstructions.png (runs made before per-image "
                        "leakage was measured have none)")

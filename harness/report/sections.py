@@ -8,8 +8,8 @@ from collections import defaultdict
 
 from harness.records.mlflow_store import TAG_STOP_REASON, TAG_VARIANT
 from harness.records.results import MeanCI, best_trials, count_at_one, finite, mean_ci, sample_sd
-from harness.report.verdicts import (COUNTED, averaged_runs, claim_verdict, control_reading, exclusion, interval_text,
-                              verdict_kind, yardstick)
+from harness.report.verdicts import (COUNTED, SeedValues, averaged_runs, claim_values, claim_verdict, control_reading,
+                              exclusion, interval_text, verdict_kind, yardstick)
 
 TABLE_METRICS = ("score", "ssim_nn_train_mean", "ssim_nn_train_side_mean", "ssim_nn_test_mean", "memorization_gap",
                  "diversity", "evaluator_acc", "train_coverage", "heldout_coverage", "coverage_gap",
@@ -82,9 +82,26 @@ def _excluded_note(runs: list) -> str:
     return f" (excluded from the averages: {', '.join(left_out)})" if left_out else ""
 
 
+def left_out_lines(runs_of: dict[str, list]) -> list[str]:
+    """For a sweep without a confirmation phase: per variant, how many of its trials the averages
+    take, and each trial left out with why (its stop reason: pruned by ASHA at epoch 2, failed, ...)."""
+    lines = []
+    for v, runs in sorted(runs_of.items()):
+        out = [r for r in runs if exclusion(r)]
+        if not out:
+            lines.append(f"- {v}: all {len(runs)} trials averaged")
+            continue
+        why = [f"trial {r.data.tags.get('harness.optuna_trial', r.data.tags.get('harness.trial_id', '?'))} "
+               f"({r.data.tags.get(TAG_STOP_REASON) or exclusion(r)})" for r in out]
+        lines.append(f"- {v}: {len(runs) - len(out)} of {len(runs)} trials averaged; left out: {', '.join(why)}")
+    return ["Trials the averages take, and those left out (a trial stopped early holds values of a smaller "
+            "budget):", "", *lines, ""] if lines else []
+
+
 def variants_section(basis: dict[str, list], stats: dict[str, dict[str, MeanCI]], refs: dict[str, dict[str, float]],
-                     variants: list[str], confirmed: bool) -> list[str]:
-    """Each variant's mean ± interval over the runs it averages, then its reference points."""
+                     variants: list[str], confirmed: bool, all_runs: dict[str, list] | None = None) -> list[str]:
+    """Each variant's mean ± interval over the runs it averages (for a sweep, `all_runs` lists the
+    trials left out and why), then its reference points."""
     metrics = list(next(iter(stats.values()), {}))
     runs_of = {v: len(basis.get(v, [])) for v in variants}
     lines = [f"## Variants ({'confirmation runs over seeds' if confirmed else 'finished tuning trials (no confirmation phase)'})",
@@ -99,6 +116,8 @@ def variants_section(basis: dict[str, list], stats: dict[str, dict[str, MeanCI]]
                                                             and m not in COUNTED else "")
                  for m in metrics]
         lines.append(f"| {v} | {runs_of[v]} | " + " | ".join(cells) + " |")
+    if not confirmed and all_runs:
+        lines += ["", *left_out_lines(all_runs)]
     lines += ["", "Reference points of each variant (same metric code, real data of the variant's dataset "
               "and training subset):", "", "| variant | " + " | ".join(REFERENCES) + " |",
               "|---|" + "---|" * len(REFERENCES)]
@@ -117,8 +136,7 @@ def seeds_section(tuned: dict[str, list], confirmed: dict[str, list]) -> list[st
             f"{join(run_seeds(tune_runs, 'classifier.seed'))}")
     if not confirmed:
         return ["## Seeds", "", f"Tuning trials ran with {used}; there is no confirmation phase.", ""]
-    lines = ["## Seeds", "", f"Tuning trials ran with {used}. "
-             "Confirmation runs, each setting both seeds to the same value:", ""]
+    lines = ["## Seeds", "", f"Tuning trials ran with {used}. " + seed_varies(confirmed), ""]
     for v, runs in sorted(confirmed.items()):
         lines.append(f"- {v}: seeds {join(run_seeds(runs))}" + _excluded_note(runs))
     overlap = sorted({s for runs in confirmed.values() for r in runs
@@ -127,6 +145,22 @@ def seeds_section(tuned: dict[str, list], confirmed: dict[str, list]) -> list[st
               "trial, which biases the confirmation towards the selected winner." if overlap else
               "The confirmation seeds are disjoint from the tuning seeds.", ""]
     return lines
+
+
+def seed_varies(confirmed: dict[str, list]) -> str:
+    """What a confirmation seed varied, read from the runs' own params: the generator's (or
+    candidates') and the classifier's initialisation always; the training subset where each run's
+    `data.subset_seed` equals its seed."""
+    runs = [r for rs in confirmed.values() for r in rs]
+    subset = [r.data.params.get("data.subset_seed") for r in runs]
+    if runs and all(s is not None and s == r.data.params.get("seed") for s, r in zip(subset, runs)):
+        return ("Confirmation runs: seed s sets the generator's (or candidates') seed, the classifier's seed and the "
+                "training subset's seed (data.subset_seed) to s, so each seed draws other training images and "
+                "initialisations, and every variant at seed s sees the same images (paired):")
+    fixed = sorted({str(s) for s in subset if s is not None})
+    return ("Confirmation runs, each setting the generator's (or candidates') seed and the classifier's seed to the "
+            f"same value; the training subset is the same at every seed (data.subset_seed {', '.join(fixed) or '0'}), "
+            "so the spread over seeds is initialisation noise on one set of training images:")
 
 
 def per_seed_section(confirmed: dict[str, list], refs: dict[str, dict[str, float]], claim_metric: str | None) -> list[str]:
@@ -163,9 +197,10 @@ def per_seed_section(confirmed: dict[str, list], refs: dict[str, dict[str, float
 
 
 def control_section(params: dict, stats: dict[str, dict[str, MeanCI]], controlled: dict[str, list],
-                    refs: dict[str, dict[str, float]]) -> list[str]:
+                    refs: dict[str, dict[str, float]], values: dict[str, SeedValues]) -> list[str]:
     """The class-level control: the same classifiers (one per confirmation seed) inverted with the
-    study's `control` settings, untuned; its table, the claim judged on it, and the joint reading."""
+    study's `control` settings, untuned; its table, the claim judged on it, and the joint reading.
+    `stats` and `values` (`claim_values`) are the study's own inversions, judged beside it."""
     if not controlled:
         return []
     variants = sorted(controlled)
@@ -184,8 +219,8 @@ def control_section(params: dict, stats: dict[str, dict[str, MeanCI]], controlle
              "| variant | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     lines += [f"| {v} | {len(kept[v])} | " + " | ".join(_cell(m, cstats[v][m]) for m in metrics)
               + " |" for v in variants]
-    control_verdict = claim_verdict(params, cstats, refs)
-    inverted = claim_verdict(params, stats, refs)
+    control_verdict = claim_verdict(params, cstats, refs, claim_values(kept, params))
+    inverted = claim_verdict(params, stats, refs, values)
     lines += ["", f"The claim on the control: {control_verdict}", "",
               control_reading(verdict_kind(inverted), verdict_kind(control_verdict),
                               params.get("claim.reference") not in (None, "None")), "",

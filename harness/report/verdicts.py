@@ -1,13 +1,17 @@
-"""The rules a study report decides by: which runs are averaged, the claim's verdict (intervals
-that separate, or Fisher's exact test for a count), the reading of the class-level control, and
-where each variant sits among its reference points. Pure functions of numbers and run records
-(no MLflow client, no matplotlib); `harness.report.sections` only words and lays them out."""
+"""The rules a study report decides by: which runs are averaged, the claim's verdict (the 95%
+interval of the difference between the variants, paired by seed where they share seeds, else
+Welch's; TOST for a claim of no difference; Fisher's exact test for a count), the reading of the
+class-level control, and where each variant sits among its reference points. Pure functions of
+numbers and run records (no MLflow client, no matplotlib); `harness.report.sections` only words and
+lays them out."""
 from __future__ import annotations
 
 import math
 
+from harness.records.differences import (EXACT_SIGN_FLIPS, MIN_PAIRS, PAIRED, SIGN_FLIP_SAMPLES, Difference, compare,
+                                         difference_kind, equivalence, equivalence_kind, seeds_for_power)
 from harness.records.results import (FISHER_ALPHA, TAG_OUTCOME, MeanCI, enters_averages, enters_counts, fisher_greater,
-                             fisher_smallest_p)
+                             fisher_smallest_p, is_finite_number)
 
 COUNTED = ("collapsed",)  # 0/1 per run: a count ("1 of 3") reads better than a t-interval
 PER_IMAGE_METRICS = ("train_coverage", "heldout_coverage", "coverage_gap", "train_top10", "heldout_top10",
@@ -39,10 +43,41 @@ def interval_text(stat: MeanCI) -> str:
     return f"{stat.mean:.3f} ± {(stat.high - stat.low) / 2:.3f}"
 
 
-def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[str, dict[str, float]]) -> str:
-    """supported / not supported / inconclusive for the study's claim, with the numbers: two
-    variants by whether their confidence intervals separate, or a variant against its own
-    reference point (`refs[variant][name]`) by whether its interval lies above or below it."""
+SeedValues = list[tuple[int | None, float]]  # one variant's (seed, value) per averaged run
+
+
+def seed_values(runs: list, metric: str) -> SeedValues:
+    """(seed, value) of each run with a finite `metric`, the seed from the run's "seed" param (None
+    where it has none): what a claim's difference is taken over (`claim_verdict`)."""
+    out = []
+    for r in runs:
+        value = r.data.metrics.get(metric)
+        if not is_finite_number(value):
+            continue
+        try:
+            seed = int(float(r.data.params["seed"]))
+        except (KeyError, ValueError, TypeError):
+            seed = None
+        out.append((seed, float(value)))
+    return out
+
+
+def claim_values(runs: dict[str, list], params: dict) -> dict[str, SeedValues]:
+    """Each variant's (seed, value) pairs of the claim's metric over `runs` (the averaged runs)."""
+    metric = params.get("claim.metric")
+    if not metric or metric == "None" or metric in COUNTED:
+        return {}
+    return {v: seed_values(rs, metric) for v, rs in runs.items()}
+
+
+def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[str, dict[str, float]],
+                  values: dict[str, SeedValues]) -> str:
+    """supported / not supported / inconclusive for the study's claim, with the numbers. Two
+    variants: by the 95% interval of greater - lesser over `values` (each variant's (seed, value)
+    per averaged run, `claim_values`), paired by seed where they share at least `MIN_PAIRS` seeds,
+    else Welch's (`harness.records.differences.compare`); with a `claim.margin`, an equivalence
+    claim by TOST; a count (`COUNTED`) by Fisher's exact test on `stats`. Or a variant against its
+    own reference point (`refs[variant][name]`) by whether its interval lies above or below it."""
     metric = params.get("claim.metric")
     if not metric or metric == "None":
         return "No claim is attached to this study (add `claim:` to its sweep file)."
@@ -63,11 +98,8 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[
             return count_verdict(statement, metric, greater, g, lesser, l_)
         numbers = (f"{metric}: {greater} {interval_text(g)} (n={g.n}) vs {lesser} {interval_text(l_)} (n={l_.n}) "
                    "(mean ± 95% CI half-width over seeds)")
-        if g.low > l_.high:
-            return f"**supported**: {statement}. {numbers}; the intervals separate."
-        if l_.low > g.high:
-            return f"**not supported** (the opposite holds): {statement}. {numbers}; the intervals separate the other way."
-        return f"**inconclusive**: {statement}. {numbers}; the intervals overlap."
+        return difference_verdict(statement, numbers, greater, values.get(greater, []), lesser,
+                                  values.get(lesser, []), _margin(params))
     ref_value = refs.get(greater, {}).get(reference, float("nan"))
     numbers = f"{metric} of {greater}: {interval_text(g)} (n={g.n}) vs its {reference} = {ref_value:.3f}"
     if not math.isfinite(ref_value):
@@ -82,6 +114,80 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[
 def _none_averaged(variant: str, metric: str) -> str:
     return (f"no run of variant {variant} was averaged on {metric} (none ended normally with a finite "
             "loss and a recorded value; see Per seed for why each was left out).")
+
+
+def _margin(params: dict) -> float | None:
+    """The equivalence margin of the claim (`claim.margin`), None for a claim of a difference."""
+    value = params.get("claim.margin")
+    if value in (None, "", "None"):
+        return None
+    return float(value)
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _difference_text(diff: Difference, greater: str, lesser: str, runs: tuple[int, int], power: bool = True) -> str:
+    """The difference's numbers in words: effect, 95% interval, p, n, which test, and (`power`) the
+    seeds 80% power would take at the observed effect and spread."""
+    low, high = float(diff.low), float(diff.high)
+    if diff.test == PAIRED:
+        n = diff.n1
+        left = sum(runs) - 2 * n
+        text = (f"difference {greater} − {lesser} paired by seed over {n} seeds both ran"
+                + (f" ({left} run{'s' if left > 1 else ''} without a partner left out)" if left else "")
+                + f": mean {float(diff.effect):.3f}, 95% CI [{low:.3f}, {high:.3f}] (Student t, {diff.df} df); "
+                f"sign-flip permutation p = {_p(float(diff.p))} ")
+        text += (f"(exact, all {2 ** n} sign patterns; the smallest attainable with {n} pairs is {_p(2 / 2 ** n)})"
+                 if n <= EXACT_SIGN_FLIPS else f"({SIGN_FLIP_SAMPLES:,} random sign patterns, fixed seed)")
+        spread, unit = f"sd of the differences {float(diff.sd):.3f}", "paired seeds"
+    else:
+        text = (f"difference of means {greater} − {lesser}, unpaired (Welch's t; fewer than {MIN_PAIRS} seeds ran "
+                f"once on both sides): {float(diff.effect):.3f}, 95% CI [{low:.3f}, {high:.3f}] (Welch, "
+                f"{float(diff.df):.1f} df); Welch p = {_p(float(diff.p))}; n = {diff.n1} and {diff.n2} runs")
+        spread, unit = f"pooled sd {float(diff.sd):.3f}", "seeds per variant"
+    if bool(diff.flat):
+        text += "; the spread is zero, so the interval has no width and the permutation p decides (at p < 0.05)"
+    if power:
+        need = seeds_for_power(diff)
+        text += (f"; 80% power at this effect and spread ({spread}) takes about {need} {unit}" if math.isfinite(need)
+                 else "; no effect was observed, so no number of seeds for 80% power can be given")
+    return text
+
+
+def difference_verdict(statement: str, numbers: str, greater: str, g_values: SeedValues, lesser: str,
+                       l_values: SeedValues, margin: float | None = None) -> str:
+    """The verdict on "greater > lesser" (or, with a `margin`, on "|greater - lesser| < margin") from
+    each variant's (seed, value) pairs; `numbers` (each variant's own mean ± CI) opens the line."""
+    diff = compare(g_values, l_values)
+    if diff is None:
+        return (f"**inconclusive**: {statement}. {numbers}; a difference needs at least 2 runs of each variant "
+                f"(or {MIN_PAIRS} seeds that both ran).")
+    runs = (len(g_values), len(l_values))
+    if margin is not None:
+        eq = equivalence(diff, margin)
+        kind = str(equivalence_kind(eq))
+        how = (f"claim of no difference, |{greater} − {lesser}| < margin {margin:g}: TOST p = {_p(float(eq.p))} (the "
+               f"larger of the two one-sided p's), 90% CI of the difference [{float(eq.low):.3f}, {float(eq.high):.3f}]; "
+               + _difference_text(diff, greater, lesser, runs, power=False))
+        why = {"supported": f"The 90% interval lies within ±{margin:g} (both one-sided p < 0.05).",
+               "not supported": f"The 95% interval lies wholly outside ±{margin:g}: the difference exceeds the margin.",
+               "inconclusive": f"The 90% interval is not within ±{margin:g}, nor the 95% interval wholly outside it: "
+                               "neither equivalence nor a difference beyond the margin is shown."}[kind]
+        return f"**{kind}**: {statement}. {numbers}; {how}. {why}"
+    kind = str(difference_kind(diff))
+    how = _difference_text(diff, greater, lesser, runs)
+    if bool(diff.flat):
+        why = {"supported": "The permutation p is below 0.05, the difference positive.",
+               "not supported": "The permutation p is below 0.05, the difference negative.",
+               "inconclusive": "The permutation p is not below 0.05."}[kind]
+    else:
+        why = {"supported": "The interval of the difference lies above 0.",
+               "not supported": "The interval of the difference lies below 0.",
+               "inconclusive": "The interval of the difference contains 0."}[kind]
+    opening = "**not supported** (the opposite holds)" if kind == "not supported" else f"**{kind}**"
+    return f"{opening}: {statement}. {numbers}; {how}. {why}"
 
 
 def count_verdict(statement: str, metric: str, greater: str, g: MeanCI, lesser: str, l_: MeanCI) -> str:
@@ -174,3 +280,41 @@ def yardstick(stats: dict[str, dict[str, MeanCI]], refs: dict[str, dict[str, flo
         line += (" No variant beats the all-black image: at this budget the inversions are not "
                  "training-like, and the verdict compares failures.")
     return line
+
+
+REGIME_PREFIXES = ("classifier.", "data.")  # settings that decide which classifier a variant inverts
+
+
+def design_notes(params: dict, runs_by_variant: dict[str, list]) -> list[str]:
+    """What the study's design lets its verdict say, beside it: a setting that decides the classifier
+    searched per variant (a confound: the variants differ in it too, with the values the confirmation
+    runs used), and per-variant tuning too small for TPE to act (fewer than 8 trials, or fewer than 4
+    drawn by TPE after its random start-up ones)."""
+    searched = [k.removeprefix("search.").removesuffix(".dist") for k in params
+                if k.startswith("search.") and k.endswith(".dist")]
+    notes = []
+    confounded = [k for k in searched if k.startswith(REGIME_PREFIXES)]
+    if confounded:
+        values = "; ".join(
+            f"{k}: " + ", ".join(f"{v} {'/'.join(sorted({_short_value(r.data.params.get(k)) for r in runs}))}"
+                                 for v, runs in sorted(runs_by_variant.items()))
+            for k in confounded)
+        notes.append(f"**Confound:** the search tuned {', '.join(confounded)} per variant, so the variants' "
+                     f"classifiers differ in it as well as in what the claim names ({values}). The verdict speaks "
+                     "for the pair of tuned configurations, not for the claim's factor alone.")
+    if searched:
+        trials = int(float(params.get("budget.num_samples", 0) or 0))
+        startup = int(float(params.get("tpe_startup_trials", 10) or 10))
+        modelled = max(0, trials - startup)
+        if trials < 8 or modelled < 4:
+            notes.append(f"**Tuning:** {trials} trials per variant, {min(startup, trials)} of them random start-up "
+                         f"and {modelled} drawn by TPE: below the 8 trials and 4 model-based draws TPE needs to act, "
+                         "so the tuning reached no plateau and each variant's settings are close to a random choice.")
+    return notes
+
+
+def _short_value(value) -> str:
+    try:
+        return f"{float(value):.3g}"
+    except (TypeError, ValueError):
+        return str(value)

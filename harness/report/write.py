@@ -13,7 +13,8 @@ from harness.report.figures import ReadingClient, figures_section, unreadable_se
 from harness.report.sections import (control_section, per_seed_section, reference_points, seeds_section,
                                      table_metrics, tuning_section, variants_section)
 from harness.records.results import mean_ci
-from harness.report.verdicts import COUNTED, averaged_runs, claim_verdict, counted_runs, yardstick
+from harness.report.verdicts import (COUNTED, averaged_runs, claim_values, claim_verdict, counted_runs, design_notes,
+                                     yardstick)
 
 
 def load_study(experiment: str, uri: str):
@@ -57,18 +58,20 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
     stats = {v: {m: mean_ci(r.data.metrics.get(m) for r in (counted if m in COUNTED else basis).get(v, []))
                  for m in metrics} for v in variants}
     refs = reference_points([r for r in children if r.data.tags.get(TAG_PHASE) != "control"])
+    values = claim_values(basis, params)  # each variant's (seed, value) of the claim's metric: the difference
     lines = [f"# Study `{experiment}`", "", params.get("description", ""), ""]
     command = parent.data.tags.get("harness.command")
     if command:
         lines += ["Made with:", "", "```bash", command, f"harness report --experiment {experiment} --mlflow-uri {uri}",
                   "```", ""]
-    lines += ["## Verdict", "", claim_verdict(params, stats, refs), "",
-              yardstick(stats, refs, params.get("claim.metric")), ""]
+    lines += ["## Verdict", "", claim_verdict(params, stats, refs, values), ""]
+    lines += [line for note in design_notes(params, basis) for line in (note, "")]
+    lines += [yardstick(stats, refs, params.get("claim.metric")), ""]
     lines += seeds_section(tuned, confirmed)
-    lines += variants_section(basis, stats, refs, variants, bool(confirmed))
+    lines += variants_section(basis, stats, refs, variants, bool(confirmed), None if confirmed else tuned)
     if confirmed:
         lines += per_seed_section(confirmed, refs, params.get("claim.metric"))
-    lines += control_section(params, stats, by_phase.get("control", {}), refs)
+    lines += control_section(params, stats, by_phase.get("control", {}), refs, values)
     lines += tuning_section(tuned, params)
     lines += figures_section(client, parent, params, tuned, confirmed, basis, variants, figures)
     lines += unreadable_section(client, [parent, *children])

@@ -3,7 +3,9 @@
 z (latent_dim) and an embedding of c (embed_dim) form a (latent+embed) x 1 x 1 tensor;
 transposed convs grow it to a K x K map (K = classes); the K x K class-indicator matrix (label's
 row and column set to 1) is concatenated as one extra channel; more transposed convs with heavy
-Dropout2d grow it to 28 x 28; Tanh output.
+Dropout2d grow it to 28 x 28; Tanh output (or `output: scaled_tanh`, origin + s·tanh about the
+classifier's input mean). Every layer's width scales with `channels`. A bank code may add its own
+learnable map to the 10 x 10 class map (`code_map`, see `generator.code_params`).
 """
 from __future__ import annotations
 
@@ -42,11 +44,16 @@ def sample_conditioning(labels: torch.Tensor, soft_fraction: float, temperature:
 
 
 class Generator(nn.Module):
-    def __init__(self, cfg: GeneratorConfig, num_classes: int = NUM_CLASSES):
+    def __init__(self, cfg: GeneratorConfig, num_classes: int = NUM_CLASSES, origin: torch.Tensor | None = None):
         super().__init__()
         ch, k = cfg.channels, num_classes
         assert k == 10, "the upsampling path is laid out for a 10 x 10 indicator map"
         self.latent_dim = cfg.latent_dim
+        self.map_channels = ch  # channels of the 10 x 10 class map (what a code's `code_map` adds to)
+        self.output, self.output_scale = cfg.output, cfg.output_scale
+        # scaled_tanh's centre: the classifier's input mean, else the zero image (not part of the state)
+        origin = torch.zeros(1, 1, 28, 28) if origin is None else origin.detach().float().cpu().reshape(1, 1, 28, 28)
+        self.register_buffer("origin", origin, persistent=False)
         self.embed = nn.Linear(num_classes, cfg.embed_dim)
         # 1 -> 5 -> 10 (= K)
         self.to_class_map = nn.Sequential(
@@ -64,11 +71,21 @@ class Generator(nn.Module):
             if isinstance(m, nn.ConvTranspose2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
 
-    def forward(self, z: torch.Tensor, c: torch.Tensor, return_pre_tanh: bool = False):
+    def forward(self, z: torch.Tensor, c: torch.Tensor, return_pre_tanh: bool = False,
+                code_map: torch.Tensor | None = None):
+        """Images for latents z and conditioning c; `code_map` (B x channels x 10 x 10) is added to the
+        class map. With `return_pre_tanh`, also what the pixel term bounds: the pre-Tanh output, or for
+        scaled_tanh the image itself (its range is the image's, not Tanh's)."""
         labels = c.argmax(1)
         h = torch.cat([z, self.embed(c)], 1)[:, :, None, None]
         h = self.to_class_map(h)
+        if code_map is not None:
+            h = h + code_map.to(h.dtype)
         h = torch.cat([h, indicator_matrix(labels, c.shape[1]).to(h.dtype)], 1)
         pre = self.to_image(h)
-        x = torch.tanh(pre)
+        if self.output == "scaled_tanh":
+            x = self.origin.to(pre.dtype) + self.output_scale * torch.tanh(pre)
+            pre = x
+        else:
+            x = torch.tanh(pre)
         return (x, pre) if return_pre_tanh else x

@@ -12,12 +12,13 @@ the fixed images and labels that the metrics score. Its `state_dict` is its part
 from __future__ import annotations
 
 import contextlib
+import pickle
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import TrialConfig
+from harness.config import ConfigError, TrialConfig
 from harness.science.data import NUM_CLASSES
 from harness.science.generator import Generator, sample_conditioning
 from harness.science.losses import GeneratedBatch
@@ -73,24 +74,47 @@ class Inverter(nn.Module):
 
 
 class GeneratorInverter(Inverter):
-    """Trains G(z, c): each step a batch of soft/hot conditioned samples; evaluated on fixed latents."""
+    """Trains G(z, c): each step a batch of soft/hot conditioned samples. Two fixed image sets: the
+    bank G(bank_z) of M codes (dropout off; what the kkt term acts on) and the evaluation sample of
+    fresh latents (`eval.per_class` per class); `eval.generator_images` says which one is scored."""
 
     kkt_layers_default = 2
 
     def __init__(self, cfg: TrialConfig, device: torch.device, origin: torch.Tensor | None = None):
         super().__init__(cfg, device, origin)
-        self.generator = Generator(cfg.generator)
+        self.generator = Generator(cfg.generator, origin=self.origin)
         self.step_fn = torch.compile(self.generator) if cfg.train.compile else self.generator
         eval_rng = torch.Generator().manual_seed(cfg.eval.latent_seed)
         self.register_buffer("eval_labels", torch.arange(NUM_CLASSES).repeat_interleave(cfg.eval.per_class),
                              persistent=False)
         self.register_buffer("eval_z", torch.randn(len(self.eval_labels), cfg.generator.latent_dim,
                                                    generator=eval_rng), persistent=False)
-        self.bank_z: torch.Tensor | None = None
+        # the bank of fixed codes (drawn from the trial seed: not part of the state, rebuilt from the config)
+        m = self.bank_size(cfg)
+        gen = torch.Generator().manual_seed(cfg.seed + 7919)
+        self.register_buffer("bank_z", torch.randn(m, self.latent_dim, generator=gen), persistent=False)
+        self.register_buffer("bank_labels", torch.arange(m) % NUM_CLASSES, persistent=False)
+        codes = cfg.generator.code_params
+        self.code_z = nn.Parameter(self.bank_z.clone()) if codes == "learned_z" else None
+        self.code_map = nn.Parameter(torch.zeros(m, self.generator.map_channels, NUM_CLASSES, NUM_CLASSES)) \
+            if codes == "embedding" else None
+
+    @staticmethod
+    def bank_size(cfg: TrialConfig) -> int:
+        """M = kkt_codes_per_class_per_100 x classes x N/100 codes, at least kkt_min_codes (rounded up
+        to whole classes)."""
+        loss = cfg.loss
+        per_class = max(round(loss.kkt_codes_per_class_per_100 * cfg.data.train_size / 100),
+                        -(-loss.kkt_min_codes // NUM_CLASSES))
+        return per_class * NUM_CLASSES
 
     @property
     def latent_dim(self) -> int:
         return self.generator.latent_dim
+
+    def code_parameters(self) -> list[nn.Parameter]:
+        """The per-code free parameters of `generator.code_params` (none by default)."""
+        return [p for p in (self.code_z, self.code_map) if p is not None]
 
     def batch(self, classifier, terms, rng):
         g, b = self.cfg.generator, self.cfg.generator_batch
@@ -103,32 +127,55 @@ class GeneratorInverter(Inverter):
         return GeneratedBatch(x, pre, c, labels.to(self.device), logits, feats, z)
 
     def make_optimizer(self, term_params):
+        """Adam over the generator (and its per-code parameters) and the loss terms' parameters (the
+        KKT multipliers), those in a group of their own at train.lambda_lr when it is given."""
         t = self.cfg.train
-        return torch.optim.Adam([*self.generator.parameters(), *term_params], lr=t.lr, betas=(t.beta1, 0.999))
+        params = [*self.generator.parameters(), *self.code_parameters()]
+        if t.lambda_lr is None or not term_params:
+            return torch.optim.Adam([*params, *term_params], lr=t.lr, betas=(t.beta1, 0.999))
+        return torch.optim.Adam([{"params": params}, {"params": list(term_params), "lr": t.lambda_lr}],
+                                lr=t.lr, betas=(t.beta1, 0.999))
 
     def kkt_bank(self, seed):
-        """A fixed bank of (z, label) codes: M = kkt_codes_per_class_per_100 x classes x N/100."""
-        loss = self.cfg.loss
-        per_class = max(round(loss.kkt_codes_per_class_per_100 * self.cfg.data.train_size / 100),
-                        -(-loss.kkt_min_codes // NUM_CLASSES))
-        m = per_class * NUM_CLASSES
-        gen = torch.Generator().manual_seed(seed + 7919)
-        self.bank_z = torch.randn(m, self.latent_dim, generator=gen).to(self.device)
-        return torch.arange(m) % NUM_CLASSES, False
+        """The bank's labels (code i has label i mod classes); `loss.kkt_estimator` says how many a step."""
+        return self.bank_labels.cpu().clone(), False
 
     def kkt_images(self, idx):
         """The codes' images with dropout off and BatchNorm in eval mode: each code is one fixed
-        candidate, as the KKT condition needs (gradients still flow into the generator)."""
+        candidate, as the KKT condition needs (gradients still flow into the generator and the
+        per-code parameters)."""
+        idx = idx.to(self.bank_z.device)
         labels = idx % NUM_CLASSES
+        z = self.code_z[idx] if self.code_z is not None else self.bank_z[idx]
+        extra = {"code_map": self.code_map[idx]} if self.code_map is not None else {}
         was_training = self.generator.training
         self.generator.eval()
         try:
-            return self.generator(self.bank_z[idx], F.one_hot(labels, NUM_CLASSES).float().to(self.device))
+            return self.generator(z, F.one_hot(labels, NUM_CLASSES).float().to(self.device), **extra)
         finally:
             self.generator.train(was_training)
 
+    def _scored(self, images: torch.Tensor) -> torch.Tensor:
+        if self.cfg.generator.rescale == "range":
+            images = stretch_to_range(images, self.origin)
+        return images.clamp(-1, 1)
+
+    @torch.no_grad()
+    def bank_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """G(bank_z) for every code, in code order (as `kkt_images`), rescaled as generator.rescale says."""
+        idx = torch.arange(len(self.bank_z), device=self.bank_z.device)
+        images = torch.cat([self.kkt_images(idx[i:i + 500]) for i in range(0, len(idx), 500)])
+        return self._scored(images).cpu(), self.bank_labels.cpu().clone()
+
     @torch.no_grad()
     def eval_images(self):
+        """The scored set: `bank_images` with eval.generator_images: bank, else `sample_images`."""
+        if self.cfg.eval.generator_images == "bank":
+            return self.bank_images()
+        return self.sample_images()
+
+    @torch.no_grad()
+    def sample_images(self):
         """Hot conditioning, per_class images per class, BatchNorm in eval mode, dropout masks
         (if eval.sample_dropout) from the fixed evaluation seed."""
         was_training = self.generator.training
@@ -143,9 +190,49 @@ class GeneratorInverter(Inverter):
             images = torch.cat([self.generator(self.eval_z[i:i + 500], c[i:i + 500])
                                 for i in range(0, len(c), 500)])
         self.generator.train(was_training)
-        if self.cfg.generator.rescale == "range":
-            images = stretch_to_range(images, self.origin).clamp(-1, 1)
-        return images.cpu(), self.eval_labels.cpu().clone()
+        return self._scored(images).cpu(), self.eval_labels.cpu().clone()
+
+    def distill(self, targets: torch.Tensor, idx: torch.Tensor, steps: int, threshold: float,
+                check_every: int = 25) -> dict[str, float]:
+        """Fit G(bank_z)[idx] to `targets` by MSE (a fresh Adam at train.lr over the generator and the
+        per-code parameters) for at most `steps` steps, stopping once every target is matched at SSIM
+        >= threshold (checked every `check_every` steps). Returns the steps taken and the fraction
+        matched at the end."""
+        from harness.science.metrics import paired_ssim
+
+        t = self.cfg.train
+        opt = torch.optim.Adam([*self.generator.parameters(), *self.code_parameters()], lr=t.lr,
+                               betas=(t.beta1, 0.999))
+        targets = targets.to(self.bank_z.device, torch.float32)
+        done, matched = 0, 0.0
+        while done < steps:
+            x = self.kkt_images(idx)
+            loss = F.mse_loss(x.float(), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            if done % check_every == 0 or done == steps:
+                with torch.no_grad():
+                    ssim = paired_ssim(self.kkt_images(idx).float().cpu(), targets.cpu())
+                matched = (ssim >= threshold).float().mean().item()
+                if matched == 1.0:
+                    break
+        return {"distill_steps_done": float(done), "distill_matched_at_start": matched}
+
+    def codes_for(self, labels: torch.Tensor) -> torch.Tensor:
+        """A bank code for each label: target j gets the next unused code of its class (code i has
+        label i mod classes), in order."""
+        labels = labels.cpu().long()
+        idx = torch.empty(len(labels), dtype=torch.long)
+        for k in range(NUM_CLASSES):
+            mine = (labels == k).nonzero().squeeze(1)
+            codes = (self.bank_labels.cpu() == k).nonzero().squeeze(1)
+            if len(mine) > len(codes):
+                raise ConfigError(f"generator.distill_from: {len(mine)} targets of class {k} but the bank has "
+                                  f"{len(codes)} codes of it; raise loss.kkt_codes_per_class_per_100 or use fewer targets")
+            idx[mine] = codes[:len(mine)]
+        return idx
 
 
 class DirectInverter(Inverter):
@@ -228,6 +315,23 @@ def stretch_to_range(x: torch.Tensor, origin: torch.Tensor, **options) -> torch.
     For a candidate that is an exact multiple c·(t − origin) of an image t with pixels at ±1 this
     gives t back: s = 1/c."""
     return origin + stretch_factor(x, origin, **options)[:, None, None, None] * (x - origin)
+
+
+def load_targets(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images n x 1 x 28 x 28 clamped to [-1, 1], labels) from a .pt file holding `images` and
+    `labels`: a run's samples.pt, or a direct run's inverter.pt (its raw candidates)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"generator.distill_from: cannot read {path}: {err}") from err
+    if not isinstance(data, dict) or "images" not in data or "labels" not in data:
+        raise ConfigError(f"generator.distill_from: {path} holds no `images` and `labels` (give a samples.pt, "
+                          "or a direct run's inverter.pt)")
+    images = data["images"].detach().float().reshape(-1, 1, 28, 28).clamp(-1, 1)
+    labels = data["labels"].detach().long().reshape(-1)
+    if len(images) != len(labels):
+        raise ConfigError(f"generator.distill_from: {path} has {len(images)} images but {len(labels)} labels")
+    return images, labels
 
 
 INVERTERS: dict[str, type[Inverter]] = {"generator": GeneratorInverter, "direct": DirectInverter}

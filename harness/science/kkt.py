@@ -123,6 +123,79 @@ def kkt_residual_explicit(model: nn.Module, theta: dict[str, torch.Tensor], x: t
     return residual / sum(p.pow(2).sum() for p in params)
 
 
+def kkt_residual_split(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                       lam: torch.Tensor, scale: float, split: int) -> torch.Tensor:
+    """⟨θ − G_A, θ − G_B⟩ / ‖θ‖², G_A = scale · Σ_{i < split} λ_i ∇_θ m_i(x_i) over the rows before
+    `split`, G_B the same over the rows from it (arguments as `kkt_residual`). For two independent
+    minibatch draws of a bank, each scaled to an unbiased estimate of the bank's sum, this is an
+    unbiased estimate of the bank's residual ‖θ − G‖² / ‖θ‖²: one draw's ‖θ − G_A‖² overestimates it
+    by the draw's variance E‖G_A − G‖², which identical candidates lower. Rows must not interact in
+    the forward pass (no BatchNorm in training mode), as in every classifier here in eval mode.
+
+    Linear layers are taken by `kkt_residual`'s Gram form where it is the cheaper:
+    ⟨W − D_Aᵀ H_A, W − D_Bᵀ H_B⟩ = ‖W‖² − Σ D_A∘(Z_A − b) − Σ D_B∘(Z_B − b) + Σ (D_A D_Bᵀ)∘(H_A H_Bᵀ);
+    other parameters are formed by autograd (`kkt_residual_split_explicit` forms them all, the
+    reference it is tested against)."""
+    rows = x.shape[0]
+    linear = {name: mod for name, mod in model.named_modules()
+              if isinstance(mod, nn.Linear) and f"{name}.weight" in theta
+              and rows * (mod.in_features + mod.out_features) < mod.in_features * mod.out_features}
+    by_gram = {f"{name}.{p}" for name in linear for p in ("weight", "bias")}
+    given = theta
+    theta = {k: (p.detach() if k in by_gram else p) for k, p in theta.items()}
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    reused: set[str] = set()
+
+    def keep(name):
+        def hook(module, inputs, output):
+            if name in seen:
+                reused.add(name)
+            if not output.requires_grad:
+                output.requires_grad_(True)
+            seen[name] = (inputs[0], output)
+        return hook
+
+    handles = [mod.register_forward_hook(keep(name)) for name, mod in linear.items()]
+    try:
+        logits, _ = functional_call(model, theta, (x,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if reused:  # a shared layer: its gradient is a sum over its calls, which the Gram form does not cover
+        return kkt_residual_split_explicit(model, given, x, y, lam, scale, split)
+    names = list(linear)
+    formed = [p for k, p in theta.items() if k not in by_gram]
+    halves = (slice(None, split), slice(split, None))
+    targets = [seen[n][1] for n in names] + formed
+    grads = [torch.autograd.grad(_weighted_margins(logits[h], y[h], lam[h], scale), targets, create_graph=True)
+             for h in halves]
+    residual = sum(((p - ga) * (p - gb)).sum() for p, ga, gb in
+                   zip(formed, grads[0][len(names):], grads[1][len(names):]))
+    for name, da, db in zip(names, grads[0][:len(names)], grads[1][:len(names)]):
+        h, z = seen[name]
+        cut = split * (h.reshape(-1, h.shape[-1]).shape[0] // rows)  # the layer's input rows of the first draw
+        h, z, da, db = (t.reshape(-1, t.shape[-1]).float() for t in (h, z, da, db))
+        w, b = theta[f"{name}.weight"].float(), theta.get(f"{name}.bias")
+        with torch.autocast(x.device.type, enabled=False):  # float32: the terms cancel as the residual nears 0
+            zb = z - b.float() if b is not None else z
+            da, db = da[:cut], db[cut:]
+            residual = residual + w.pow(2).sum() - (da * zb[:cut]).sum() - (db * zb[cut:]).sum() \
+                + ((da @ db.T) * (h[:cut] @ h[cut:].T)).sum()
+        if b is not None:
+            residual = residual + ((b.float() - da.sum(0)) * (b.float() - db.sum(0))).sum()
+    return residual / sum(p.pow(2).sum() for p in theta.values())
+
+
+def kkt_residual_split_explicit(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tensor,
+                                y: torch.Tensor, lam: torch.Tensor, scale: float, split: int) -> torch.Tensor:
+    """`kkt_residual_split` by its definition: G_A and G_B formed for every parameter by autograd."""
+    logits, _ = functional_call(model, theta, (x,))
+    params = list(theta.values())
+    ga, gb = (torch.autograd.grad(_weighted_margins(logits[h], y[h], lam[h], scale), params, create_graph=True)
+              for h in (slice(None, split), slice(split, None)))
+    return sum(((p - a) * (p - b)).sum() for p, a, b in zip(params, ga, gb)) / sum(p.pow(2).sum() for p in params)
+
+
 def multiplier_shape(n: int, num_classes: int, margin: str) -> tuple[int, ...]:
     return (n, num_classes) if margin == "all" else (n,)
 

@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 from harness.config import LossConfig
 from harness.science.data import NUM_CLASSES
-from harness.science.kkt import kkt_residual, multiplier_shape, theta_params
+from harness.science.kkt import kkt_residual, kkt_residual_split, multiplier_shape, theta_params
 
 
 @dataclass
@@ -146,7 +146,8 @@ class GradientNorm(LossTerm):
 class KKTStationarity(LossTerm):
     """‖θ − (M/B) Σ_i λ_i ∇_θ m_i(x_i)‖² / ‖θ‖² + w_λ · mean(relu(λ_min − λ)²) over the inverter's
     bank of M fixed candidates with learnable λ_i = a_i²: the whole bank every step for the direct
-    inverter (an exact sum), a minibatch of B generator codes otherwise."""
+    inverter (an exact sum); for the generator's codes as `kkt_estimator` says: the whole bank (full),
+    a minibatch of B codes (minibatch), or the unbiased product of two independent draws of B/2."""
 
     def __init__(self, cfg, classifier, inverter, train_size, batch_size, seed):
         super().__init__(cfg, classifier, inverter, train_size, batch_size, seed)
@@ -154,7 +155,13 @@ class KKTStationarity(LossTerm):
         labels, whole = inverter.kkt_bank(seed)
         self.register_buffer("bank_y", labels)
         self.num_codes = len(labels)
-        self.batch_size = self.num_codes if whole else min(batch_size, self.num_codes)
+        self.estimator = "full" if whole else cfg.kkt_estimator
+        if self.estimator == "full":
+            self.batch_size = self.num_codes
+        elif self.estimator == "unbiased":  # two draws of half a batch each: B images a step, as minibatch
+            self.batch_size = max(1, min(batch_size, self.num_codes) // 2)
+        else:
+            self.batch_size = min(batch_size, self.num_codes)
         self.layers = cfg.kkt_layers if cfg.kkt_layers is not None else inverter.kkt_layers_default
         self.a = nn.Parameter(torch.full(multiplier_shape(self.num_codes, NUM_CLASSES, cfg.kkt_margin),
                                          cfg.kkt_lambda_init ** 0.5))
@@ -170,18 +177,40 @@ class KKTStationarity(LossTerm):
     def lam(self) -> torch.Tensor:
         return self.a.pow(2)
 
+    def draw(self) -> torch.Tensor:
+        return torch.randperm(self.num_codes, generator=self._draw)[:self.batch_size].to(self.a.device)
+
     def forward(self, b: GeneratedBatch):
-        if self.batch_size == self.num_codes:
+        split = None
+        if self.estimator == "unbiased":  # two independent draws, rows [:split] and [split:]
+            idx = torch.cat([self.draw(), self.draw()])
+            split = self.batch_size
+        elif self.batch_size == self.num_codes:
             idx = torch.arange(self.num_codes, device=self.a.device)
         else:
-            idx = torch.randperm(self.num_codes, generator=self._draw)[:self.batch_size].to(self.a.device)
+            idx = self.draw()
         x = self.inverter[0].kkt_images(idx)
         theta = theta_params(self.f, self.layers)
-        residual = kkt_residual(self.f, theta, x, self.bank_y[idx], self.lam[idx], self.num_codes / len(idx))
+        scale = self.num_codes / self.batch_size
+        if split is None:
+            residual = kkt_residual(self.f, theta, x, self.bank_y[idx], self.lam[idx], scale)
+        else:
+            residual = kkt_residual_split(self.f, theta, x, self.bank_y[idx], self.lam[idx], scale, split)
         per_candidate = self.lam if self.lam.dim() == 1 else self.lam.sum(1) - self.lam.gather(
             1, self.bank_y[:, None]).squeeze(1)  # the own-class entry is not a multiplier
         penalty = F.relu(self.cfg.kkt_lambda_min - per_candidate).pow(2).mean()
         return residual + self.cfg.kkt_lambda_weight * penalty
+
+    def bank_residual(self) -> float:
+        """The normalised KKT residual over the whole bank at the current multipliers (the λ penalty
+        left out), the candidates fixed: the `kkt_residual_bank` metric, the same quantity for both
+        inverters (call it under the classifier's smoothing, as training does)."""
+        idx = torch.arange(self.num_codes, device=self.a.device)
+        with torch.no_grad():
+            x = self.inverter[0].kkt_images(idx).detach().float()
+        with torch.enable_grad():
+            return kkt_residual(self.f, theta_params(self.f, self.layers), x, self.bank_y,
+                                self.lam.detach()).item()
 
 
 class BatchNormStatistics(LossTerm):

@@ -285,6 +285,17 @@ class Evaluator:
         self.real_moments = real.mean_cov()
 
     @torch.no_grad()
+    def sample_metrics(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """The class-level measures of a generator's fresh-latent sample, when another image set (its
+        bank) is scored: `diversity`, `evaluator_acc` and `target_acc` of these images, as
+        sample_diversity, sample_evaluator_acc, sample_target_acc."""
+        on_device = images.detach().float().to(self.device)
+        labels = labels.cpu()
+        return {"sample_diversity": diversity(images, labels, self.cfg.diversity_pairs),
+                "sample_evaluator_acc": (self.evaluator(on_device)[0].argmax(1).cpu() == labels).float().mean().item(),
+                "sample_target_acc": (self.classifier(on_device)[0].argmax(1).cpu() == labels).float().mean().item()}
+
+    @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
         cfg, refs, dev = self.cfg, self.references, self.device
         gen = Split(images.detach().float().cpu(), labels.cpu())

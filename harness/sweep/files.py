@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.config import (MAX_NAME, ConfigError, TrialConfig, _Section, build_config, check_data_root,
+from harness.config import (MAX_NAME, NUMBER_ERRORS, ConfigError, TrialConfig, _Section, build_config, check_data_root,
                             control_character, deep_merge, flatten, load_yaml, parse_overrides, parse_yaml, seed_field,
                             short_repr, unflatten)
 from harness.records.metric_names import METRIC_NAMES, REFERENCE_NAMES
@@ -110,13 +110,17 @@ class StopConfig(_Section):
 
 
 class ClaimConfig(_Section):
-    """The study's claim, as a test: `greater` beats `lesser` on `metric` (confidence intervals
-    over seeds separate), or `greater` lies above the `reference` metric's value."""
+    """The study's claim, as a test: `greater` beats `lesser` on `metric` (the 95% interval of the
+    difference, paired by seed, lies above 0), or with a `margin` the two do not differ by more
+    than it (TOST), or `greater` lies above the `reference` metric's value."""
     statement: str = Field(description="the claim in words")
     metric: str = Field("ssim_nn_train_mean", description="metric that decides it (higher = more leakage)")
     greater: str = Field(description="variant expected to be higher, e.g. pool=avg")
     lesser: str | None = Field(None, description="variant expected to be lower, e.g. pool=max")
     reference: str | None = Field(None, description="or: reference metric to beat, e.g. ref_blank_ssim")
+    margin: float | None = Field(None, gt=0, allow_inf_nan=False, description="a claim of no difference: "
+                                 "|greater - lesser| < margin on metric, tested by two one-sided tests (TOST); "
+                                 "written down before the runs, e.g. 0.05")
 
     @field_validator("metric")
     @classmethod
@@ -134,6 +138,14 @@ class ClaimConfig(_Section):
     def _one_comparison(self):
         if (self.lesser is None) == (self.reference is None):
             raise ValueError("give exactly one of lesser (a variant) or reference (a ref_* metric)")
+        if self.margin is not None:
+            from harness.report.verdicts import COUNTED
+
+            if self.lesser is None:
+                raise ValueError("margin: a claim of no difference compares two variants; give lesser, not reference")
+            if self.metric in COUNTED:
+                raise ValueError(f"margin: {self.metric} is a count, decided by Fisher's exact test; a margin "
+                                 "applies to a metric averaged over seeds")
         return self
 
 
@@ -167,12 +179,23 @@ class SweepConfig(_Section):
         "of the classifiers from one of the generator")
     confirm_seeds: int = Field(3, ge=1, description="harness ablate: confirmation seeds per variant (--seeds "
                                "overrides it); a claim on a count (collapsed) needs at least 4")
+    classifier_confound: bool = Field(
+        False, description="harness ablate: allow `search` to tune a setting that decides the classifier "
+        "(classifier.*, data.*) per variant. Off, such a study is refused: the variants' classifiers would "
+        "differ in a setting the claim does not name. On, the report states it as a confound in its Verdict")
     confirm_subset: bool = Field(
         True, description="harness ablate: a confirmation seed also draws the training subset (data.subset_seed, "
         "and so the disjoint subset of a negative control), not only the classifier's and the inverter's "
         "initialisation; every variant at seed s sees the same images (paired). false: one subset for all seeds")
     checkpoint_every: int = Field(5, ge=1, description="checkpoint the generator every this many epochs")
     max_failures: int = Field(1, ge=0, description="retries of a failing trial, from its last checkpoint")
+    keep_best: int = Field(1, ge=0, description="the inverter's weights of this many best trials of each variant "
+                           "(the summary's ranking by `metric`) are kept, as inverter.pt in their MLflow runs, once "
+                           "the variant's run is complete; a trial's checkpoints are removed as soon as it has "
+                           "ended and its artifacts are in MLflow. 0: no weights")
+    keep_weights: Literal["best", "all"] = Field(
+        "best", description="best: the weights of the keep_best best trials only; all: every trial's weights "
+        "(inverter.pt in its MLflow run, as it ends)")
 
     @field_validator("name")
     @classmethod
@@ -449,6 +472,12 @@ def sweep_overrides(raw: dict, pairs: list[str] | None) -> dict:
             raise ConfigError(f"--set {section}.{name}: {section} is not a section")
         data[section] = node = dict(node or {})  # a copy: the file's own mapping stays as read
         if target is not None:
+            if target not in node:  # a misspelt variant (nobn for no_bn) would be a new one, silently
+                if not node:
+                    raise ConfigError(f"--set variants.{target}.{name}: the sweep file has no named variants "
+                                      f"(no variants: section); set base.{name}, or add the variant to the file")
+                raise ConfigError(f"--set variants.{target}.{name}: {short_repr(target)} is not a variant of the "
+                                  f"sweep file; its variants are {', '.join(map(str, node))}")
             if node.get(target) is not None and not isinstance(node[target], dict):
                 raise ConfigError(f"--set variants.{target}.{name}: variant {target} is not a mapping of settings")
             node[target] = node = dict(node.get(target) or {})
@@ -565,7 +594,7 @@ def _format_error_sweep(err: ValidationError) -> str:
     if first["type"] == "missing":
         return f"{loc}: required"
     msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] != "value_error" and "input" in first:
+    if first["type"] not in ("value_error", *NUMBER_ERRORS) and "input" in first:
         msg += f" (got {short_repr(first['input'])})"
     return f"{loc}: {msg}" if loc else msg
 
@@ -599,7 +628,8 @@ def _sweep_section(loc) -> type[BaseModel] | None:
 # --------------------------------------------------------------------------------------------
 RECORD_FILE = "sweep.json"
 RECORD_LAYOUT = 2  # 2: the harness/science, sweep, records, report package layout (folders before it have no record)
-RESUME_MAY_CHANGE = ("resources",)  # where the trials run does not change what they compute
+RESUME_MAY_CHANGE = ("resources", "keep_best", "keep_weights")  # where the trials run and what is kept
+# of them do not change what they compute
 
 
 def sweep_record(sweep: SweepConfig, kind: str, seeds: list[int] | None = None) -> dict:
@@ -610,10 +640,14 @@ def sweep_record(sweep: SweepConfig, kind: str, seeds: list[int] | None = None) 
 
 
 def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
-    """The dotted path of the first setting that differs between two JSON-like values."""
+    """The dotted path of the first setting that differs between two JSON-like values. A key one
+    side lacks and the other holds as None (an optional setting added since, e.g. claim.margin) is
+    no difference."""
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new), key=str):
             where = f"{path}.{key}" if path else str(key)
+            if (key not in old and new[key] is None) or (key not in new and old[key] is None):
+                continue
             if key not in old or key not in new:
                 return where
             found = _first_difference(old[key], new[key], where)
@@ -667,3 +701,22 @@ def write_record(out: Path, record: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+CLASSIFIER_REGIME = ("classifier.", "data.")  # settings that decide which classifier a variant inverts
+TPE_MIN_TRIALS, TPE_MIN_MODELLED = 8, 4  # per-variant tuning below these is close to a random choice
+
+
+def check_one_regime(sweep: SweepConfig) -> None:
+    """A study compares variants that differ in what its axes name, and in nothing else that
+    decides the classifier: a search over `classifier.*` or `data.*` would tune each variant's
+    classifier apart (e.g. avg pooling at one weight decay, max at another). Refused unless the
+    file sets `classifier_confound: true`, and then the report names the confound."""
+    if len(sweep.variants()) < 2 or sweep.classifier_confound:
+        return
+    tuned = [k for k in sweep.search if k.startswith(CLASSIFIER_REGIME)]
+    if tuned:
+        raise ConfigError(f"search.{tuned[0]}: decides the classifier, and a study tunes it per variant, so the "
+                          "variants' classifiers would differ in a setting the claim does not name; fix it in base "
+                          "(one classifier regime for every variant), or set classifier_confound: true to report it "
+                          "as a confound")

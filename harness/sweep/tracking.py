@@ -138,21 +138,25 @@ class MlflowTrialLogger(Callback):
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_config: dict,
                  max_epochs: int, tags: dict[str, str] | None = None, fixed: dict[int, dict] | None = None,
                  metric: str = "score", objectives: list[str] | None = None, recorder=None,
-                 stopper=None):
-        from harness.records.metric_names import METRIC_NAMES, REFERENCE_NAMES
+                 stopper=None, keeper=None):
+        from harness.records.metric_names import METRIC_NAMES, REFERENCE_NAMES, SITUATIONAL_NAMES
 
         self.uri, self.experiment_id, self.parent = tracking_uri, experiment_id, parent_run_id
         self.base_config, self.max_epochs, self.tags = base_config, max_epochs, tags or {}
         # the sweep's collapse stopper (None: no such stopper), asked to tell its stops from ASHA's
         self.stopper = stopper
+        # harness.sweep.storage.CheckpointKeeper (None: checkpoints are left alone): told of each trial
+        # whose artifacts are logged, removes its checkpoints once Tune's saved state records it as ended
+        self.keeper = keeper
+        self.archived: set[str] = set()  # trials whose artifacts are in MLflow (their checkpoints may go)
         self.fixed = fixed or {}  # grid index -> settings, for trials of a fixed list (no search)
         self.metric, self.objectives, self.recorder = metric, objectives or [metric], recorder
-        self.evaluation_names = (*METRIC_NAMES, *REFERENCE_NAMES)
+        self.evaluation_names = (*METRIC_NAMES, *SITUATIONAL_NAMES, *REFERENCE_NAMES)
         self.runs: dict[str, str] = {}
         self.checkpoints: dict[str, Any] = {}
         self.last: dict[str, dict] = {}
         self.ended: set[str] = set()  # trials that completed or errored (not merely interrupted)
-        self.outcomes: dict[str, str] = {}  # trial id -> finished / pruned / collapsed / nonfinite / failed
+        self.outcomes: dict[str, str] = {}  # trial id -> finished / pruned / collapsed / nonfinite / timed_out / failed
         self.optuna_numbers: dict[str, int] = {}
         self.logged_epoch: dict[str, int] = {}  # a trial resumed from an older checkpoint repeats epochs
         self.constants_logged: set[str] = set()
@@ -184,6 +188,8 @@ class MlflowTrialLogger(Callback):
                     self.ended.add(trial_id)
                     if TAG_OUTCOME in run.data.tags:
                         self.outcomes[trial_id] = run.data.tags[TAG_OUTCOME]
+                    if self.outcomes.get(trial_id) != "failed":  # logged its artifacts as it ended
+                        self.archived.add(trial_id)
                     if TAG_OPTUNA_TRIAL in run.data.tags:
                         self.optuna_numbers[trial_id] = int(run.data.tags[TAG_OPTUNA_TRIAL])
             elif trial_id not in live_trial_ids and run.info.status == "RUNNING":
@@ -243,18 +249,48 @@ class MlflowTrialLogger(Callback):
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         self.checkpoints[trial.trial_id] = checkpoint
 
-    def _log_final_artifacts(self, trial, run_id: str) -> None:
-        checkpoint = self.checkpoints.get(trial.trial_id) or getattr(trial, "checkpoint", None)
+    def _log_final_artifacts(self, trial, run_id: str) -> bool:
+        """Log the artifacts of the trial's last checkpoint (with `keep_weights: all` also the
+        inverter's weights); False where that failed (its checkpoint must then stay)."""
+        checkpoint = self.checkpoints.pop(trial.trial_id, None) or getattr(trial, "checkpoint", None)
         if checkpoint is None:
-            return
+            return True  # nothing to log, nothing on disk to keep for it
+        names = ["grid.png", "nearest.png", "reconstructions.png", "samples.pt", "config.yaml", "metrics.json",
+                 "per_train_best_ssim.json"]
+        if self.keeper is not None and self.keeper.keep_weights == "all":
+            names.append("inverter.pt")
         try:
             with checkpoint.as_directory() as d:
-                for name in ("grid.png", "nearest.png", "reconstructions.png", "samples.pt", "config.yaml",
-                             "metrics.json", "per_train_best_ssim.json"):
+                for name in names:
                     if (Path(d) / name).exists():
                         self.client.log_artifact(run_id, str(Path(d) / name))
         except Exception as exc:  # an artifact problem must not fail the sweep
             log.warning("could not log artifacts of %s: %s", trial.trial_id, exc)
+            return False
+        return True
+
+    def log_weights(self, run_id: str, path: Path) -> bool:
+        """Log a best trial's weights (inverter.pt) to its run; False where that failed."""
+        try:
+            self.client.log_artifact(run_id, str(path))
+        except Exception as exc:
+            log.warning("could not log the weights %s to run %s: %s", path, run_id, exc)
+            return False
+        return True
+
+    def has_weights(self, run_id: str) -> bool:
+        """Whether the run holds the inverter's weights already (a resumed sweep that had ended)."""
+        try:
+            return any(a.path == "inverter.pt" for a in self.client.list_artifacts(run_id))
+        except Exception:
+            return False
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.keeper is not None:
+            try:
+                self.keeper.poll(trials=trials)
+            except Exception as exc:  # disk hygiene must not fail the sweep
+                log.warning("could not clean up checkpoints: %s", exc)
 
     def _end(self, trial, run_id: str, outcome: str, status: str, reason: str, result: dict) -> None:
         """Record the trial in the Optuna study (if any), then tag and end its MLflow run."""
@@ -297,17 +333,35 @@ class MlflowTrialLogger(Callback):
             outcome, status, reason = "nonfinite", "KILLED", f"stopped: the loss became NaN/inf at epoch {epoch}"
         elif epoch >= self.max_epochs:
             outcome, status, reason = "finished", "FINISHED", f"completed the epoch budget ({epoch} epochs)"
+        elif self.stopped_by_time(trial, result):
+            outcome, status, reason = ("timed_out", "KILLED",
+                                       f"stopped: time budget train.max_seconds reached at epoch {epoch}")
         elif self.stopped_collapsed(result):
             outcome, status, reason = ("collapsed", "KILLED", f"stopped: collapsed at "
                                        f"{int(result['collapse_streak'])} evaluations in a row at epoch {epoch}")
         else:
             outcome, status, reason = "pruned", "KILLED", f"pruned by ASHA at epoch {epoch}"
-        self._log_final_artifacts(trial, run_id)
+        archived = self._log_final_artifacts(trial, run_id)
         self._end(trial, run_id, outcome, status, reason, {**result, "epoch": epoch})
+        if archived:
+            self.archived.add(trial.trial_id)
+            if self.keeper is not None:
+                self.keeper.trial_ended(trial.trial_id, {**result, "epoch": epoch})
 
     def stopped_collapsed(self, result: dict) -> bool:
         """Whether the collapse stopper ended the trial (else an early stop was ASHA's)."""
         return self.stopper is not None and self.stopper.collapsed(result)
+
+    def stopped_by_time(self, trial, result: dict) -> bool:
+        """Whether the trial's own time budget (`train.max_seconds`) ended it: the trainable's
+        `out_of_time` flag, else its training seconds against the trial's resolved limit."""
+        if "out_of_time" in result:
+            return bool(result["out_of_time"])
+        try:
+            limit = resolve_trial(self.base_config, self.settings_of(trial.config)).train.max_seconds
+        except Exception:  # not a trial config this logger can build: no time budget known
+            return False
+        return bool(limit) and float(result.get("train_seconds", 0.0)) >= limit
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)

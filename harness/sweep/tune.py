@@ -2,7 +2,8 @@
 collapse/NaN stopper prune, MLflow records every trial. A thin layer over `harness.trial.Trial`.
 
 Output folder DIR (default ./runs/<sweep name>):
-  DIR/ray/<variant>/   Ray Tune storage (experiment state, trial checkpoints) per variant
+  DIR/ray/<variant>/   Ray Tune storage per variant: experiment state, each trial's small files, and its
+                       checkpoints only while it can still be resumed (harness.sweep.storage)
   DIR/mlflow.db        MLflow store (unless --mlflow-uri), artifacts under DIR/mlartifacts
   DIR/optuna.db        the Optuna studies, one per variant, each trial written as it ends
   DIR/summary.json     per variant: trial counts by outcome, the best trial, every trial
@@ -16,7 +17,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import tempfile
 import time
@@ -30,6 +30,7 @@ from harness.records.results import best_trials, enters_averages, enters_counts,
 from harness.report.verdicts import COUNTED
 from harness.sweep.files import (OFF_SUFFIX, SweepConfig, check_resume, clean_searched, resolve_trial, sweep_record,
                                  write_record)
+from harness.sweep.storage import prune_checkpoints  # noqa: F401  (harness.sweep.tune.prune_checkpoints)
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def run_trial(config: dict, base: dict, checkpoint_epochs: list[int]) -> None:
             result = {**row, "collapse_streak": streak, "classifier_cache_key": trial.classifier_info["cache_key"],
                       "classifier_cache_hit": float(trial.classifier_info["cache_hit"]),
                       "setup_seconds": trial.setup_seconds, **trial.classifier_metrics,
-                      "evaluator_heldout_acc": trial.evaluator_info["heldout_acc"], "node_id": node_id}
+                      "evaluator_heldout_acc": trial.evaluator_info["heldout_acc"], "node_id": node_id,
+                      "out_of_time": float(trial.out_of_time)}  # train.max_seconds ended it (tracking's label)
             if trial.epoch in checkpoint_epochs or trial.done:
                 with tempfile.TemporaryDirectory() as tmp:
                     _write_checkpoint(trial, Path(tmp))
@@ -267,6 +269,7 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from harness.sweep.storage import CheckpointKeeper
     from harness.sweep.tracking import TAG_PHASE, TAG_VARIANT, MlflowTrialLogger
 
     # the trial's torch threads are its CPUs: set here, the one config both the trial and its
@@ -291,10 +294,12 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
                                  {"mlflow_parent_run_id": parent_id, "mlflow_experiment_id": experiment_id,
                                   "variant": variant, "phase": phase})
     stopper = make_stopper(sweep)  # Ray's Stopper; the logger gets its plain (picklable) rule
+    # removes a trial's checkpoints once it has ended, its artifacts are in MLflow and Tune's saved state says so
+    keeper = CheckpointKeeper(exp_path, sweep.metric, sweep.mode, sweep.keep_best, sweep.keep_weights)
     logger = MlflowTrialLogger(uri, experiment_id, parent_id, base, max_epochs,
                                tags={TAG_VARIANT: variant, TAG_PHASE: phase}, fixed=fixed,
                                metric=sweep.metric, objectives=list(objectives), recorder=recorder,
-                               stopper=CollapseNanStopper(stopper.patience, stopper.min_epoch))
+                               stopper=CollapseNanStopper(stopper.patience, stopper.min_epoch), keeper=keeper)
     if resume and tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True,
                                    resume_unfinished=True, restart_errored=False)
@@ -337,14 +342,12 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
             # every checkpoint is kept while the run goes on: with num_to_keep, Tune deletes a trial's older
             # checkpoints before its next state snapshot, so a driver killed in between leaves a snapshot that
             # names a deleted checkpoint, and --resume fails that trial ("does not exist on storage");
-            # prune_checkpoints keeps each trial's last once the run has ended
+            # the CheckpointKeeper removes a trial's checkpoints only once the saved state records it as ended
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None), verbose=0)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
         results = tuner.fit()
     expected = len(fixed_params) if fixed_params is not None else sweep.budget.num_samples
     outcome = VariantOutcome(variant, settings, interrupted=_interrupted(results, logger, expected), phase=phase)
-    if not outcome.interrupted:
-        prune_checkpoints(exp_path)
     for result in results:
         if result.error is not None:
             outcome.errors += 1
@@ -355,7 +358,24 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
                              "metrics": metrics, "error": result.error is not None,
                              "outcome": logger.outcomes.get(trial_id, "failed" if result.error else "interrupted"),
                              "run_id": logger.runs.get(trial_id), "optuna_trial": logger.optuna_numbers.get(trial_id)})
+    settle_checkpoints(outcome, keeper, logger, sweep)
     return outcome
+
+
+def settle_checkpoints(outcome: VariantOutcome, keeper, logger, sweep: SweepConfig) -> None:
+    """After a variant's run (Tune has written its final state): the checkpoints of every trial that
+    ended go; once the run is complete (not interrupted), the weights of the `keep_best` best trials
+    go to their MLflow runs and the other trials keep at most the checkpoint Tune recorded last
+    (an errored trial resumes from it). An interrupted run keeps the checkpoints of its unfinished trials."""
+    try:
+        keeper.set_order(r["trial_id"] for r in outcome.rows)  # the order best_rows breaks ties by
+        keeper.poll(force=True)
+        if not outcome.interrupted:
+            best = best_rows([outcome], sweep.metric, sweep.mode, top=sweep.keep_best) if sweep.keep_best else []
+            keeper.settle([(r["trial_id"], r["run_id"]) for r in best if not logger.has_weights(r["run_id"])],
+                          logger.log_weights, logger.archived)
+    except Exception as exc:  # disk hygiene must not fail a sweep that ran
+        log.warning("could not clean up the checkpoints of %s: %s", outcome.variant, exc)
 
 
 def _run_fixed(config: dict, base: dict, fixed: dict, checkpoint_epochs: list[int]) -> None:
@@ -408,17 +428,6 @@ def _replace_callbacks(tuner, logger) -> None:
 # --------------------------------------------------------------------------------------------
 class SweepInterrupted(RuntimeError):
     pass
-
-
-def prune_checkpoints(exp_path: Path) -> int:
-    """Once a variant's run has ended (not interrupted): each trial keeps its last checkpoint only.
-    Returns how many were removed."""
-    removed = 0
-    for trial_dir in (p for p in exp_path.iterdir() if p.is_dir()) if exp_path.is_dir() else ():
-        for old in sorted(trial_dir.glob("checkpoint_*"))[:-1]:  # checkpoint_000012: zero-padded, sorts in order
-            shutil.rmtree(old, ignore_errors=True)
-            removed += 1
-    return removed
 
 
 def _interrupted(results, logger, expected: int) -> bool:
@@ -501,7 +510,7 @@ def run_sweep(sweep: SweepConfig, out_dir: Path, address: str | None = None, res
     return outcomes
 
 
-OUTCOMES = ("finished", "pruned", "collapsed", "nonfinite", "failed")
+OUTCOMES = ("finished", "pruned", "collapsed", "nonfinite", "timed_out", "failed")
 
 
 def variant_summary(o: VariantOutcome, metric: str, mode: str) -> dict:
