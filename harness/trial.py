@@ -188,10 +188,11 @@ class Trial:
 
     @torch.no_grad()
     def distill_match(self) -> dict[str, float]:
-        """SSIM of each distilled target's code image G(bank_z)_i (as generated) to the target."""
+        """SSIM of each distilled target's code image G(bank_z)_i, as it is scored (rescaled and
+        clamped), to the target."""
         from harness.science.metrics import paired_ssim
 
-        images = self.inverter.kkt_images(self.distill_codes).float().cpu()
+        images = self.inverter._scored(self.inverter.kkt_images(self.distill_codes).float()).cpu()
         ssim = paired_ssim(images, self.distill_targets)
         return {"distill_matched_frac": (ssim >= self.cfg.train.distill_ssim).float().mean().item(),
                 "distill_ssim_mean": ssim.mean().item(), **self.distill_info}

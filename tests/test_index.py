@@ -20,7 +20,7 @@ harness report --experiment pool --mlflow-uri sqlite:///runs/pool/mlflow.db
 
 ## Verdict
 
-**inconclusive**: Average pooling leaks more. coverage_gap: pool=avg 0.388 ± 0.164 (n=4) vs pool=max 0.163 ± 0.076 (n=4) (mean ± 95% CI half-width over seeds); the intervals overlap.
+**inconclusive**: Average pooling leaks more. coverage_gap: pool=avg 0.388 ± 0.164 (n=8) vs pool=max 0.163 ± 0.076 (n=8) (mean ± 95% CI half-width over seeds); the intervals overlap.
 
 ## Per seed
 
@@ -34,6 +34,14 @@ harness report --experiment pool --mlflow-uri sqlite:///runs/pool/mlflow.db
 | pool=max | 1001 | 0.200 | no |
 | pool=max | 1002 | 0.150 | no |
 | pool=max | 1003 | 0.200 | no |
+| pool=avg | 1004 | 0.300 | no |
+| pool=avg | 1005 | 0.500 | no |
+| pool=avg | 1006 | 0.450 | no |
+| pool=avg | 1007 | 0.300 | no |
+| pool=max | 1004 | 0.100 | no |
+| pool=max | 1005 | 0.200 | no |
+| pool=max | 1006 | 0.150 | no |
+| pool=max | 1007 | 0.200 | no |
 """
 
 
@@ -43,12 +51,13 @@ def test_a_report_is_read_and_decided_again_under_the_paired_rule(tmp_path):
     s = read_report(tmp_path / "pool" / "README.md")
     assert (s.study, s.metric, s.greater, s.lesser) == ("pool", "coverage_gap", "pool=avg", "pool=max")
     assert s.commands[0] == "harness ablate search_spaces/pool.yaml --out runs/pool"
-    assert s.values("pool=avg", "coverage_gap") == {1000: 0.3, 1001: 0.5, 1002: 0.45, 1003: 0.3}
+    assert s.values("pool=avg", "coverage_gap") == {1000: 0.3, 1001: 0.5, 1002: 0.45, 1003: 0.3, 1004: 0.3,
+                                                    1005: 0.5, 1006: 0.45, 1007: 0.3}
     kind, text = rescore(s)
-    # paired differences 0.2, 0.3, 0.3, 0.1: mean 0.225, sd 0.0957, t(0.975, 3) = 3.182 -> [0.073, 0.377];
-    # all four of one sign: 2 of 16 sign patterns as extreme, p = 0.125
+    # paired differences 0.2, 0.3, 0.3, 0.1 twice: mean 0.225, sd sqrt(0.055 / 7) = 0.0886,
+    # t(0.975, 7) = 2.365 -> half-width 0.0741, [0.151, 0.299]; all eight of one sign: p = 2/256
     assert kind == "supported"
-    assert "0.225, 95% CI [0.073, 0.377]" in text and "p = 0.125" in text
+    assert "0.225, 95% CI [0.151, 0.299]" in text and "p = 0.008" in text
     readme = tmp_path / "README.md"
     readme.write_text("# Reports\n\nProse kept.\n\n" + START + "\nstale\n" + END + "\n\nNotes kept.\n")
     assert not write_index(readme, check=True)

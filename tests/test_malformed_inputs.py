@@ -3,6 +3,7 @@ refused by the real CLI with exit code 2 and one short line naming the field, be
 leaving nothing behind (no output folder, no MLflow store, nothing in the working directory).
 Reading commands (report, compare) never create a store. No Ray here."""
 import itertools
+import json
 import math
 
 import pytest
@@ -382,9 +383,16 @@ def test_resume_record_known_answers(tmp_path):
         check_resume(folder, record())  # a folder without a record: made before the record existed
     write_record(folder, record())
     check_resume(folder, record())  # the same sweep
-    check_resume(folder, record("sweep", None, "budget.num_samples=5"))  # raising the budget is allowed
+    with pytest.raises(ConfigError, match="budget.num_samples 5 differs from the 2 trials"):
+        check_resume(folder, record("sweep", None, "budget.num_samples=5"))  # Tune keeps the budget it started with
+    held = json.loads((folder / "sweep.json").read_text())
+    del held["settings"]["confirm_subset"]  # a record written before that setting existed
+    (folder / "sweep.json").write_text(json.dumps(held))
+    with pytest.raises(ConfigError, match="confirm_subset .a setting the folder's record lacks: it was made by an earlier"):
+        check_resume(folder, record())
+    write_record(folder, record())
     check_resume(folder, record("sweep", None, "resources.cpu=2"))  # where trials run may change
-    for sets, words in ((["budget.num_samples=1"], "below the 2 trials"),
+    for sets, words in ((["budget.num_samples=1"], "differs from the 2 trials"),
                         (["base.train.epochs=5"], "base.train.epochs differs"),
                         (["search.loss.tv={dist: uniform, low: 0.0, high: 0.6}"], "search.loss.tv.high differs"),
                         (["name=n"], "holds sweep 'm', not 'n'")):
@@ -409,7 +417,7 @@ def test_resume_a_record_made_before_claim_margin_existed(tmp_path):
     folder.mkdir()
     write_record(folder, older)
     check_resume(folder, now)  # an optional setting added since, left unset: the same sweep
-    with pytest.raises(ConfigError, match="claim.margin differs"):
+    with pytest.raises(ConfigError, match="claim.margin .a setting the folder.s record lacks"):
         check_resume(folder, sweep_record(load_sweep(file, ["claim.metric=diversity", "claim.margin=0.1"]), "sweep"))
 
 

@@ -33,9 +33,12 @@ def test_control_section_judges_the_claim_on_the_control_runs():
     header = next(line for line in text.splitlines() if line.startswith("| variant |")).split(" | ")
     avg = next(line for line in text.splitlines() if line.startswith("| pool=avg |")).split(" | ")
     assert avg[header.index("collapsed")] == "1 of 3"  # one of the three control runs collapsed
-    assert "The claim on the control: **supported**" in text
+    # three pairs: the interval lies above 0 but the sign-flip p cannot go below 2/8, so the control's
+    # verdict is inconclusive too, and the reading says the two agree
+    assert "The claim on the control: **inconclusive**" in text
     assert "paired by seed over 3 seeds both ran: mean 0.100" in text  # the failed 1003 is not averaged
-    assert "The classifiers differ (the direct inversion shows it)" in text
+    assert "so it takes at least 6 seeds" in text
+    assert "Both inversions agree (inconclusive)" in text
     assert control_section(params, stats, {}, refs, values) == []
 
 
@@ -102,6 +105,7 @@ def test_one_run_figures_show_and_label_the_true_median_seed(tmp_path, monkeypat
         return name
     monkeypatch.setattr(figures, "_save", keep)
     name, caption = figures.grids_figure(Artifacts(), shown, tmp_path, "score")
-    assert name == "grids.png" and caption == figures.shown_caption(shown, "score")
+    assert name == "grids.png" and caption.startswith("Each variant is shown by its median run by score") \
+        and "even seed 1003 (score 0.500, the lower middle of 4" in caption
     assert titles == ["even, seed 1003 (score 0.500, lower middle of 4, median 0.600)",
                       "odd, seed 1002 (score 0.400, median of 3)", "tied, seed 1000 (score 0.300, median of 4)"]

@@ -99,3 +99,14 @@ def test_a_sweep_report_lists_the_trials_left_out_of_its_averages_and_why():
     assert "- all: 2 of 4 trials averaged; left out: trial 1 (pruned by ASHA at epoch 2), trial 3 (error: see " \
            "the Ray trial's error.txt)" in lines
     assert "- b: all 1 trials averaged" in lines
+
+
+def test_confirm_subset_refuses_a_study_that_varies_the_subset_itself(tmp_path):
+    base = {**STUDY, "search": {"loss.tv": STUDY["search"]["loss.tv"]}}
+    with pytest.raises(ConfigError, match="axes.data.subset_seed: confirm_subset sets data.subset_seed"):
+        check_one_regime(load_sweep(_file(tmp_path, **{**base, "axes": {"data.subset_seed": [0, 1]}})))
+    check_one_regime(load_sweep(_file(tmp_path, **{**base, "axes": {"data.subset_seed": [0, 1]},
+                                                   "confirm_subset": False})))
+    # a tuning subset seed at 1000 or above moves the confirmation seeds past it
+    sweep = load_sweep(_file(tmp_path, **{**base, "base": {"train": {"epochs": 2}, "data": {"subset_seed": 1500}}}))
+    assert sweep.confirmation_seeds(2) == [1501, 1502]

@@ -29,19 +29,26 @@ def _by_seed(avg, mx, avg_seeds=(1000, 1001, 1002, 1003), mx_seeds=(1000, 1001, 
 
 
 @pytest.mark.parametrize("avg, mx, verdict", [
-    ((0.30, 0.33, 0.32), (0.10, 0.11, 0.14), "**supported**"),  # differences 0.20, 0.22, 0.18
-    ((0.10, 0.11, 0.14), (0.30, 0.33, 0.32), "**not supported** (the opposite holds)"),
+    # six seeds: differences 0.20, 0.22, 0.18 twice; sign-flip p 2/64
+    ((0.30, 0.33, 0.32) * 2, (0.10, 0.11, 0.14) * 2, "**supported**"),
+    ((0.10, 0.11, 0.14) * 2, (0.30, 0.33, 0.32) * 2, "**not supported** (the opposite holds)"),
     # the means differ but the differences 0.10, -0.10, 0.05 straddle 0: no verdict either way
-    ((0.30, 0.20, 0.35), (0.20, 0.30, 0.30), "**inconclusive**"),
-    # the separate intervals overlap ([0.23, 0.54] and [0.07, 0.20] at seeds that share an offset), the
-    # paired differences 0.10, 0.20, 0.15 do not: the difference is what the claim is about
-    ((0.30, 0.45, 0.40), (0.20, 0.25, 0.25), "**supported**"),
+    ((0.30, 0.20, 0.35) * 2, (0.20, 0.30, 0.30) * 2, "**inconclusive**"),
+    # the separate intervals overlap (the seeds share an offset), the paired differences 0.10, 0.20,
+    # 0.15 (twice) do not: the difference is what the claim is about
+    ((0.30, 0.45, 0.40) * 2, (0.20, 0.25, 0.25) * 2, "**supported**"),
+    # three seeds: the t-interval of 0.20, 0.22, 0.18 lies above 0, but the sign-flip p cannot go
+    # below 2/8: no verdict, and the line says it takes 6 seeds
+    ((0.30, 0.33, 0.32), (0.10, 0.11, 0.14), "**inconclusive**"),
 ])
 def test_claim_between_variants(avg, mx, verdict):
-    stats, values = _by_seed(avg, mx, (1000, 1001, 1002), (1000, 1001, 1002))
+    seeds = tuple(range(1000, 1000 + len(avg)))
+    stats, values = _by_seed(avg, mx, seeds, seeds)
     text = claim_verdict(PARAMS, stats, {}, values)
     assert text.startswith(verdict + ":") or text.startswith(verdict + " "), text
-    assert "n=3" in text and "paired by seed over 3 seeds" in text
+    assert f"n={len(avg)}" in text and f"paired by seed over {len(avg)} seeds" in text
+    if len(avg) == 3 and verdict == "**inconclusive**":
+        assert "the smallest attainable is 0.250, so it takes at least 6 seeds" in text
 
 
 # the pooling example: greater and lesser at the same seeds 1000-1003
@@ -58,18 +65,22 @@ def test_paired_difference_known_answer():
     assert (diff.low, diff.high) == pytest.approx((0.225 - half, 0.225 + half))
     assert (round(float(diff.low), 2), round(float(diff.high), 2)) == (0.07, 0.38)
     assert diff.p == pytest.approx(2 / 16)  # all four positive: that pattern and its mirror of 16
-    assert difference_kind(diff) == "supported"
-    # the old rule, separate intervals that do not overlap, would not say it: they overlap
+    # the t-interval lies above 0, but four pairs cannot reach a sign-flip p below 2/16: the check
+    # that needs no normality does not confirm it, so no verdict (it takes 6 pairs)
+    assert difference_kind(diff) == "inconclusive"
+    assert difference_kind(paired_difference(POOL_G * 2, POOL_L * 2)) == "supported"  # 8 pairs: p 2/256
+    # the old rule, separate intervals that do not overlap, would not say it even at 8 seeds: the
+    # four-seed intervals overlap
     g, l_ = mean_ci(POOL_G), mean_ci(POOL_L)
     assert g.low < l_.high
     stats_, values = _by_seed(POOL_G, POOL_L)
     text = claim_verdict(PARAMS, stats_, {}, values)
-    assert text.startswith("**supported**: avg leaks more than max. ssim_nn_train_mean: pool=avg 0.388 ± 0.164 (n=4) "
+    assert text.startswith("**inconclusive**: avg leaks more than max. ssim_nn_train_mean: pool=avg 0.388 ± 0.164 (n=4) "
                            "vs pool=max 0.163 ± 0.076 (n=4)"), text
     assert ("paired by seed over 4 seeds both ran: mean 0.225, 95% CI [0.073, 0.377] (Student t, 3 df); sign-flip "
             "permutation p = 0.125 (exact, all 16 sign patterns; the smallest attainable with 4 pairs is 0.125)") in text
-    # effect / sd = 2.35: TTestPower solves 80% power at n = 3.6, rounded up
-    assert "80% power at this effect and spread (sd of the differences 0.096) takes about 4 paired seeds" in text
+    # effect / sd = 2.35: TTestPower solves 80% power at n = 3.6, but the sign-flip p needs 6 pairs
+    assert "80% power at this effect and spread (sd of the differences 0.096) takes about 6 paired seeds" in text
 
 
 def test_sign_flip_p_known_answers():
@@ -149,7 +160,7 @@ def test_seeds_for_power_known_answers():
     diff = paired_difference([0.5, 1.5, 2.5], [1.0, 1.0, 1.0])
     assert seeds_for_power(diff) == 34
     assert seeds_for_power(paired_difference([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])) == math.inf  # no effect
-    assert seeds_for_power(paired_difference([10.0, 10.1, 10.2], [0.0, 0.0, 0.0])) == 2  # huge effect
+    assert seeds_for_power(paired_difference([10.0, 10.1, 10.2], [0.0, 0.0, 0.0])) == 6  # huge: the sign-flip floor
     # Welch: effect / pooled sd = 1: TTestIndPower 16.7 -> 17 per variant
     assert seeds_for_power(welch_difference([0.0, 1.0, 2.0], [-1.0, 0.0, 1.0])) == 17
     stats_, values = _by_seed((0.5, 1.5, 2.5), (1.0, 1.0, 1.0), (1, 2, 3), (1, 2, 3))

@@ -113,15 +113,33 @@ def welch_difference(greater, lesser, confidence: float = 1 - ALPHA) -> Differen
 
 
 def difference_kind(diff: Difference, alpha: float = ALPHA):
-    """The verdict on "greater > lesser" from the difference's interval (computed at 1 - alpha):
-    supported where it lies above 0, not supported (the opposite holds) where below, inconclusive
-    otherwise. Where the spread is zero (`flat`) the interval has no width and is no test: the
-    permutation p decides, below `alpha` in the direction of the effect. Elementwise on arrays."""
-    effect, flat, p = np.asarray(diff.effect), np.asarray(diff.flat), np.asarray(diff.p)
+    """The verdict on "greater > lesser": supported where the difference's interval (computed at
+    1 - alpha) lies above 0 and its p (the exact sign-flip p of a paired difference, the check that
+    needs no normality; Welch's p, or the exact group permutation p where both sides have no
+    spread) is below `alpha`; not supported (the opposite holds) where the interval lies below 0
+    with p below `alpha`; inconclusive otherwise. One rule for every spread, so a more consistent
+    difference never gets a weaker verdict: with n pairs the sign-flip p is at least 2 / 2^n, so a
+    paired claim needs 6 seeds to be decided. Elementwise on arrays."""
+    p = np.asarray(diff.p)
     low, high = np.asarray(diff.low), np.asarray(diff.high)
-    above = np.where(flat, (p < alpha) & (effect > 0), low > 0)
-    below = np.where(flat, (p < alpha) & (effect < 0), high < 0)
+    above = (low > 0) & (p < alpha)
+    below = (high < 0) & (p < alpha)
     return np.where(above, SUPPORTED, np.where(below, NOT_SUPPORTED, INCONCLUSIVE))[()]
+
+
+def interval_kind(diff: Difference):
+    """The t-interval's reading alone (above 0, below 0, or containing it), without the
+    permutation check: what the noncentral t's power describes (tests/test_calibration.py)."""
+    low, high = np.asarray(diff.low), np.asarray(diff.high)
+    return np.where(low > 0, SUPPORTED, np.where(high < 0, NOT_SUPPORTED, INCONCLUSIVE))[()]
+
+
+def min_paired_seeds(alpha: float = ALPHA) -> int:
+    """The fewest pairs whose smallest two-sided sign-flip p, 2 / 2^n, is below `alpha` (6 at 5%)."""
+    n = 1
+    while 2 / 2 ** n >= alpha:
+        n += 1
+    return n
 
 
 class Equivalence(NamedTuple):
@@ -164,25 +182,26 @@ def seeds_for_power(diff: Difference, power: float = 0.8, alpha: float = ALPHA) 
     """Seeds (per variant) that `power` at a two-sided `alpha` would take at the observed effect
     and spread, rounded up: statsmodels' TTestPower on effect / sd of the differences (paired),
     TTestIndPower on effect / pooled sd (Welch). inf where there is no effect or no spread to
-    judge by; 2 where the spread is zero."""
+    judge by; never fewer than the test can decide at (6 pairs, whose smallest sign-flip p is 2/64)."""
     effect, sd = float(diff.effect), float(diff.sd)
     if not (math.isfinite(effect) and math.isfinite(sd)) or effect == 0:
         return math.inf
+    floor = min_paired_seeds(alpha) if diff.test == PAIRED else 4  # 2 / C(8, 4) < 0.05 for a flat Welch
     if diff.flat or sd == 0:
-        return 2
+        return floor
     from statsmodels.stats.power import TTestIndPower, TTestPower
 
     analysis = TTestPower() if diff.test == PAIRED else TTestIndPower()
     size = abs(effect) / sd
     if analysis.power(size, 2, alpha, alternative="two-sided") >= power:  # nobs (TTestPower), nobs1
-        return 2  # where the root finder would fail: 2 seeds already suffice
+        return floor  # where the root finder would fail: 2 seeds already suffice for the t-interval
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             n = float(analysis.solve_power(effect_size=size, alpha=alpha, power=power, alternative="two-sided"))
         except Exception:  # noqa: BLE001 - the root finder gives up at tiny effects
             n = math.nan
-    return max(2, math.ceil(n - 1e-9)) if math.isfinite(n) else math.inf
+    return max(floor, math.ceil(n - 1e-9)) if math.isfinite(n) else math.inf
 
 
 def shared_seeds(greater: Iterable[tuple[Any, float]], lesser: Iterable[tuple[Any, float]]) -> list[Any]:

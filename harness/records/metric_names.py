@@ -18,5 +18,5 @@ REFERENCE_NAMES = ("ref_heldout_ssim", "ref_classmean_ssim", "ref_blank_ssim", "
 # and target_acc), the kkt term's residual over its whole bank (both inverters), and a distillation's targets
 SITUATIONAL_NAMES = (
     "sample_diversity", "sample_evaluator_acc", "sample_target_acc", "kkt_residual_bank",
-    "distill_matched_frac", "distill_ssim_mean", "distill_matched_at_start", "distill_steps_done", "distill_seconds",
+    "distill_matched_frac", "distill_ssim_mean", "distill_matched_after", "distill_steps_done", "distill_seconds",
 )

@@ -108,7 +108,7 @@ def _kind(verdict: str) -> str:
 def rescore(summary: ReportSummary) -> tuple[str, str]:
     """(kind, text) of the report's claim decided under the current rule from its Per seed table,
     or ("", why not) where the report does not allow it."""
-    from harness.records.differences import compare, difference_kind
+    from harness.records.differences import compare, difference_kind, min_paired_seeds
 
     if summary.metric is None:
         return "", "no two-variant claim in its verdict"
@@ -123,8 +123,12 @@ def rescore(summary: ReportSummary) -> tuple[str, str]:
     kind = str(difference_kind(diff))
     test = (f"paired over {diff.n1} seeds, sign-flip p = {float(diff.p):.3f}" if diff.test == "paired" else
             f"Welch, n = {diff.n1} and {diff.n2}, p = {float(diff.p):.3f}")
-    return kind, (f"{summary.metric} {summary.greater} − {summary.lesser}: {float(diff.effect):.3f}, 95% CI "
-                  f"[{float(diff.low):.3f}, {float(diff.high):.3f}] ({test})")
+    text = (f"{summary.metric} {summary.greater} − {summary.lesser}: {float(diff.effect):.3f}, 95% CI "
+            f"[{float(diff.low):.3f}, {float(diff.high):.3f}] ({test})")
+    if kind == "inconclusive" and (float(diff.low) > 0 or float(diff.high) < 0):
+        text += (f"; the interval excludes 0, but {diff.n1} pairs cannot reach a sign-flip p below 0.05 (it takes "
+                 f"{min_paired_seeds()})" if diff.test == "paired" else "; the interval excludes 0, but p is not below 0.05")
+    return kind, text
 
 
 def _cell(text: str) -> str:

@@ -48,8 +48,9 @@ def table_metrics(params: dict) -> tuple[str, ...]:
 
 
 def reference_points(children: list) -> dict[str, dict[str, float]]:
-    """Each variant's reference points: the mean over its own runs (they share its data, so
-    they agree), never mixed across variants that differ in dataset or training subset."""
+    """Each variant's reference points: the mean over the given runs of that variant (the averaged
+    runs: where each seed draws its own training subset, the mean over the same subsets the
+    variant's means are taken over), never mixed across variants."""
     values: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for run in children:
         for name in REFERENCES:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 
 from harness.records.differences import (EXACT_SIGN_FLIPS, MIN_PAIRS, PAIRED, SIGN_FLIP_SAMPLES, Difference, compare,
-                                         difference_kind, equivalence, equivalence_kind, seeds_for_power)
+                                         difference_kind, equivalence, equivalence_kind, min_paired_seeds,
+                                         seeds_for_power)
 from harness.records.results import (FISHER_ALPHA, TAG_OUTCOME, MeanCI, enters_averages, enters_counts, fisher_greater,
                              fisher_smallest_p, is_finite_number)
 
@@ -148,7 +149,7 @@ def _difference_text(diff: Difference, greater: str, lesser: str, runs: tuple[in
                 f"{float(diff.df):.1f} df); Welch p = {_p(float(diff.p))}; n = {diff.n1} and {diff.n2} runs")
         spread, unit = f"pooled sd {float(diff.sd):.3f}", "seeds per variant"
     if bool(diff.flat):
-        text += "; the spread is zero, so the interval has no width and the permutation p decides (at p < 0.05)"
+        text += "; the spread is zero, so the interval has no width and the permutation p alone decides"
     if power:
         need = seeds_for_power(diff)
         text += (f"; 80% power at this effect and spread ({spread}) takes about {need} {unit}" if math.isfinite(need)
@@ -178,14 +179,17 @@ def difference_verdict(statement: str, numbers: str, greater: str, g_values: See
         return f"**{kind}**: {statement}. {numbers}; {how}. {why}"
     kind = str(difference_kind(diff))
     how = _difference_text(diff, greater, lesser, runs)
-    if bool(diff.flat):
-        why = {"supported": "The permutation p is below 0.05, the difference positive.",
-               "not supported": "The permutation p is below 0.05, the difference negative.",
-               "inconclusive": "The permutation p is not below 0.05."}[kind]
+    p_name = "sign-flip p" if diff.test == PAIRED else "p"
+    if kind == "supported":
+        why = f"The interval of the difference lies above 0 and the {p_name} is below 0.05."
+    elif kind == "not supported":
+        why = f"The interval of the difference lies below 0 and the {p_name} is below 0.05."
+    elif float(diff.low) > 0 or float(diff.high) < 0:
+        why = (f"The interval of the difference excludes 0, but the {p_name} ({_p(float(diff.p))}) is not below 0.05: "
+               + (f"with {diff.n1} pairs the smallest attainable is {_p(2 / 2 ** diff.n1)}, so it takes at least "
+                  f"{min_paired_seeds()} seeds." if diff.test == PAIRED else "the test that needs no normality disagrees."))
     else:
-        why = {"supported": "The interval of the difference lies above 0.",
-               "not supported": "The interval of the difference lies below 0.",
-               "inconclusive": "The interval of the difference contains 0."}[kind]
+        why = "The interval of the difference contains 0."
     opening = "**not supported** (the opposite holds)" if kind == "not supported" else f"**{kind}**"
     return f"{opening}: {statement}. {numbers}; {how}. {why}"
 

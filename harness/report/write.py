@@ -57,7 +57,10 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
     counted = {v: counted_runs(runs) for v, runs in (confirmed or tuned).items()}
     stats = {v: {m: mean_ci(r.data.metrics.get(m) for r in (counted if m in COUNTED else basis).get(v, []))
                  for m in metrics} for v in variants}
-    refs = reference_points([r for r in children if r.data.tags.get(TAG_PHASE) != "control"])
+    # the reference points of the runs that are averaged: confirmation seeds that draw their own
+    # training subsets have reference points of their own, which tuning runs (subset 0) must not blend in
+    refs = reference_points([r for runs in basis.values() for r in runs]
+                            or [r for r in children if r.data.tags.get(TAG_PHASE) != "control"])
     values = claim_values(basis, params)  # each variant's (seed, value) of the claim's metric: the difference
     lines = [f"# Study `{experiment}`", "", params.get("description", ""), ""]
     command = parent.data.tags.get("harness.command")

@@ -197,7 +197,7 @@ class GeneratorInverter(Inverter):
         """Fit G(bank_z)[idx] to `targets` by MSE (a fresh Adam at train.lr over the generator and the
         per-code parameters) for at most `steps` steps, stopping once every target is matched at SSIM
         >= threshold (checked every `check_every` steps). Returns the steps taken and the fraction
-        matched at the end."""
+        matched at the end (each code's image as it is scored: rescaled and clamped)."""
         from harness.science.metrics import paired_ssim
 
         t = self.cfg.train
@@ -214,11 +214,11 @@ class GeneratorInverter(Inverter):
             done += 1
             if done % check_every == 0 or done == steps:
                 with torch.no_grad():
-                    ssim = paired_ssim(self.kkt_images(idx).float().cpu(), targets.cpu())
+                    ssim = paired_ssim(self._scored(self.kkt_images(idx).float()).cpu(), targets.cpu())
                 matched = (ssim >= threshold).float().mean().item()
                 if matched == 1.0:
                     break
-        return {"distill_steps_done": float(done), "distill_matched_at_start": matched}
+        return {"distill_steps_done": float(done), "distill_matched_after": matched}
 
     def codes_for(self, labels: torch.Tensor) -> torch.Tensor:
         """A bank code for each label: target j gets the next unused code of its class (code i has

@@ -369,6 +369,8 @@ class SweepConfig(_Section):
         for _, settings in self.variants():
             cfg = build_config(self.trial_base(settings))
             seeds += [cfg.classifier.seed, cfg.seed + (self.budget.num_samples - 1 if not self.search else 0)]
+            if self.confirm_subset:  # confirmation seeds also draw subsets: none may be a tuning trial's
+                seeds.append(cfg.data.subset_seed)
         for key in ("seed", "classifier.seed"):
             dist = self.search.get(key)
             if dist is not None:
@@ -648,7 +650,9 @@ def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
             where = f"{path}.{key}" if path else str(key)
             if (key not in old and new[key] is None) or (key not in new and old[key] is None):
                 continue
-            if key not in old or key not in new:
+            if key not in old:
+                return f"{where} (a setting the folder's record lacks: it was made by an earlier version of the harness)"
+            if key not in new:
                 return where
             found = _first_difference(old[key], new[key], where)
             if found is not None:
@@ -659,8 +663,9 @@ def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
 
 def check_resume(out: Path, record: dict) -> None:
     """--resume continues the sweep the folder holds, never another: the same kind, name and
-    settings (budget.num_samples may be raised, `resources` may change). A folder without a record
-    was made before the current package layout and cannot be resumed."""
+    settings (`resources`, `keep_best` and `keep_weights` may change; not the budget: Tune restores a
+    sweep with the trial count it started with). A folder without a record was made before the
+    current package layout and cannot be resumed."""
     path = Path(out) / RECORD_FILE
     if not path.is_file():
         raise ConfigError(f"--resume: {out} was made by an older version of the harness (before the "
@@ -682,14 +687,12 @@ def check_resume(out: Path, record: dict) -> None:
                           f"{record['seeds']}; resume with the same --seeds")
     old = {k: v for k, v in (held.get("settings") or {}).items() if k not in RESUME_MAY_CHANGE}
     new = {k: v for k, v in record["settings"].items() if k not in RESUME_MAY_CHANGE}
-    old_n = (old.get("budget") or {}).get("num_samples")
-    new_n = (new.get("budget") or {}).get("num_samples")
-    if isinstance(old_n, int) and isinstance(new_n, int) and new_n >= old_n:
-        old = {**old, "budget": {**old["budget"], "num_samples": new_n}}  # raising the budget alone is allowed
     differs = _first_difference(old, new)
     if differs == "budget.num_samples":
-        raise ConfigError(f"--resume: budget.num_samples {new_n} is below the {old_n} trials {out} was started "
-                          "with; a resumed sweep may raise its budget, not lower it")
+        old_n, new_n = old["budget"]["num_samples"], new["budget"]["num_samples"]
+        raise ConfigError(f"--resume: budget.num_samples {new_n} differs from the {old_n} trials {out} was started "
+                          "with; Tune restores a sweep with the budget it started with, so resume with "
+                          f"budget.num_samples {old_n} (and run more trials as a new sweep into another --out)")
     if differs is not None:
         raise ConfigError(f"--resume: {differs} differs from the sweep {out} was started with; resume with the "
                           f"same file and --set values (see {path}), or start again with another --out")
@@ -712,6 +715,14 @@ def check_one_regime(sweep: SweepConfig) -> None:
     decides the classifier: a search over `classifier.*` or `data.*` would tune each variant's
     classifier apart (e.g. avg pooling at one weight decay, max at another). Refused unless the
     file sets `classifier_confound: true`, and then the report names the confound."""
+    if sweep.confirm_subset:
+        varied = [f"axes.{k}" for k in sweep.axes if k == "data.subset_seed"]
+        varied += [f"search.{k}" for k in sweep.search if k == "data.subset_seed"]
+        varied += [f"variants.{name}.data.subset_seed" for name, changes in (sweep.named_variants or {}).items()
+                   if "data.subset_seed" in (changes or {})]
+        if varied:
+            raise ConfigError(f"{varied[0]}: confirm_subset sets data.subset_seed to each confirmation seed, which "
+                              "would replace this; set confirm_subset: false to vary the subset yourself")
     if len(sweep.variants()) < 2 or sweep.classifier_confound:
         return
     tuned = [k for k in sweep.search if k.startswith(CLASSIFIER_REGIME)]

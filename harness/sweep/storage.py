@@ -194,15 +194,17 @@ class CheckpointKeeper:
 
     def may_be_best(self, trial_id: str) -> bool:
         """Whether the trial may end up among the `keep_best` best of its variant: fewer than that
-        many of the trials ended so far rank above it, so every trial the final ranking picks (among
-        more trials) kept its weights."""
+        many of the trials ended so far rank strictly above it (ties kept), so every trial the final
+        ranking picks (among more trials) kept its weights."""
         if self.keep_weights != "best" or self.keep_best < 1:
             return False
         if not qualifies(False, self.results.get(trial_id, {}), self.metric):
             return False
-        key = self._key(trial_id)
+        # strictly better by budget and metric: a trial tied with others keeps its weights until the end,
+        # since which of the tied ones the final ranking picks depends on an order not known yet
+        key = self._key(trial_id)[:-1]
         better = sum(1 for other, m in self.results.items()
-                     if other != trial_id and qualifies(False, m, self.metric) and self._key(other) < key)
+                     if other != trial_id and qualifies(False, m, self.metric) and self._key(other)[:-1] < key)
         return better < self.keep_best
 
     def set_order(self, trial_ids: Iterable[str | None]) -> None:
