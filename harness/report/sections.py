@@ -172,7 +172,7 @@ def per_seed_section(confirmed: dict[str, list], refs: dict[str, dict[str, float
     metrics = list(PER_SEED_METRICS)
     if claim_metric and claim_metric != "None" and claim_metric not in metrics:
         metrics.append(claim_metric)
-    lines = ["## Per seed", "", "Each confirmation run (seed = generator and classifier seed):", "",
+    lines = ["## Per seed", "", "Each confirmation run (by its seed; what a seed varied is under Seeds):", "",
              "| variant | seed | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     spread = []
     for v in sorted(confirmed):
