@@ -522,17 +522,29 @@ def test_disjoint_centring_set_fits_up_to_its_largest_training_size():
     ("mlp", "max", 1),    # the max-other-class margin, the last layer only
     ("cnn", "all", 0),    # a conv layer formed explicitly beside two Linear layers by the Gram form
     ("cnn_bias", "all", 0),  # with biases: the bias part ‖b − Σ D‖² beside the Gram form
+    # the hand-written backward pass (kkt_residual_chain) through each layer it knows
+    ("cnn_max", "max", 0),   # max pooling: the gradient routed to each window's largest input
+    ("cnn_max", "all", 2),   # the last two layers only: the backward pass stops at the first chosen one
+    ("cnn_leaky", "all", 3),  # LeakyReLU, 2 blocks, the second convolution the first chosen layer
+    ("cnn_hard", "all", 0),  # the unsmoothed ReLU (α = 0): its derivative a step
+    ("mlp_bias", "max", 0),
 ])
 def test_kkt_residual_gram_form_equals_its_definition(arch, margin, layers):
     """The Linear layers' part of ‖θ − G‖² taken from the activations (‖W‖² − 2 Σ D∘Z + Σ (DDᵀ)∘(HHᵀ))
     equals the residual with every gradient G formed by autograd: value and gradients with respect
     to the candidates and the multipliers, to float rounding."""
     from harness.science.classifiers import smoothed_relu
-    from harness.science.kkt import kkt_residual_explicit
+    from harness.science.kkt import kkt_residual_chain, kkt_residual_explicit
     settings = {"mlp": ["classifier.arch=mlp", "classifier.widths=[64,32]", "classifier.bias=false"],
                 "cnn": ["classifier.arch=cnn", "classifier.depth=1", "classifier.bias=false"],
-                "cnn_bias": ["classifier.arch=cnn", "classifier.depth=2", "classifier.bias=true"]}[arch]
-    cfg = build_config(None, [*settings, "classifier.norm=none", "classifier.dropout=0", "classifier.activation=relu"])
+                "cnn_bias": ["classifier.arch=cnn", "classifier.depth=2", "classifier.bias=true"],
+                "cnn_max": ["classifier.arch=cnn", "classifier.depth=2", "classifier.pool=max", "classifier.bias=false"],
+                "cnn_leaky": ["classifier.arch=cnn", "classifier.depth=2", "classifier.activation=leaky_relu",
+                              "classifier.bias=true", "classifier.center=true"],
+                "cnn_hard": ["classifier.arch=cnn", "classifier.depth=1", "classifier.bias=false"],
+                "mlp_bias": ["classifier.arch=mlp", "classifier.widths=[64,32]", "classifier.bias=true"]}[arch]
+    activation = [] if any(s.startswith("classifier.activation") for s in settings) else ["classifier.activation=relu"]
+    cfg = build_config(None, [*settings, "classifier.norm=none", "classifier.dropout=0", *activation])
     torch.manual_seed(0)
     model = build_classifier(cfg.classifier).eval()
     for p in model.parameters():
@@ -541,8 +553,14 @@ def test_kkt_residual_gram_form_equals_its_definition(arch, margin, layers):
     y = torch.arange(12) % K
     a = torch.rand(12, K) if margin == "all" else torch.rand(12)
     a.requires_grad_(True)
+    if arch != "mlp":  # nonzero biases, of the weights' size, so that their part of the residual counts
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+                    m.bias.copy_(m.weight.abs().mean() * torch.randn(m.bias.shape).sign())
+    assert kkt_residual_chain(model, theta_params(model, layers), x, y, a.pow(2)) is not None  # the chain is taken
     out = []
-    with smoothed_relu(model, 50.0):
+    with smoothed_relu(model, 0.0 if arch == "cnn_hard" else 50.0):
         for fn in (kkt_residual, kkt_residual_explicit):
             r = fn(model, theta_params(model, layers), x, y, a.pow(2), 2.5)
             out.append((r.item(), *torch.autograd.grad(r, [x, a])))

@@ -46,6 +46,8 @@ STATIONARITY_CODE = {
     "harness.science.classifiers": ("stationarity",),
     "harness.science.data": ("heldout_set",),
     "harness.science.kkt": ("parameterised_layers", "theta_params", "margins", "_weighted_margins", "kkt_residual",
+                            "kkt_residual_hooked", "kkt_residual_chain", "_chain_ops", "_plain_pool",
+                            "_margin_weights", "_avg_pool2_back", "_activation",
                             "kkt_residual_explicit", "multiplier_shape", "fitted_residual"),
 }
 EVALUATOR_CODE = {

@@ -65,7 +65,20 @@ def kkt_residual(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tens
     more than once in its forward pass (its gradient sums over the calls). A model that uses a
     Linear layer's weight outside the module's own call (F.linear(h, layer.weight), a tied
     weight) is not detected and must use `kkt_residual_explicit`; no model here does. The same value to float rounding (tests/test_leakage.py);
-    benchmarks/kkt_step.py times it."""
+    benchmarks/kkt_step.py times it.
+
+    A model that is a chain of known layers (the CNNs and MLPs here) takes `kkt_residual_chain`, the
+    same value with the backward pass written out by hand."""
+    chain = kkt_residual_chain(model, theta, x, y, lam, scale)
+    if chain is not None:
+        return chain
+    return kkt_residual_hooked(model, theta, x, y, lam, scale)
+
+
+def kkt_residual_hooked(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                        lam: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """`kkt_residual` for any model: the Gram form on Linear layers found by forward hooks, every
+    other gradient formed by autograd's double backward."""
     rows = x.shape[0]
     linear = {name: mod for name, mod in model.named_modules()
               if isinstance(mod, nn.Linear) and f"{name}.weight" in theta
@@ -221,3 +234,174 @@ def fitted_residual(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: i
     model.train(was_training)
     return best
 
+
+
+# --- the residual by a hand-written backward pass (first-order autograd only) -----------------------
+
+def _chain_ops(model: nn.Module) -> list[nn.Module] | None:
+    """`model` as the flat list of layers its forward pass applies in turn, where it is such a chain
+    of the layers `_chain_forward` knows (the CNNs and MLPs here, centred or not); None otherwise."""
+    from harness.science.classifiers import MLP, Activation, Centered, ShallowCNN
+
+    if isinstance(model, Centered):
+        inner = _chain_ops(model.model)
+        return None if inner is None else [model, *inner]
+    if isinstance(model, ShallowCNN):
+        parts = [*model.features, *model.fc, model.head]
+    elif isinstance(model, MLP):
+        parts = [*model.body, model.head]
+    else:
+        return None
+    known = (nn.Conv2d, nn.Linear, Activation, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout2d)
+    for m in parts:
+        if not isinstance(m, known) or (isinstance(m, (nn.Dropout, nn.Dropout2d)) and m.training):
+            return None
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.stride != (1, 1) or m.dilation != (1, 1)
+                                         or not isinstance(m.padding, tuple) or m.padding_mode != "zeros"):
+            return None
+        if isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) and not _plain_pool(m):
+            return None
+    return parts
+
+
+def _plain_pool(m: nn.Module) -> bool:
+    k, s = m.kernel_size, m.stride
+    if isinstance(m, nn.AvgPool2d):
+        return k == 2 and s == 2 and m.padding == 0 and not m.ceil_mode and m.divisor_override is None
+    return k == 2 and s == 2 and m.padding == 0 and m.dilation == 1 and not m.ceil_mode
+
+
+def kkt_residual_chain(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                       lam: torch.Tensor, scale: float = 1.0) -> torch.Tensor | None:
+    """`kkt_residual` for a model that is a chain of known layers (`_chain_ops`), with the gradient
+    Σ_i λ_i ∇_θ m_i formed by a backward pass written out by hand: autograd then differentiates a
+    first-order expression once, instead of differentiating its own backward pass (the double
+    backward through softplus, pooling and the convolution that dominated the CNN's step), and the
+    expression can be compiled. Convolutions run as matrix products on unfolded patches, which the
+    layer's gradient reuses; Linear layers take the Gram form where it is the cheaper, as in
+    `kkt_residual`. None where the model is not such a chain (the caller falls back)."""
+    ops = _chain_ops(model)
+    if ops is None:
+        return None
+    from harness.science.classifiers import Activation, Centered
+
+    prefix = {id(m): name for name, m in model.named_modules()}
+    rows = x.shape[0]
+
+    chosen = {id(m) for m in ops if any(f"{prefix[id(m)]}.{p}".lstrip(".") in theta for p in ("weight", "bias"))}
+    gram = {id(m) for m in ops if isinstance(m, nn.Linear) and id(m) in chosen
+            and rows * (m.in_features + m.out_features) < m.in_features * m.out_features}
+
+    def param(m, p):  # θ's copy where θ holds it; no gradient with respect to a layer by the Gram form
+        value = theta.get(f"{prefix[id(m)]}.{p}".lstrip("."), getattr(m, p))
+        return value.detach() if id(m) in gram else value
+
+    first = next((i for i, m in enumerate(ops) if id(m) in chosen), len(ops))
+    kept, h = [], x
+    for m in ops:  # forward, keeping what each layer's backward needs
+        if isinstance(m, Centered):
+            kept.append(None)
+            h = h - m.input_mean
+        elif isinstance(m, nn.Conv2d):
+            w, b = param(m, "weight"), (param(m, "bias") if m.bias is not None else None)
+            if m.in_channels == 1:  # a matrix product on the unfolded patches, which the gradient reuses
+                patches = F.unfold(h, m.kernel_size, padding=m.padding)  # (B, k·k, L)
+                kept.append((h.shape, patches))
+                size = (h.shape[2] + 2 * m.padding[0] - w.shape[2] + 1, h.shape[3] + 2 * m.padding[1] - w.shape[3] + 1)
+                h = (w.flatten(1) @ patches).reshape(h.shape[0], w.shape[0], *size)
+                if b is not None:
+                    h = h + b[:, None, None]
+            else:
+                kept.append((h.shape, h))
+                h = F.conv2d(h, w, b, padding=m.padding)
+        elif isinstance(m, nn.Linear):
+            z = F.linear(h, param(m, "weight"), param(m, "bias") if m.bias is not None else None)
+            kept.append((h, z))
+            h = z
+        elif isinstance(m, Activation):
+            h, slope = _activation(m, h)
+            kept.append(slope)
+        elif isinstance(m, nn.AvgPool2d):
+            kept.append(h.detach())
+            h = F.avg_pool2d(h, 2)
+        elif isinstance(m, nn.MaxPool2d):
+            size = h.shape[-2:]
+            h, idx = F.max_pool2d(h, 2, return_indices=True)
+            kept.append((size, idx))
+        elif isinstance(m, nn.Flatten):
+            kept.append(h.shape)
+            h = h.flatten(1)
+        else:
+            kept.append(None)
+    d = _margin_weights(h, y, lam, scale)
+    residual = 0.0
+    with torch.no_grad():  # θ is fixed: each layer's ‖W‖², once a call, for the norm and the Gram form
+        squares = {name: p.detach().float().pow(2).sum() for name, p in theta.items()}
+    norm = sum(squares.values())
+    for i in range(len(ops) - 1, first - 1, -1):  # backward, by hand
+        m, k = ops[i], kept[i]
+        if isinstance(m, nn.Conv2d):
+            w = param(m, "weight")
+            d3 = d.flatten(2)  # (B, out, L)
+            if id(m) in chosen:
+                if m.in_channels == 1:
+                    g = torch.bmm(d3, k[1].transpose(1, 2)).sum(0).reshape(w.shape)
+                else:
+                    g = torch.nn.grad.conv2d_weight(k[1], w.shape, d, padding=m.padding)
+                residual = residual + (w - g).pow(2).sum()
+                if m.bias is not None:
+                    residual = residual + (param(m, "bias") - d3.sum((0, 2))).pow(2).sum()
+            if i > first:
+                d = F.conv_transpose2d(d, w, padding=m.padding)
+        elif isinstance(m, nn.Linear):
+            w, (h, z) = param(m, "weight"), k
+            b = param(m, "bias") if m.bias is not None else None
+            if id(m) in chosen:
+                if id(m) in gram:
+                    hf, zf, df = h.float(), z.float(), d.float()
+                    with torch.autocast(x.device.type, enabled=False):  # float32: the terms cancel near 0
+                        zb = zf - b.float() if b is not None else zf
+                        residual = residual + squares[f"{prefix[id(m)]}.weight".lstrip(".")] - 2 * (df * zb).sum() \
+                            + ((df @ df.T) * (hf @ hf.T)).sum()
+                else:
+                    residual = residual + (w - d.T @ h).pow(2).sum()
+                if b is not None:
+                    residual = residual + (b - d.sum(0)).pow(2).sum()
+            if i > first:
+                d = d @ w
+        elif isinstance(m, Activation):
+            d = d * k
+        elif isinstance(m, nn.AvgPool2d):
+            d = _avg_pool2_back(d, k)
+        elif isinstance(m, nn.MaxPool2d):
+            d = F.max_unpool2d(d, k[1], 2, output_size=k[0])
+        elif isinstance(m, nn.Flatten):
+            d = d.reshape(k)
+    return residual / norm
+
+
+def _margin_weights(logits: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, scale: float) -> torch.Tensor:
+    """The gradient of `_weighted_margins` with respect to the logits, in closed form."""
+    own = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    if lam.dim() == 2:
+        w = lam * (1 - own) * scale
+        return own * w.sum(1, keepdim=True) - w
+    other = logits.detach().masked_fill(own.bool(), float("-inf")).argmax(1)
+    return (lam * scale)[:, None] * (own - F.one_hot(other, logits.shape[1]).to(logits.dtype))
+
+
+def _avg_pool2_back(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The gradient of nn.AvgPool2d(2) at its input `h`, given the gradient `d` at its output (its own
+    derivative in `d` is the pooling again, cheaper than the sum over an expanded view)."""
+    return torch.ops.aten.avg_pool2d_backward(d, h, [2, 2], [2, 2], [0, 0], False, True, None)
+
+
+def _activation(m: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Activation` m at z, and its derivative there (of its smoothed form where m.alpha > 0)."""
+    if m.alpha > 0:
+        s = torch.sigmoid(m.alpha * z)
+        out = F.softplus(z, beta=m.alpha, threshold=20.0)
+        if m.slope:
+            return m.slope * z + (1 - m.slope) * out, m.slope + (1 - m.slope) * s
+        return out, s
+    return m(z), torch.where(z > 0, 1.0, m.slope).to(z.dtype)
