@@ -145,6 +145,9 @@ class ClassifierConfig(_Section):
     width: int = Field(512, ge=8, description="MLP: width of the first hidden layer (halved per layer).")
     widths: list[int] | None = Field(None, description="MLP: the width of each hidden layer, e.g. [1000, 1000] "
                                      "(overrides depth and width).")
+    channels: list[int] | None = Field(None, description="CNN: the channels of each conv block, one per block "
+                                       "(default 32, 64, 128, ...; e.g. [32, 125] gives 2 blocks the parameters of "
+                                       "1 block's default, for a comparison of depth at matched p/(d·n)).")
     norm: Literal["batch", "none"] = Field("batch", description="BatchNorm after each conv / hidden layer, or none.")
     bias: bool = Field(True, description="Biases in the conv and linear layers (false: a homogeneous network).")
     activation: Literal["leaky_relu", "relu"] = Field("leaky_relu", description="Hidden activation: "
@@ -187,6 +190,9 @@ class ClassifierConfig(_Section):
     def _widths_ok(self):
         if self.widths is not None and (not self.widths or min(self.widths) < 1):
             raise ValueError("widths: give a non-empty list of positive layer widths, e.g. [1000, 1000]")
+        if self.channels is not None and (len(self.channels) != self.depth or min(self.channels) < 1):
+            raise ValueError(f"channels: give one positive channel count per conv block, {self.depth} for depth "
+                             f"{self.depth} (e.g. {[32 * 2 ** i for i in range(self.depth)]}), or leave it out")
         return self
 
 

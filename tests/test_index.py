@@ -71,3 +71,18 @@ def test_a_report_is_read_and_decided_again_under_the_paired_rule(tmp_path):
 
 def test_the_committed_index_is_current():
     assert write_index(REPO / "reports" / "README.md", check=True), "run `harness index` and commit reports/README.md"
+
+
+def test_a_claim_above_a_value_is_decided_again_against_that_value(tmp_path):
+    rows = "\n".join(f"| arch=mlp | {1000 + i} | {g:.3f} | no |" for i, g in enumerate((0.2, 0.3, 0.3, 0.1) * 2))
+    text = ("# Study `arch`\n\n## Verdict\n\n**supported**: MLPs leak. coverage_gap: arch=mlp 0.225 ± 0.074 (n=8) "
+            "vs value 0.000 (mean ± 95% CI half-width over seeds); ...\n\n## Per seed\n\n"
+            "| variant | seed | coverage_gap | left out |\n|---|---|---|---|\n" + rows + "\n")
+    (tmp_path / "arch").mkdir()
+    (tmp_path / "arch" / "README.md").write_text(text)
+    s = read_report(tmp_path / "arch" / "README.md")
+    assert (s.metric, s.greater, s.lesser, s.above) == ("coverage_gap", "arch=mlp", None, 0.0)
+    kind, line = rescore(s)
+    # gaps 0.2, 0.3, 0.3, 0.1 twice against 0: mean 0.225, 95% CI [0.151, 0.299], p = 2/256
+    assert kind == "supported" and "coverage_gap arch=mlp − 0: 0.225, 95% CI [0.151, 0.299]" in line
+    assert "p = 0.008" in line

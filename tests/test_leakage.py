@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from harness.science.classifiers import MLP, build_classifier, classifier_spec, training_state
-from harness.config import DataConfig, EvalConfig, build_config
+from harness.config import ConfigError, DataConfig, EvalConfig, build_config
 from harness.science.data import NUM_CLASSES, Split, classifier_training_set, heldout_set, train_subset
 from harness.science.kkt import fitted_residual, kkt_residual, theta_params
 from harness.science.metrics import Evaluator, top_fraction_mean
@@ -227,10 +227,23 @@ def test_negative_control_subset_is_disjoint_and_balanced():
     "classifier.norm=none", "classifier.bias=false", "classifier.activation=relu", "classifier.init_scale=0.1",
     "classifier.optimizer=gd", "classifier.steps=10", "classifier.warmup_steps=10", "classifier.momentum=0.5", "classifier.weight_decay=0.001",
     "classifier.widths=[100]", "classifier.dropout=0", "classifier.center=true", "data.classifier_subset=disjoint",
+    "classifier.channels=[32,125]",
 ])
 def test_each_classifier_option_changes_the_cache_key(option):
     from harness.cache import content_key
     assert content_key(classifier_spec(build_config(None, [option]))) != content_key(classifier_spec(build_config()))
+
+
+def test_cnn_channels_set_each_block_and_match_the_parameter_count_by_hand():
+    cfg = build_config(None, ["classifier.arch=cnn", "classifier.depth=2", "classifier.channels=[32,125]",
+                              "classifier.bias=false", "classifier.norm=none"])
+    model = build_classifier(cfg.classifier)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 125]
+    # 1·32·9 + 32·125·9 + (125·7·7)·256 + 256·10 = 288 + 36,000 + 1,568,000 + 2,560
+    assert sum(p.numel() for p in model.parameters()) == 1_606_848
+    with pytest.raises(ConfigError, match="classifier.channels: give one positive channel count per conv block"):
+        build_config(None, ["classifier.depth=2", "classifier.channels=[32]"])
 
 
 def test_init_scale_scales_the_first_layer_only():

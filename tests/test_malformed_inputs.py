@@ -338,6 +338,7 @@ EQUIVALENCE_CLAIM = {"statement": "pooling does not change diversity", "metric":
     ({"margin": float("nan")}, "claim.margin"),
     ({"margin": "wide"}, "claim.margin"),
     ({"lesser": None, "reference": "ref_blank_ssim"}, "give lesser, not reference"),
+    ({"lesser": None, "above": 0.0}, "give lesser, not reference"),
     ({"metric": "collapsed"}, "collapsed is a count"),
 ])
 def test_equivalence_claim_margin_is_checked(tmp_path, changes, words):
@@ -561,3 +562,18 @@ def test_mlflow_server_that_answers_passes_the_check(no_proxy):
         server.shutdown()
         server.server_close()
     assert asked == ["/health", "/prefix/health"]
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"above": 0.0}, "give exactly one of lesser (a variant), reference (a ref_* metric) or above (a value)"),
+    ({"lesser": None, "above": float("nan")}, "claim.above"),
+    ({"lesser": None, "above": "zero"}, "claim.above"),
+    ({"lesser": None, "metric": "collapsed", "above": 0.0}, "collapsed is a count"),
+])
+def test_claim_above_a_value_is_checked(tmp_path, changes, words):
+    claim = {k: v for k, v in {**EQUIVALENCE_CLAIM, "margin": None, **changes}.items() if v is not None}
+    with pytest.raises(ConfigError) as err:
+        load_sweep(write(tmp_path, sweep_text(claim=claim)))
+    assert words in str(err.value), str(err.value)
+    good = {k: v for k, v in {**EQUIVALENCE_CLAIM, "margin": None, "lesser": None, "above": 0.0}.items() if v is not None}
+    assert load_sweep(write(tmp_path, sweep_text(claim=good))).claim.above == 0.0

@@ -349,3 +349,41 @@ def test_verdicts_import_no_mlflow_and_no_matplotlib():
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 timeout=120).stdout.split())
     assert not {"mlflow", "matplotlib", "torch", "ray"} & loaded
+
+
+ABOVE = {"claim.statement": "MLPs leak", "claim.metric": "coverage_gap", "claim.greater": "arch=mlp",
+         "claim.lesser": "None", "claim.reference": "None", "claim.above": "0.0"}
+
+
+@pytest.mark.parametrize("gaps, verdict, p", [
+    # eight seeds, every gap above 0: the one-sample rule on gap − 0, sign-flip p 2/256
+    ((0.2, 0.3, 0.3, 0.1) * 2, "**supported**", "0.008"),
+    # the same four seeds: the t-interval [0.073, 0.377] lies above 0, but 4 pairs cannot reach p < 0.05
+    ((0.2, 0.3, 0.3, 0.1), "**inconclusive**", "0.125"),
+    # gaps around 0: no verdict
+    ((0.1, -0.1, 0.05, -0.05, 0.0, 0.02, -0.03, 0.01), "**inconclusive**", None),
+])
+def test_claim_above_a_value_is_the_paired_rule_on_the_gap(gaps, verdict, p):
+    seeds = range(1000, 1000 + len(gaps))
+    stats_ = {"arch=mlp": {"coverage_gap": mean_ci(gaps)}}
+    text = claim_verdict(ABOVE, stats_, {}, {"arch=mlp": list(zip(seeds, gaps))})
+    assert text.startswith(verdict + ":"), text
+    assert f"coverage_gap: arch=mlp {mean_ci(gaps).mean:.3f}" in text and "vs value 0.000" in text
+    assert f"difference arch=mlp − 0 paired by seed over {len(gaps)} seeds" in text
+    if p:
+        assert f"sign-flip permutation p = {p}" in text
+    if len(gaps) == 4:  # the known interval of the pooling example's differences
+        assert "mean 0.225, 95% CI [0.073, 0.377]" in text
+
+
+def test_a_claim_above_a_value_compares_the_other_variants_without_a_verdict():
+    from harness.report.verdicts import comparisons
+    seeds = range(1000, 1008)
+    values = {"arch=mlp": list(zip(seeds, (0.3, 0.5, 0.45, 0.3) * 2)), "arch=cnn": list(zip(seeds, (0.1, 0.2, 0.15, 0.2) * 2))}
+    lines = comparisons(ABOVE, values)
+    # cnn − mlp per seed: -0.2, -0.3, -0.3, -0.1 twice: mean -0.225, 95% CI [-0.299, -0.151], p = 2/256
+    assert lines == [lines[0]] and lines[0].startswith("Compared (no claim): coverage_gap arch=cnn against arch=mlp, "
+                                                        "difference arch=cnn − arch=mlp paired by seed over 8 seeds")
+    assert "mean -0.225, 95% CI [-0.299, -0.151]" in lines[0] and "p = 0.008" in lines[0]
+    assert "supported" not in lines[0]
+    assert comparisons(PARAMS, values) == []  # a claim between two variants: the verdict is the comparison

@@ -25,6 +25,7 @@ class ReportSummary:
     metric: str | None = None  # the claim's metric and sides, where the verdict compares two variants
     greater: str | None = None
     lesser: str | None = None
+    above: float | None = None  # or the value the claim puts greater above (claim.above)
     per_seed: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # variant -> seed -> column -> cell
 
     def values(self, variant: str, metric: str) -> dict[int, float]:
@@ -81,6 +82,8 @@ def read_report(path: Path) -> ReportSummary:
     claim = _CLAIM.search(verdict)
     if claim and verdict.startswith("**"):
         summary.metric, summary.greater, summary.lesser = claim.group(1), claim.group(2), claim.group(5)
+        if summary.lesser == "value":  # a claim above a value (claim.above): "... vs value 0.000"
+            summary.lesser, summary.above = None, float(claim.group(6))
     for row in _table(_section(lines, "Per seed")):
         summary.per_seed.setdefault(row.get("variant", ""), {})[row.get("seed", "")] = row
     return summary
@@ -114,7 +117,11 @@ def rescore(summary: ReportSummary) -> tuple[str, str]:
         return "", "no two-variant claim in its verdict"
     if summary.metric == "collapsed":
         return "", "a count: Fisher's exact test, the same rule as before"
-    g, l_ = summary.values(summary.greater, summary.metric), summary.values(summary.lesser, summary.metric)
+    g = summary.values(summary.greater, summary.metric)
+    if summary.above is not None:
+        l_, lesser = {seed: summary.above for seed in g}, f"{summary.above:g}"
+    else:
+        l_, lesser = summary.values(summary.lesser, summary.metric), summary.lesser
     if not (g and l_):
         return "", "not rescored: its report has no per-seed table of the claim's metric"
     diff = compare(sorted(g.items()), sorted(l_.items()))
@@ -123,7 +130,7 @@ def rescore(summary: ReportSummary) -> tuple[str, str]:
     kind = str(difference_kind(diff))
     test = (f"paired over {diff.n1} seeds, sign-flip p = {float(diff.p):.3f}" if diff.test == "paired" else
             f"Welch, n = {diff.n1} and {diff.n2}, p = {float(diff.p):.3f}")
-    text = (f"{summary.metric} {summary.greater} − {summary.lesser}: {float(diff.effect):.3f}, 95% CI "
+    text = (f"{summary.metric} {summary.greater} − {lesser}: {float(diff.effect):.3f}, 95% CI "
             f"[{float(diff.low):.3f}, {float(diff.high):.3f}] ({test})")
     if kind == "inconclusive" and (float(diff.low) > 0 or float(diff.high) < 0):
         text += (f"; the interval excludes 0, but {diff.n1} pairs cannot reach a sign-flip p below 0.05 (it takes "

@@ -78,7 +78,10 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[
     per averaged run, `claim_values`), paired by seed where they share at least `MIN_PAIRS` seeds,
     else Welch's (`harness.records.differences.compare`); with a `claim.margin`, an equivalence
     claim by TOST; a count (`COUNTED`) by Fisher's exact test on `stats`. Or a variant against its
-    own reference point (`refs[variant][name]`) by whether its interval lies above or below it."""
+    own reference point (`refs[variant][name]`) by whether its interval lies above or below it. Or a
+    variant above a value (`claim.above`): the paired rule on (value − above) at each seed, i.e. the
+    one-sample t-interval and sign-flip p (for coverage_gap and above 0: the training images against
+    their disjoint held-out control, paired within each run)."""
     metric = params.get("claim.metric")
     if not metric or metric == "None":
         return "No claim is attached to this study (add `claim:` to its sweep file)."
@@ -101,6 +104,12 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[
                    "(mean ± 95% CI half-width over seeds)")
         return difference_verdict(statement, numbers, greater, values.get(greater, []), lesser,
                                   values.get(lesser, []), _margin(params))
+    above = _number(params, "claim.above")
+    if above is not None:
+        numbers = (f"{metric}: {greater} {interval_text(g)} (n={g.n}) vs value {above:.3f} "
+                   "(mean ± 95% CI half-width over seeds)")
+        g_values = values.get(greater, [])
+        return difference_verdict(statement, numbers, greater, g_values, f"{above:g}", [(s, above) for s, _ in g_values])
     ref_value = refs.get(greater, {}).get(reference, float("nan"))
     numbers = f"{metric} of {greater}: {interval_text(g)} (n={g.n}) vs its {reference} = {ref_value:.3f}"
     if not math.isfinite(ref_value):
@@ -112,17 +121,40 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[
     return f"**inconclusive**: {statement}. {numbers}; the interval contains the reference."
 
 
+def comparisons(params: dict, values: dict[str, SeedValues]) -> list[str]:
+    """Where the claim puts one variant above a value (`claim.above`), how each other variant
+    compares with it on the claim's metric: the paired difference (Welch where the seeds differ)
+    with its interval and p, as a comparison, with no verdict attached."""
+    metric, greater = params.get("claim.metric"), params.get("claim.greater")
+    if _number(params, "claim.above") is None or greater not in values:
+        return []
+    lines = []
+    for other in sorted(v for v in values if v != greater):
+        diff = compare(values[other], values[greater])
+        if diff is None:
+            continue
+        lines.append(f"Compared (no claim): {metric} {other} against {greater}, "
+                     + _difference_text(diff, other, greater, (len(values[other]), len(values[greater])), power=False)
+                     + ".")
+    return lines
+
+
 def _none_averaged(variant: str, metric: str) -> str:
     return (f"no run of variant {variant} was averaged on {metric} (none ended normally with a finite "
             "loss and a recorded value; see Per seed for why each was left out).")
 
 
-def _margin(params: dict) -> float | None:
-    """The equivalence margin of the claim (`claim.margin`), None for a claim of a difference."""
-    value = params.get("claim.margin")
+def _number(params: dict, key: str) -> float | None:
+    """A numeric claim setting from the runs' params, None where it is not set."""
+    value = params.get(key)
     if value in (None, "", "None"):
         return None
     return float(value)
+
+
+def _margin(params: dict) -> float | None:
+    """The equivalence margin of the claim (`claim.margin`), None for a claim of a difference."""
+    return _number(params, "claim.margin")
 
 
 def _p(p: float) -> str:

@@ -13,8 +13,8 @@ from harness.report.figures import ReadingClient, figures_section, unreadable_se
 from harness.report.sections import (control_section, per_seed_section, reference_points, seeds_section,
                                      table_metrics, tuning_section, variants_section)
 from harness.records.results import mean_ci
-from harness.report.verdicts import (COUNTED, averaged_runs, claim_values, claim_verdict, counted_runs, design_notes,
-                                     yardstick)
+from harness.report.verdicts import (COUNTED, averaged_runs, claim_values, claim_verdict, comparisons, counted_runs,
+                                     design_notes, yardstick)
 
 
 def load_study(experiment: str, uri: str):
@@ -68,7 +68,7 @@ def write_report(experiment: str, uri: str, out_dir: Path | None = None) -> Path
         lines += ["Made with:", "", "```bash", command, f"harness report --experiment {experiment} --mlflow-uri {uri}",
                   "```", ""]
     lines += ["## Verdict", "", claim_verdict(params, stats, refs, values), ""]
-    lines += [line for note in design_notes(params, basis) for line in (note, "")]
+    lines += [line for note in [*comparisons(params, values), *design_notes(params, basis)] for line in (note, "")]
     lines += [yardstick(stats, refs, params.get("claim.metric")), ""]
     lines += seeds_section(tuned, confirmed)
     lines += variants_section(basis, stats, refs, variants, bool(confirmed), None if confirmed else tuned)

@@ -107,16 +107,17 @@ def _norm(kind: str, channels: int, dims: int) -> list[nn.Module]:
 
 
 class ShallowCNN(nn.Module):
-    """`depth` blocks of Conv3x3 -> BN -> LeakyReLU(0.2) -> Pool(2) -> Dropout2d, channels
-    32, 64, 128, ..., then FC -> 256 -> classes. `pool` is the only avg/max difference."""
+    """`depth` blocks of Conv3x3 -> BN -> LeakyReLU(0.2) -> Pool(2) -> Dropout2d, channels `widths`
+    (default 32, 64, 128, ...), then FC -> 256 -> classes. `pool` is the only avg/max difference."""
 
     def __init__(self, depth: int = 2, pool: str = "avg", dropout: float = 0.2, num_classes: int = NUM_CLASSES,
-                 norm: str = "batch", bias: bool = True, activation: str = "leaky_relu"):
+                 norm: str = "batch", bias: bool = True, activation: str = "leaky_relu",
+                 widths: list[int] | None = None):
         super().__init__()
         pool_layer = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}[pool]
         blocks, channels, size = [], 1, 28
         for i in range(depth):
-            out = 32 * 2 ** i
+            out = widths[i] if widths else 32 * 2 ** i
             blocks += [nn.Conv2d(channels, out, 3, padding=1, bias=bias), *_norm(norm, out, 2), Activation(activation),
                        pool_layer(2), nn.Dropout2d(dropout)]
             channels, size = out, size // 2
@@ -186,7 +187,8 @@ class Centered(nn.Module):
 
 
 CLASSIFIERS = {
-    "cnn": lambda c: ShallowCNN(c.depth, c.pool, c.dropout, norm=c.norm, bias=c.bias, activation=c.activation),
+    "cnn": lambda c: ShallowCNN(c.depth, c.pool, c.dropout, norm=c.norm, bias=c.bias, activation=c.activation,
+                                widths=c.channels),
     "mlp": lambda c: MLP(c.depth, c.width, c.dropout, widths=c.widths, norm=c.norm, bias=c.bias,
                          activation=c.activation),
 }

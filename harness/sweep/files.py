@@ -112,12 +112,16 @@ class StopConfig(_Section):
 class ClaimConfig(_Section):
     """The study's claim, as a test: `greater` beats `lesser` on `metric` (the 95% interval of the
     difference, paired by seed, lies above 0), or with a `margin` the two do not differ by more
-    than it (TOST), or `greater` lies above the `reference` metric's value."""
+    than it (TOST), or `greater` lies above the `reference` metric's value, or above the value
+    `above` (the same rule on greater − above, seed by seed)."""
     statement: str = Field(description="the claim in words")
     metric: str = Field("ssim_nn_train_mean", description="metric that decides it (higher = more leakage)")
     greater: str = Field(description="variant expected to be higher, e.g. pool=avg")
     lesser: str | None = Field(None, description="variant expected to be lower, e.g. pool=max")
     reference: str | None = Field(None, description="or: reference metric to beat, e.g. ref_blank_ssim")
+    above: float | None = Field(None, allow_inf_nan=False, description="or: a value that greater's metric lies above, "
+                                "decided by the paired rule on (value − above) per seed, e.g. 0 for coverage_gap: "
+                                "the training images come back more often than as many held-out ones")
     margin: float | None = Field(None, gt=0, allow_inf_nan=False, description="a claim of no difference: "
                                  "|greater - lesser| < margin on metric, tested by two one-sided tests (TOST); "
                                  "written down before the runs, e.g. 0.05")
@@ -136,13 +140,16 @@ class ClaimConfig(_Section):
 
     @model_validator(mode="after")
     def _one_comparison(self):
-        if (self.lesser is None) == (self.reference is None):
-            raise ValueError("give exactly one of lesser (a variant) or reference (a ref_* metric)")
-        if self.margin is not None:
-            from harness.report.verdicts import COUNTED
+        from harness.report.verdicts import COUNTED
 
+        if sum(side is not None for side in (self.lesser, self.reference, self.above)) != 1:
+            raise ValueError("give exactly one of lesser (a variant), reference (a ref_* metric) or above (a value)")
+        if self.above is not None and self.metric in COUNTED:
+            raise ValueError(f"above: {self.metric} is a count, decided by Fisher's exact test between two variants; "
+                             "give lesser")
+        if self.margin is not None:
             if self.lesser is None:
-                raise ValueError("margin: a claim of no difference compares two variants; give lesser, not reference")
+                raise ValueError("margin: a claim of no difference compares two variants; give lesser, not reference or above")
             if self.metric in COUNTED:
                 raise ValueError(f"margin: {self.metric} is a count, decided by Fisher's exact test; a margin "
                                  "applies to a metric averaged over seeds")
