@@ -140,6 +140,10 @@ def test_changing_the_training_code_changes_the_classifier_key(monkeypatch):
             "gen = torch.Generator().manual_seed(cfg.subset_seed + 7)\n")
     after_subset = _keys(ADAM)
     assert len({before[0], after_fit_gd[0], after_mlp[0], after_subset[0]}) == 4
+    # how the dataset's files are read (a change there changes every image the classifier sees)
+    _edited(monkeypatch, "harness.science.data", "def read_idx(path: Path) -> torch.Tensor:",
+            "def read_idx(path: Path, skip: int = 1) -> torch.Tensor:")
+    assert _keys(ADAM)[0] != after_subset[0]
 
 
 def test_the_kkt_code_counts_only_where_pretraining_measures_stationarity(monkeypatch):

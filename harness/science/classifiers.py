@@ -39,21 +39,22 @@ CLASSIFIER_CODE = {
         "fit_gd", "fit_classifier", "fit", "training_state", "predict", "accuracy", "centring_mean",
         "pretrained_classifier"),
     "harness.science.data": (
-        "NUM_CLASSES", "to_unit_range", "balanced_indices", "Split", "train_subset", "classifier_training_set",
-        "centring_set", "_TEST_SPLIT_SEED", "_test_halves", "full_test_set"),
+        "NUM_CLASSES", "read_idx", "_raw_files", "load_split", "to_unit_range", "balanced_indices", "Split",
+        "train_subset", "classifier_training_set", "centring_set", "_TEST_SPLIT_SEED", "_test_halves", "full_test_set"),
 }
 STATIONARITY_CODE = {
     "harness.science.classifiers": ("stationarity",),
     "harness.science.data": ("heldout_set",),
     "harness.science.kkt": ("parameterised_layers", "theta_params", "margins", "_weighted_margins", "kkt_residual",
-                            "kkt_residual_hooked", "kkt_residual_chain", "_chain_ops", "_plain_pool",
+                            "kkt_residual_hooked", "_hooked_forward", "kkt_residual_chain", "_chain_ops", "_plain_pool",
                             "_margin_weights", "_avg_pool2_back", "_activation",
                             "kkt_residual_explicit", "multiplier_shape", "fitted_residual"),
 }
 EVALUATOR_CODE = {
     "harness.science.classifiers": ("EvaluatorCNN", "fit", "predict", "accuracy", "pretrained_evaluator"),
-    "harness.science.data": ("NUM_CLASSES", "to_unit_range", "balanced_indices", "Split", "_TEST_SPLIT_SEED",
-                             "_test_halves", "heldout_set", "evaluator_set"),
+    "harness.science.data": ("NUM_CLASSES", "read_idx", "_raw_files", "load_split", "to_unit_range",
+                             "balanced_indices", "Split", "_TEST_SPLIT_SEED", "_test_halves", "heldout_set",
+                             "evaluator_set"),
 }
 # the text of those modules as this process imported them (a file edited later does not change the
 # keys of the code that runs); kkt, data and config are imported above, this module is being imported

@@ -79,12 +79,39 @@ def kkt_residual_hooked(model: nn.Module, theta: dict[str, torch.Tensor], x: tor
                         lam: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """`kkt_residual` for any model: the Gram form on Linear layers found by forward hooks, every
     other gradient formed by autograd's double backward."""
+    given = theta
+    hooked = _hooked_forward(model, theta, x)
+    if hooked is None:  # a shared layer: its gradient is a sum over its calls, which the Gram form does not cover
+        return kkt_residual_explicit(model, given, x, y, lam, scale)
+    logits, theta, seen, by_gram = hooked
+    weighted = _weighted_margins(logits, y, lam, scale)
+    names = list(seen)
+    formed = [(k, p) for k, p in theta.items() if k not in by_gram]
+    grads = torch.autograd.grad(weighted, [seen[n][1] for n in names] + [p for _, p in formed], create_graph=True)
+    residual = sum((p - g).pow(2).sum() for (_, p), g in zip(formed, grads[len(names):]))
+    for name, d in zip(names, grads[:len(names)]):
+        h, z = seen[name]
+        # in float32 even under autocast: the three terms cancel as the residual nears 0
+        h, z, d = (t.reshape(-1, t.shape[-1]).float() for t in (h, z, d))
+        w, b = theta[f"{name}.weight"].float(), theta.get(f"{name}.bias")
+        with torch.autocast(x.device.type, enabled=False):
+            residual = residual + w.pow(2).sum() - 2 * (d * (z - b.float() if b is not None else z)).sum() \
+                + ((d @ d.T) * (h @ h.T)).sum()
+        if b is not None:
+            residual = residual + (b.float() - d.sum(0)).pow(2).sum()
+    return residual / sum(p.pow(2).sum() for p in theta.values())
+
+
+def _hooked_forward(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tensor):
+    """The forward pass the Gram form reads: (logits, θ with the Gram layers' entries detached, {layer
+    name: (its input H, its output Z)} of each Linear layer of θ taken by the Gram form, the θ keys
+    it covers), or None where such a layer is called more than once. A Linear layer is taken by the
+    Gram form where that is the cheaper: B (in + out) < in · out for B rows."""
     rows = x.shape[0]
     linear = {name: mod for name, mod in model.named_modules()
               if isinstance(mod, nn.Linear) and f"{name}.weight" in theta
               and rows * (mod.in_features + mod.out_features) < mod.in_features * mod.out_features}
     by_gram = {f"{name}.{p}" for name in linear for p in ("weight", "bias")}
-    given = theta
     theta = {k: (p.detach() if k in by_gram else p) for k, p in theta.items()}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     reused: set[str] = set()
@@ -104,24 +131,9 @@ def kkt_residual_hooked(model: nn.Module, theta: dict[str, torch.Tensor], x: tor
     finally:
         for handle in handles:
             handle.remove()
-    if reused:  # a shared layer: its gradient is a sum over its calls, which the Gram form does not cover
-        return kkt_residual_explicit(model, given, x, y, lam, scale)
-    weighted = _weighted_margins(logits, y, lam, scale)
-    names = list(linear)
-    formed = [(k, p) for k, p in theta.items() if k not in by_gram]
-    grads = torch.autograd.grad(weighted, [seen[n][1] for n in names] + [p for _, p in formed], create_graph=True)
-    residual = sum((p - g).pow(2).sum() for (_, p), g in zip(formed, grads[len(names):]))
-    for name, d in zip(names, grads[:len(names)]):
-        h, z = seen[name]
-        # in float32 even under autocast: the three terms cancel as the residual nears 0
-        h, z, d = (t.reshape(-1, t.shape[-1]).float() for t in (h, z, d))
-        w, b = theta[f"{name}.weight"].float(), theta.get(f"{name}.bias")
-        with torch.autocast(x.device.type, enabled=False):
-            residual = residual + w.pow(2).sum() - 2 * (d * (z - b.float() if b is not None else z)).sum() \
-                + ((d @ d.T) * (h @ h.T)).sum()
-        if b is not None:
-            residual = residual + (b.float() - d.sum(0)).pow(2).sum()
-    return residual / sum(p.pow(2).sum() for p in theta.values())
+    if reused:
+        return None
+    return logits, theta, {name: seen[name] for name in linear}, by_gram
 
 
 def kkt_residual_explicit(model: nn.Module, theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -150,33 +162,12 @@ def kkt_residual_split(model: nn.Module, theta: dict[str, torch.Tensor], x: torc
     other parameters are formed by autograd (`kkt_residual_split_explicit` forms them all, the
     reference it is tested against)."""
     rows = x.shape[0]
-    linear = {name: mod for name, mod in model.named_modules()
-              if isinstance(mod, nn.Linear) and f"{name}.weight" in theta
-              and rows * (mod.in_features + mod.out_features) < mod.in_features * mod.out_features}
-    by_gram = {f"{name}.{p}" for name in linear for p in ("weight", "bias")}
     given = theta
-    theta = {k: (p.detach() if k in by_gram else p) for k, p in theta.items()}
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    reused: set[str] = set()
-
-    def keep(name):
-        def hook(module, inputs, output):
-            if name in seen:
-                reused.add(name)
-            if not output.requires_grad:
-                output.requires_grad_(True)
-            seen[name] = (inputs[0], output)
-        return hook
-
-    handles = [mod.register_forward_hook(keep(name)) for name, mod in linear.items()]
-    try:
-        logits, _ = functional_call(model, theta, (x,))
-    finally:
-        for handle in handles:
-            handle.remove()
-    if reused:  # a shared layer: its gradient is a sum over its calls, which the Gram form does not cover
+    hooked = _hooked_forward(model, theta, x)
+    if hooked is None:  # a shared layer: its gradient is a sum over its calls, which the Gram form does not cover
         return kkt_residual_split_explicit(model, given, x, y, lam, scale, split)
-    names = list(linear)
+    logits, theta, seen, by_gram = hooked
+    names = list(seen)
     formed = [p for k, p in theta.items() if k not in by_gram]
     halves = (slice(None, split), slice(split, None))
     targets = [seen[n][1] for n in names] + formed
