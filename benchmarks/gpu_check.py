@@ -14,12 +14,21 @@ run each check below with its own time limit, then write ONE JSON of figures.
                     final metrics
   pretrain          benchmarks/pretrain.py on the GPU: the DataLoader reference, both memory
                     layouts, the gd path of the positive control's classifier
+  long_reconstruction  (only with --long) `harness run` of
+                    search_spaces/trials/positive_control_n500_long.yaml: the MLP positive control at
+                    n = 500 with 50,000 reconstruction steps (Haim et al. 2022's budget); wall time,
+                    steps done, ms per step, coverage_gap, train/heldout coverage, the KKT residual.
+                    It does not fit in the 8 minutes, so it is opt-in, runs after the other checks
+                    with its own limit (LONG_S, 15 minutes; the shell script's limit grows by as
+                    much), and stops training at LONG_S - LONG_SETUP_S seconds (train.max_seconds)
+                    so that it always evaluates and writes its figures, with the steps it reached.
 
-Each check gets at most its own limit and never more than what is left of the total; a check that
-fails or runs out of time is recorded as such and the pass goes on. Every check uses a fresh
-classifier cache, so classifiers are trained on the GPU within the pass.
+Each check gets at most its own limit and never more than what is left of the total (the long
+stage: its own limit alone); a check that fails or runs out of time is recorded as such and the pass
+goes on. Every check uses a fresh classifier cache, so classifiers are trained on the GPU within the
+pass.
 
-    benchmarks/gpu_check.sh [--out DIR] [--dry-run]
+    benchmarks/gpu_check.sh [--out DIR] [--dry-run] [--long] [--only NAME,...]
 
 --dry-run needs no GPU: it checks that every command the pass would run parses (the benchmarks'
 --check-args, pytest's collection, the positive control's configuration) and writes the JSON with
@@ -42,7 +51,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 POSITIVE_CONTROL = REPO / "search_spaces" / "trials" / "positive_control.yaml"
+LONG_CONFIG = REPO / "search_spaces" / "trials" / "positive_control_n500_long.yaml"
 TOTAL_S = 460  # the shell script kills the pass at 480 s; this leaves time to write the JSON
+LONG_S = 900  # --long: the long reconstruction's own limit (gpu_check.sh adds it to its 480 s)
+LONG_SETUP_S = 300  # of which classifier, evaluator and reference points, evaluations and outputs
+LONG_STEPS = 50_000
 TEST_FILES = ["tests/test_trial.py", "tests/test_leakage.py"]
 SHARED_GPU_TARGET = 3.0  # 4 trials sharing one GPU against one at a time: throughput ratio
 RSS_TARGET_BYTES = 1.5e9  # peak RSS of a Ray trial worker
@@ -56,9 +69,10 @@ class Check:
     dry_argv: list[str] | None = None  # what --dry-run runs instead (None: nothing)
     output: str | None = None  # the JSON the check writes, relative to the work folder
     result: dict = field(default_factory=dict)
+    own_limit: bool = False  # limited by limit_s alone, not by what is left of the pass's TOTAL_S
 
 
-def plan(work: Path) -> list[Check]:
+def plan(work: Path, long: bool = False) -> list[Check]:
     py = sys.executable
 
     def bench(name: str, json_name: str, *args: str) -> tuple[list[str], list[str]]:
@@ -84,6 +98,12 @@ def plan(work: Path) -> list[Check]:
     argv, dry = bench("pretrain", "pretrain.json", "--device", "cuda", "--epochs", "1", "--train-images", "30000",
                       "--rounds", "2", "--gd-steps", "3000")
     checks.append(Check("pretrain", argv, 60, dry, "pretrain.json"))
+    if long:
+        lc = ["--config", str(LONG_CONFIG), "--out", str(work / "long_reconstruction"), "--quiet",
+              "--set", "device=cuda", "--set", f"train.max_seconds={LONG_S - LONG_SETUP_S}"]
+        checks.append(Check("long_reconstruction", [py, "-m", "harness.cli", "run", *lc], LONG_S,
+                            [py, str(Path(__file__)), "--validate-config", *lc[:2], *lc[-4:]],
+                            "long_reconstruction/metrics.json", own_limit=True))
     return checks
 
 
@@ -95,10 +115,10 @@ def run_checks(checks: list[Check], work: Path, env: dict, dry_run: bool) -> Non
         if argv is None:
             check.result = {"skipped": "nothing to check in a dry run"}
             continue
-        if left < 10:
+        if left < 10 and not check.own_limit:
             check.result = {"skipped": f"out of time ({TOTAL_S} s for the pass)"}
             continue
-        limit = min(check.limit_s, left)
+        limit = check.limit_s if check.own_limit else min(check.limit_s, left)
         start = time.monotonic()
         try:
             proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
@@ -168,7 +188,27 @@ def figures(checks: dict[str, Check], work: Path) -> dict:
     out["pretrain"] = pretrain and {
         **{arm: pretrain[arm] for arm in ("reference", "harness_contiguous", "harness_channels_last") if arm in pretrain},
         **pick(pretrain, "speedup", "channels_last_speedup", "gradient_error_vs_float64", "matmul_gflops", "gd")}
+    out["long_reconstruction"] = long_figures(checks, work) if "long_reconstruction" in checks else None
     return out
+
+
+def long_figures(checks: dict[str, Check], work: Path) -> dict | None:
+    """The long reconstruction's figures: wall time, steps reached, ms per step, leakage, KKT residual."""
+    metrics = read_json(work / "long_reconstruction" / "metrics.json")
+    if not metrics:
+        return None
+    import yaml
+
+    per_epoch = yaml.safe_load(LONG_CONFIG.read_text())["train"]["steps_per_epoch"]
+    steps = int(metrics.get("epoch", 0)) * per_epoch
+    train_s = metrics.get("train_seconds")
+    return {"wall_s": checks["long_reconstruction"].result.get("seconds"), "steps_done": steps,
+            "steps_target": LONG_STEPS, "reached": steps >= LONG_STEPS, "train_seconds": train_s,
+            "ms_per_step": train_s * 1e3 / steps if steps and train_s else None,
+            **pick(metrics, "coverage_gap", "coverage_gap_strict", "train_coverage", "heldout_coverage",
+                   "train_coverage_strict", "heldout_coverage_strict", "top10_gap", "ssim_nn_train_mean",
+                   "kkt_residual_bank", "kkt_residual_train", "kkt_residual_heldout", "classifier_train_acc",
+                   "classifier_test_acc", "diversity", "evaluator_acc")}
 
 
 def validate_config(argv: list[str]) -> None:
@@ -194,6 +234,9 @@ def main(argv=None) -> int:
                    help="folder for gpu_check.json (default: $OUT if set, else benchmarks/results)")
     p.add_argument("--dry-run", action="store_true", help="no GPU: check every command parses, write the JSON")
     p.add_argument("--work", type=Path, default=None, help="keep the checks' own outputs in this folder")
+    p.add_argument("--long", action="store_true",
+                   help=f"add the long reconstruction (n = 500, {LONG_STEPS:,} steps; its own {LONG_S} s limit)")
+    p.add_argument("--only", default=None, help="run only these checks (comma-separated names)")
     args = p.parse_args(argv)
     out = args.out or Path(os.environ.get("OUT") or BENCH / "results")
 
@@ -218,7 +261,14 @@ def main(argv=None) -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         env["HARNESS_CACHE_DIR"] = str(work / "cache")  # classifiers trained within the pass, on the GPU
-        checks = plan(work)
+        checks = plan(work, long=args.long)
+        if args.only:
+            names = set(args.only.split(","))
+            unknown = names - {c.name for c in checks}
+            if unknown:
+                p.error(f"--only: no check named {', '.join(sorted(unknown))}" + ("" if args.long else
+                        " (long_reconstruction needs --long)"))
+            checks = [c for c in checks if c.name in names]
         run_checks(checks, work, env, args.dry_run)
         by_name = {c.name: c for c in checks}
         result = {"dry_run": args.dry_run, "device": torch.cuda.get_device_name(0) if cuda else None,

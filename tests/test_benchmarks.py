@@ -122,18 +122,30 @@ def test_levers_benchmark(tmp_path):
 
 def test_gpu_check_dry_run_parses_every_command(tmp_path):
     # no GPU needed: each benchmark parses its arguments (--check-args), pytest collects the tests,
-    # the positive control's configuration builds; the JSON is written with no figures
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    # the positive control's configuration builds; the JSON is written with no figures. --long adds
+    # the opt-in long reconstruction (its configuration builds too)
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--long", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result["dry_run"] is True
     checks = result["checks"]
     assert set(checks) == {"tests", "shared_gpu", "step_fp32", "step_amp", "step_compile", "positive_control",
-                           "pretrain"}
+                           "pretrain", "long_reconstruction"}
     assert all(c["rc"] == 0 for c in checks.values()), checks
     assert "--concurrency 4" in checks["shared_gpu"]["command"] and "train.amp=true" in checks["step_amp"]["command"]
+    long = checks["long_reconstruction"]["command"]
+    assert "positive_control_n500_long.yaml" in long and "device=cuda" in long and "train.max_seconds=" in long
     assert all(v is None for v in result["figures"].values())
+    # without --long the pass is the 8-minute one; --only runs just the named checks
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--only", "positive_control",
+                           "--out", str(tmp_path / "plain")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert set(json.loads((tmp_path / "plain" / "gpu_check.json").read_text())["checks"]) == {"positive_control"}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--only",
+                           "long_reconstruction", "--out", str(tmp_path / "plain")], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 2 and "needs --long" in proc.stderr
 
 
 def test_gpu_check_reads_the_figures_the_checks_write(tmp_path):
@@ -143,7 +155,9 @@ def test_gpu_check_reads_the_figures_the_checks_write(tmp_path):
     gpu_check = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = gpu_check  # its dataclasses look their module up there
     spec.loader.exec_module(gpu_check)
-    checks = {c.name: c for c in gpu_check.plan(tmp_path)}
+    assert "long_reconstruction" not in {c.name for c in gpu_check.plan(tmp_path)}  # opt-in
+    checks = {c.name: c for c in gpu_check.plan(tmp_path, long=True)}
+    assert checks["long_reconstruction"].own_limit and checks["long_reconstruction"].limit_s == gpu_check.LONG_S
     for name, ms in (("step_fp32", 10.0), ("step_amp", 5.0), ("step_compile", 4.0)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"per_term": {"ce": {"ms_per_step": ms}}}))
         checks[name].result = {"rc": 0, "seconds": 20.0}
@@ -158,6 +172,16 @@ def test_gpu_check_reads_the_figures_the_checks_write(tmp_path):
     assert fig["generator_step"]["step_compile"]["speedup_vs_fp32"] == 2.5
     assert fig["positive_control"] == {"wall_s": 95.0, "ssim_nn_train_mean": 0.4}
     assert fig["tests"] is None and fig["pretrain"] is None  # not written: recorded as missing
+    assert fig["long_reconstruction"] is None
+    (tmp_path / "long_reconstruction").mkdir()
+    (tmp_path / "long_reconstruction" / "metrics.json").write_text(json.dumps(
+        {"epoch": 50, "train_seconds": 250.0, "coverage_gap": 0.2, "train_coverage": 0.3, "heldout_coverage": 0.1,
+         "kkt_residual_bank": 0.05, "note": "text"}))
+    checks["long_reconstruction"].result = {"rc": 0, "seconds": 400.0}
+    long = gpu_check.figures(checks, tmp_path)["long_reconstruction"]
+    assert long["steps_done"] == 50_000 and long["reached"] is True and long["ms_per_step"] == pytest.approx(5.0)
+    assert long["wall_s"] == 400.0 and long["coverage_gap"] == 0.2 and long["kkt_residual_bank"] == 0.05
+    assert long["train_coverage"] == 0.3 and long["heldout_coverage"] == 0.1 and "note" not in long
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
@@ -233,3 +257,17 @@ def test_kkt_step_benchmark(tmp_path):
         assert case["ms_explicit"] > 0 and case["ms_hooked"] > 0 and case["ms_now"] > 0 and case["step_gflop_now"] > 0
         # the three ways compute the same residual and gradients
         assert case["relative_gap_hooked"] < 1e-5 and case["relative_gap_now"] < 1e-5
+
+
+def test_generator_step_benchmark(tmp_path):
+    fig = bench("generator_step", tmp_path, "--profile", "--top", "5")
+    assert set(fig["cases"]) == {"MLP n=10", "CNN 1-block n=10"}
+    for case in fig["cases"].values():
+        assert case["bank"] == 2 * case["n"]  # the full bank of 2n codes
+        assert case["ms_before"] > 0 and case["ms_now"] > 0 and case["speedup"] > 0
+        assert all(v > 0 for v in case["parts"].values())
+        assert len(case["profile_now"]) == 5 and case["profile_now"][0]["self_ms"] > 0
+        # both arms give the same KKT term and the same gradients in the generator and the multipliers
+        gap = case["relative_gap"]
+        assert gap["kkt_term"] > 0 and gap["largest"] < 1e-5
+        assert gap["value"] < 1e-5 and gap["generator_grad"] < 1e-5 and gap["multiplier_grad"] < 1e-5
