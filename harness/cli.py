@@ -190,10 +190,12 @@ def cmd_ablate(args) -> int:
     n_seeds = sweep.confirm_seeds if args.seeds is None else args.seeds
     if n_seeds < 1:
         raise ConfigError(f"--seeds: {n_seeds}; give at least 1 confirmation seed")
-    if len(sweep.variants()) < 2:
+    against_value = sweep.claim is not None and (sweep.claim.above is not None or sweep.claim.reference is not None)
+    if len(sweep.variants()) < 2 and not (against_value and sweep.variants()):
         field = "variants" if sweep.named_variants is not None else "axes"
         raise ConfigError(f"{field}: {sweep.name} has {'no axes' if field == 'axes' and not sweep.axes else 'one variant'}, "
-                          f"so a study has nothing to compare; use `harness sweep` for one configuration, or add {field}")
+                          f"so a study has nothing to compare; use `harness sweep` for one configuration, add {field}, "
+                          "or give a claim against a value (claim.above) or a reference point (claim.reference)")
     check_claim_decidable(sweep, n_seeds)
     from harness.sweep.files import check_one_regime
 

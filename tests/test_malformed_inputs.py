@@ -178,6 +178,16 @@ def test_ablate_without_two_variants(axes, place, capsys):
     refused(["ablate", str(file), "--out", str(place / "out")], place, capsys, "axes", "harness sweep")
 
 
+def test_ablate_of_one_variant_against_a_value_is_a_study(place, capsys):
+    """One variant with a claim against a value (claim.above) is a study (its seeds decide the claim):
+    refused here only by the next check, a data root that does not exist, not for its one variant."""
+    claim = {"statement": "it leaks", "metric": "coverage_gap", "greater": "pool=avg", "above": 0.0}
+    nowhere = place / "no_data"
+    file = write(place, sweep_text(axes={"classifier.pool": ["avg"]}, claim=claim,
+                                   base={"train": {"epochs": 4}, "data": {"root": str(nowhere)}}))
+    refused(["ablate", str(file), "--out", str(place / "out")], place, capsys, "data.root", "does not exist")
+
+
 @pytest.mark.parametrize("command", ["sweep", "ablate"])
 def test_a_data_root_that_does_not_exist(command, place, capsys, monkeypatch):
     nowhere = place / "no_data"
