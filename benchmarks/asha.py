@@ -25,7 +25,7 @@ def sweep_dict(args, asha: bool, stopper: bool) -> dict:
         "name": "bench-asha",
         "base": {
             "data": {"train_size": args.train_size},
-            "classifier": {"epochs": 3} if args.tiny else {},
+            "classifier": {"epochs": 2} if args.tiny else {},  # --tiny: the tests' tiny classifier, cached once
             "evaluator": {"epochs": 1} if args.tiny else {},
             "train": {"epochs": args.epochs, "steps_per_epoch": args.steps, "batch_size": 32, "eval_every": 1},
             "eval": {"per_class": args.per_class, "topk": 5, "diversity_pairs": 50, "reference_per_class": 10},

@@ -48,8 +48,8 @@ def main(argv=None):
     if args.large:
         trials.append(("one trial, N = 60,000", short + ["data.train_size=60000"]))
     sweep_sets = ["resources.max_concurrent=2"]
-    if args.tiny:
-        tiny = ["data.train_size=200", "classifier.epochs=1", "evaluator.epochs=1", "eval.per_class=5",
+    if args.tiny:  # the classifier and evaluator of the tests' tiny trials (tests/conftest.py): cached once for all
+        tiny = ["data.train_size=200", "classifier.epochs=2", "evaluator.epochs=1", "eval.per_class=5",
                 "eval.reference_per_class=10", "eval.diversity_pairs=20", "train.epochs=1", "train.steps_per_epoch=2"]
         trials = [("one trial, tiny", tiny)]
         sweep_sets += ["budget.num_samples=2", "budget.epochs=2", "budget.steps_per_epoch=2"]

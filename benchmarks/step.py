@@ -80,8 +80,8 @@ def main(argv=None):
     base = {"device": str(device), "loss": {"ce": 1.0, "tv": 0.0, "bn": 0.0}}
     overrides = list(args.overrides)
     steps = args.steps
-    if args.tiny:
-        overrides += ["data.train_size=200", "classifier.epochs=1", "evaluator.epochs=1", "eval.per_class=10",
+    if args.tiny:  # the classifier and evaluator of the tests' tiny trials (tests/conftest.py): cached once for all
+        overrides += ["data.train_size=200", "classifier.epochs=2", "evaluator.epochs=1", "eval.per_class=10",
                       "eval.reference_per_class=10", "eval.diversity_pairs=20", "train.batch_size=16"]
         steps = 2
     warmup = 1 if args.tiny else 5

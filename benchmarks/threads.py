@@ -53,9 +53,9 @@ def main(argv=None):
     p.add_argument("--cores", type=int, default=os.cpu_count())
     args = p.parse_args(argv)
     overrides = []
-    if args.tiny:
+    if args.tiny:  # the classifier and evaluator of the tests' tiny trials (tests/conftest.py): cached once for all
         args.steps = 2
-        overrides = ["data.train_size=200", "classifier.epochs=1", "evaluator.epochs=1", "eval.per_class=5",
+        overrides = ["data.train_size=200", "classifier.epochs=2", "evaluator.epochs=1", "eval.per_class=5",
                      "eval.reference_per_class=10", "eval.diversity_pairs=20", "train.batch_size=16"]
     # build the caches once, so no process trains a classifier while the others step
     from harness.config import build_config

@@ -27,6 +27,14 @@ if _WORKERS > 1:
         os.environ.setdefault(_name, str(max(1, _cores // _WORKERS)))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The Ray tests (`sweep`) first, the benchmarks' among them last, the files' order kept otherwise:
+    pytest-xdist hands the tests out in this order, and the sweeps are the slowest (one to three minutes
+    each); handed out last, as the files' order has most of them, one of them would keep a worker busy
+    after the others had finished."""
+    items.sort(key=lambda item: (item.get_closest_marker("sweep") is None, item.path.name == "test_benchmarks.py"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory):
     """One classifier/evaluator cache shared by every test of the session, and by the session's
@@ -68,6 +76,29 @@ def tiny_config():
 
     def make(*overrides: str):
         return build_config(TINY, list(overrides))
+    return make
+
+
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store whose tables MLflow has created: once per process, not once per
+    test (creating them runs MLflow's schema migrations, about 6 s of CPU on this machine)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def fresh_store(mlflow_store_template):
+    """`fresh_store(path)` puts a new, empty MLflow SQLite store at `path` (a copy of the template:
+    the same schema and the same single Default experiment a first connection would create) and
+    returns its tracking URI."""
+    def make(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(mlflow_store_template, path)
+        return f"sqlite:///{path}"
     return make
 
 

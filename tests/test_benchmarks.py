@@ -93,7 +93,7 @@ def test_asha_benchmark(tmp_path, ray_address):
 def test_disk_benchmark(tmp_path, ray_address):
     fig = bench("disk", tmp_path, "--address", ray_address)
     before, after = fig["before"], fig["after"]
-    assert fig["trials"] == 6 and fig["checkpoints_removed"] >= fig["trials"]  # every trial's checkpoints went
+    assert fig["trials"] == 3 and fig["checkpoints_removed"] >= fig["trials"]  # every trial's checkpoints went
     assert after["runs_with_weights"] == 1 and after["weights_mb"] > 0  # the best trial's, in MLflow
     assert 0 < after["ray_mb_per_trial"] < before["ray_mb_per_trial"]
     assert after["ray_peak_mb"] >= after["ray_mb"]

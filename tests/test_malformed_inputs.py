@@ -263,11 +263,9 @@ def test_report_with_a_plain_path_store(place, capsys):
     refused(["report", "--experiment", "x", "--mlflow-uri", str(place / "runs")], place, capsys, "sqlite:///")
 
 
-def test_report_out_naming_a_file(place, capsys):
-    from mlflow.tracking import MlflowClient
-
+def test_report_out_naming_a_file(place, capsys, fresh_store):
     db = place / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()  # an existing store
+    fresh_store(db)  # an existing store
     write(place, "x\n", "report.md")
     capsys.readouterr()
     refused(["report", "--experiment", "x", "--mlflow-uri", f"sqlite:///{db}", "--out", str(place / "report.md")],

@@ -9,8 +9,8 @@ from harness.cli import main
 from harness.sweep.tracking import client_for, ensure_experiment
 
 
-def make_store(root, searched: bool = True):
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+def make_store(root, fresh_store, searched: bool = True):
+    uri = fresh_store(root / 'mlflow.db')
     client = client_for(uri)
     exp = ensure_experiment(client, "moved", root / "mlartifacts")
     parent = client.create_run(exp, run_name="sweep-moved", tags={"harness.kind": "sweep",
@@ -31,8 +31,8 @@ def make_store(root, searched: bool = True):
     return kids
 
 
-def test_report_and_compare_name_the_artifacts_of_a_moved_store(tmp_path, capsys):
-    kids = make_store(tmp_path / "there")
+def test_report_and_compare_name_the_artifacts_of_a_moved_store(tmp_path, capsys, fresh_store):
+    kids = make_store(tmp_path / "there", fresh_store)
     shutil.move(tmp_path / "there", tmp_path / "here")
     uri = f"sqlite:///{tmp_path / 'here' / 'mlflow.db'}"
     assert MlflowClient(uri).get_experiment_by_name("moved") is not None
@@ -62,8 +62,8 @@ def test_report_and_compare_name_the_artifacts_of_a_moved_store(tmp_path, capsys
     assert "| **artifacts** | grid.png | grid.png |" in printed and "could not be read" not in printed
 
 
-def test_a_report_of_a_sweep_without_a_search_draws_no_importance_and_reads_no_optuna_file(tmp_path):
-    make_store(tmp_path, searched=False)
+def test_a_report_of_a_sweep_without_a_search_draws_no_importance_and_reads_no_optuna_file(tmp_path, fresh_store):
+    make_store(tmp_path, fresh_store, searched=False)
     out = tmp_path / "report"
     assert main(["report", "--experiment", "moved", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                  "--out", str(out)]) == 0

@@ -21,8 +21,8 @@ def _run(client, exp, parent, variant, phase, status, metrics, params=None):
 
 
 @pytest.fixture
-def store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(tmp_path, fresh_store):
+    uri = fresh_store(tmp_path / 'mlflow.db')
     client = MlflowClient(uri)
     exp = client.create_experiment("known", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"harness.kind": "study"}).info.run_id
@@ -124,9 +124,9 @@ def test_report_flags_confirmation_seeds_that_repeat_a_tuning_seed(store, tmp_pa
     assert "Confirmation seeds overlap the tuning seeds (0)" in text
 
 
-def test_load_study_finds_its_parent_beyond_the_newest_thousand_runs(tmp_path):
+def test_load_study_finds_its_parent_beyond_the_newest_thousand_runs(tmp_path, fresh_store):
     """A study with more trials than one search page: the parent is the oldest run."""
-    uri = f"sqlite:///{tmp_path / 'big.db'}"
+    uri = fresh_store(tmp_path / 'big.db')
     client = MlflowClient(uri)
     exp = client.create_experiment("big", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"harness.kind": "study"}).info.run_id
@@ -147,10 +147,10 @@ def test_tpe_history_counts_what_each_tpe_trial_could_model():
     assert tpe_history(spans, startup=10) == (5, [])
 
 
-def _study(tmp_path, name: str, params: dict, runs: list[tuple]) -> str:
+def _study(tmp_path, name: str, params: dict, runs: list[tuple], fresh_store) -> str:
     """A hand-made study store: `runs` are (variant, seed, status, metrics[, artifact folder])
     confirmation runs under one parent with `params`."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / 'mlflow.db')
     client = MlflowClient(uri)
     exp = client.create_experiment(name, artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"harness.kind": "study"}).info.run_id
@@ -172,7 +172,7 @@ def _report(tmp_path, name: str, uri: str) -> str:
     return (tmp_path / "report" / "README.md").read_text()
 
 
-def test_report_averages_only_runs_that_ended_normally(tmp_path):
+def test_report_averages_only_runs_that_ended_normally(tmp_path, fresh_store):
     claim = {"claim.statement": "avg leaks more than max", "claim.metric": "ssim_nn_train_mean",
              "claim.greater": "pool=avg", "claim.lesser": "pool=max", "claim.reference": "None"}
     runs = [("pool=avg", 1000, "FINISHED", {"ssim_nn_train_mean": 0.02, "nonfinite": 0.0}),
@@ -180,7 +180,7 @@ def test_report_averages_only_runs_that_ended_normally(tmp_path):
             ("pool=avg", 1002, "FAILED", {"ssim_nn_train_mean": 0.60, "nonfinite": 0.0}),  # a partial budget
             ("pool=avg", 1003, "RUNNING", {"ssim_nn_train_mean": 0.90}),
             *[("pool=max", 1000 + i, "FINISHED", {"ssim_nn_train_mean": v}) for i, v in enumerate((0.25, 0.26, 0.27))]]
-    text = _report(tmp_path, "ended", _study(tmp_path, "ended", claim, runs))
+    text = _report(tmp_path, "ended", _study(tmp_path, "ended", claim, runs, fresh_store))
     # avg over 0.02 and 0.03 only: mean 0.025, half-width t(0.975, 1) x sd / sqrt(2)
     # = 12.706 x 0.00707 / 1.414 = 0.0635; max 0.26, 4.303 x 0.01 / sqrt(3) = 0.0248: the intervals
     # separate the other way (with the failed and running runs avg was 0.388 ± 0.694, n=4)
@@ -198,14 +198,14 @@ def test_report_averages_only_runs_that_ended_normally(tmp_path):
     assert "pool=avg: ssim_nn_train_mean sd 0.007 over 2 seeds" in text
 
 
-def test_a_run_whose_loss_went_nan_is_not_counted_as_a_collapse(tmp_path):
+def test_a_run_whose_loss_went_nan_is_not_counted_as_a_collapse(tmp_path, fresh_store):
     claim = {"claim.statement": "pert stabilises", "claim.metric": "collapsed", "claim.greater": "pert=0.0",
              "claim.lesser": "pert=1.0", "claim.reference": "None"}
     runs = [*[("pert=0.0", 1000 + i, "FINISHED", {"collapsed": 1.0, "nonfinite": 0.0}) for i in range(3)],
             # the NaN stopper ends the run KILLED and logs score 0 and collapsed 1
             ("pert=0.0", 1003, "KILLED", {"collapsed": 1.0, "nonfinite": 1.0, "score": 0.0}),
             *[("pert=1.0", 1000 + i, "FINISHED", {"collapsed": 0.0, "nonfinite": 0.0}) for i in range(3)]]
-    text = _report(tmp_path, "nan", _study(tmp_path, "nan", claim, runs))
+    text = _report(tmp_path, "nan", _study(tmp_path, "nan", claim, runs, fresh_store))
     # 3 of 3 vs 0 of 3: p = 1 / C(6, 3) = 0.050, not below 0.05 (counted as 4 of 4, p = 1 / C(7, 4) = 0.029)
     verdict = text.split("## Verdict")[1].split("##")[0]
     assert verdict.lstrip().startswith("**inconclusive**")
@@ -215,11 +215,11 @@ def test_a_run_whose_loss_went_nan_is_not_counted_as_a_collapse(tmp_path):
     assert "| pert=0.0 | 1003 (excluded: loss non-finite) |" in text
 
 
-def test_a_sweep_counts_the_runs_its_collapse_stopper_ended(tmp_path):
+def test_a_sweep_counts_the_runs_its_collapse_stopper_ended(tmp_path, fresh_store):
     """No confirmation phase: the count of collapses is over the tuning trials, where the collapse
     stopper ends a collapsed trial KILLED (outcome collapsed): it is counted, not excluded; a trial
     pruned by ASHA is not."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / 'mlflow.db')
     client = MlflowClient(uri)
     exp = client.create_experiment("stopped", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp, tags={"harness.kind": "sweep"}).info.run_id
@@ -283,7 +283,7 @@ def test_coverage_figure_draws_the_bars_the_runs_counted_at():
     assert coverage_bars({"a": [run()]}) == [0.4, 0.5]  # runs logged before the bars: the defaults
 
 
-def test_figures_show_the_median_seed_by_the_claims_metric(tmp_path):
+def test_figures_show_the_median_seed_by_the_claims_metric(tmp_path, fresh_store):
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -299,7 +299,7 @@ def test_figures_show_the_median_seed_by_the_claims_metric(tmp_path):
             plt.imsave(folder / name, np.full((8, 8), seed % 10 / 10.0), cmap="gray")
         runs.append(("all", seed, "FINISHED", {"ssim_nn_train_mean": ssim, "score": score, "train_top10": top10,
                                                "ref_blank_ssim": 0.2}, folder))
-    text = _report(tmp_path, "median", _study(tmp_path, "median", claim, runs))
+    text = _report(tmp_path, "median", _study(tmp_path, "median", claim, runs, fresh_store))
     caption = ("Each variant is shown by its median run by ssim_nn_train_mean among the runs it averages: "
                "all seed 1002 (ssim_nn_train_mean 0.500, the median of 3).")
     grids = text.split("### Median-seed inversion of each variant")[1].split("###")[0]

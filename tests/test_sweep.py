@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -170,21 +171,33 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, fresh_store):
     """A real `mlflow server` on loopback (SQLite backend, proxied artifacts)."""
     port = free_port()
+    fresh_store(tmp_path / "server.db")  # its tables made: the server starts without migrating a new store
     server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--artifacts-destination", str(tmp_path / "server-artifacts"),
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              # no job runner: MLflow 3 otherwise starts 7 huey consumer processes for its
+                              # GenAI jobs (none of them tracking), which compete with the server's start
+                              env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
+        # poll the server's /health every half second: MlflowClient retries a refused connection with
+        # exponential backoff (7 retries, factor 2), so a first call made before the server listens
+        # returns up to half a minute after it does
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+        deadline = time.time() + 180
+        while time.time() < deadline and server.poll() is None:
             try:
-                MlflowClient(uri).search_experiments()
-                break
+                with direct.open(f"{uri}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
             except Exception:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
+        MlflowClient(uri).search_experiments()
         yield uri
     finally:
         server.terminate()
@@ -240,7 +253,7 @@ def _persisted_trials(db: Path) -> list[tuple[str, str]]:
         con.close()
 
 
-def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, ray_address):
+def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, ray_address, capsys):
     file = write_sweep(tmp_path / "r.yaml", name="resume", budget={"num_samples": 4},
                        base={**TINY, "train": {"epochs": 4, "steps_per_epoch": 3, "batch_size": 20}},
                        resources={"cpu": 1, "max_concurrent": 2})
@@ -255,7 +268,8 @@ def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, 
     kids, parents = children(uri, "resume")
     assert kids and not [r for r in kids + parents if r.info.status == "RUNNING"], "interrupt left runs RUNNING"
     # the folder resumes only the sweep it holds: another file, an edited one, or a folder made before
-    # the folder kept its record (an older layout) is refused with one line, before Ray starts
+    # the folder kept its record (an older layout) is refused with one line, before Ray starts (the
+    # entry point `python -m harness.cli` exits with what `main` returns; called here, in this process)
     other = write_sweep(tmp_path / "other.yaml", name="other", budget={"num_samples": 4},
                         base={**TINY, "train": {"epochs": 4, "steps_per_epoch": 3, "batch_size": 20}})
     edited = write_sweep(tmp_path / "edited.yaml", name="resume", budget={"num_samples": 4},
@@ -267,9 +281,12 @@ def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, 
     for cmd, words in ((sweep_cmd(other, out, ray_address, "--resume"), ("--resume", "'other'")),
                        (sweep_cmd(edited, out, ray_address, "--resume"), ("--resume", "base.train.batch_size")),
                        (sweep_cmd(file, older, ray_address, "--resume"), ("--resume", "older version"))):
-        refusal = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        lines = refusal.stderr.strip().splitlines()
-        assert refusal.returncode == 2 and len(lines) == 1 and all(w in lines[0] for w in words), refusal.stderr[-2000:]
+        assert cmd[1:3] == ["-m", "harness.cli"]
+        capsys.readouterr()
+        returncode = main(cmd[3:])
+        stderr = capsys.readouterr().err
+        lines = stderr.strip().splitlines()
+        assert returncode == 2 and len(lines) == 1 and all(w in lines[0] for w in words), stderr[-2000:]
     # 2. resume, then SIGKILL the driver mid-run, right after a trial ended: nothing can clean
     # up, and the Optuna study must already hold that trial (written as it ended, not at the end)
     db = out / "optuna.db"

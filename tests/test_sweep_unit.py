@@ -60,10 +60,10 @@ def test_stopper_patience_is_counted_in_evaluations():
     (3, 3, "stopped: collapsed at 3 evaluations in a row at epoch 3"),
     (3, 1, "pruned by ASHA at epoch 1"),       # before the stopper's minimum epoch
 ])
-def test_trial_is_labelled_collapsed_only_at_the_stoppers_patience(tmp_path, streak, epoch, reason):
+def test_trial_is_labelled_collapsed_only_at_the_stoppers_patience(tmp_path, fresh_store, streak, epoch, reason):
     from harness.sweep.tracking import MlflowTrialLogger
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = fresh_store(tmp_path / 'm.db')
     client = MlflowClient(uri)
     exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
     parent = client.create_run(exp).info.run_id
@@ -299,12 +299,12 @@ def test_prune_checkpoints_keeps_each_trials_last(tmp_path):
     ({"train_seconds": 2.5}, 2, "timed_out", "stopped: time budget train.max_seconds reached at epoch 2"),
     ({"train_seconds": 1.5}, 2, "pruned", "pruned by ASHA at epoch 2"),  # under the limit: ASHA's stop
 ])
-def test_trial_stopped_by_its_time_budget_is_labelled_so(tmp_path, result, epoch, outcome, reason):
+def test_trial_stopped_by_its_time_budget_is_labelled_so(tmp_path, fresh_store, result, epoch, outcome, reason):
     """A trial that `train.max_seconds` ended is not ASHA's: the trainable's `out_of_time` flag says
     so, else the trial's training seconds against its limit (here 2 s)."""
     from harness.sweep.tracking import MlflowTrialLogger
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = fresh_store(tmp_path / 'm.db')
     client = MlflowClient(uri)
     exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
     parent = client.create_run(exp).info.run_id

@@ -52,17 +52,17 @@ def test_trial_params_leave_out_a_term_that_is_off():
     assert params == {"loss.cos.on": True, "loss.cos": 0.05, "loss.tv": 0.2}
 
 
-def test_experiment_opens_on_the_runs_table(tmp_path):
-    client = client_for(f"sqlite:///{tmp_path / 'm.db'}")
+def test_experiment_opens_on_the_runs_table(tmp_path, fresh_store):
+    client = client_for(fresh_store(tmp_path / 'm.db'))
     exp_id = ensure_experiment(client, "e", tmp_path / "art")
     assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
     assert runs_table_url("http://h:5000/", exp_id).endswith(f"/#/experiments/{exp_id}/runs?workflowType=machine_learning")
 
 
 @pytest.mark.parametrize("status, child", [("FINISHED", "KILLED"), ("KILLED", "KILLED"), ("FAILED", "FAILED")])
-def test_leftover_running_children_never_end_finished(tmp_path, status, child):
+def test_leftover_running_children_never_end_finished(tmp_path, fresh_store, status, child):
     from harness.sweep.tracking import finish_open_runs
-    client = client_for(f"sqlite:///{tmp_path / 'm.db'}")
+    client = client_for(fresh_store(tmp_path / 'm.db'))
     exp_id = ensure_experiment(client, "e", tmp_path / "art")
     parent = client.create_run(exp_id, run_name="parent").info.run_id
     ended = client.create_run(exp_id, tags={"mlflow.parentRunId": parent}).info.run_id
@@ -75,8 +75,8 @@ def test_leftover_running_children_never_end_finished(tmp_path, status, child):
 
 
 @pytest.fixture
-def logger(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def logger(tmp_path, fresh_store):
+    uri = fresh_store(tmp_path / 'mlflow.db')
     client = client_for(uri)
     exp_id = ensure_experiment(client, "unit", tmp_path / "mlartifacts")
     parent = client.create_run(exp_id, run_name="parent").info.run_id
