@@ -46,7 +46,7 @@ STATIONARITY_CODE = {
     "harness.science.classifiers": ("stationarity",),
     "harness.science.data": ("heldout_set",),
     "harness.science.kkt": ("parameterised_layers", "theta_params", "margins", "_weighted_margins", "kkt_residual",
-                            "kkt_residual_hooked", "_hooked_forward", "kkt_residual_chain", "_chain_ops", "_plain_pool",
+                            "kkt_residual_hooked", "_hooked_forward", "kkt_residual_chain", "_chain_ops", "_is_centered", "_is_activation", "_plain_pool",
                             "_margin_weights", "_avg_pool2_back", "_activation",
                             "kkt_residual_explicit", "multiplier_shape", "fitted_residual"),
 }

@@ -232,20 +232,20 @@ def fitted_residual(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: i
 def _chain_ops(model: nn.Module) -> list[nn.Module] | None:
     """`model` as the flat list of layers its forward pass applies in turn, where it is such a chain
     of the layers `_chain_forward` knows (the CNNs and MLPs here, centred or not); None otherwise."""
-    from harness.science.classifiers import MLP, Activation, Centered, ShallowCNN
-
-    if isinstance(model, Centered):
+    # the classifiers' classes by their parts (this module must not import harness.science.classifiers,
+    # which imports it): Centered (model, input_mean), ShallowCNN (features, fc, head), MLP (body, head)
+    if _is_centered(model):
         inner = _chain_ops(model.model)
         return None if inner is None else [model, *inner]
-    if isinstance(model, ShallowCNN):
+    if type(model).__name__ == "ShallowCNN":
         parts = [*model.features, *model.fc, model.head]
-    elif isinstance(model, MLP):
+    elif type(model).__name__ == "MLP":
         parts = [*model.body, model.head]
     else:
         return None
-    known = (nn.Conv2d, nn.Linear, Activation, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout2d)
+    known = (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout2d)
     for m in parts:
-        if not isinstance(m, known) or (isinstance(m, (nn.Dropout, nn.Dropout2d)) and m.training):
+        if not (isinstance(m, known) or _is_activation(m)) or (isinstance(m, (nn.Dropout, nn.Dropout2d)) and m.training):
             return None
         if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.stride != (1, 1) or m.dilation != (1, 1)
                                          or not isinstance(m.padding, tuple) or m.padding_mode != "zeros"):
@@ -253,6 +253,14 @@ def _chain_ops(model: nn.Module) -> list[nn.Module] | None:
         if isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) and not _plain_pool(m):
             return None
     return parts
+
+
+def _is_centered(m: nn.Module) -> bool:
+    return type(m).__name__ == "Centered" and hasattr(m, "input_mean")
+
+
+def _is_activation(m: nn.Module) -> bool:
+    return type(m).__name__ == "Activation" and hasattr(m, "slope") and hasattr(m, "alpha")
 
 
 def _plain_pool(m: nn.Module) -> bool:
@@ -274,8 +282,6 @@ def kkt_residual_chain(model: nn.Module, theta: dict[str, torch.Tensor], x: torc
     ops = _chain_ops(model)
     if ops is None:
         return None
-    from harness.science.classifiers import Activation, Centered
-
     prefix = {id(m): name for name, m in model.named_modules()}
     rows = x.shape[0]
 
@@ -290,7 +296,7 @@ def kkt_residual_chain(model: nn.Module, theta: dict[str, torch.Tensor], x: torc
     first = next((i for i, m in enumerate(ops) if id(m) in chosen), len(ops))
     kept, h = [], x
     for m in ops:  # forward, keeping what each layer's backward needs
-        if isinstance(m, Centered):
+        if _is_centered(m):
             kept.append(None)
             h = h - m.input_mean
         elif isinstance(m, nn.Conv2d):
@@ -309,7 +315,7 @@ def kkt_residual_chain(model: nn.Module, theta: dict[str, torch.Tensor], x: torc
             z = F.linear(h, param(m, "weight"), param(m, "bias") if m.bias is not None else None)
             kept.append((h, z))
             h = z
-        elif isinstance(m, Activation):
+        elif _is_activation(m):
             h, slope = _activation(m, h)
             kept.append(slope)
         elif isinstance(m, nn.AvgPool2d):
@@ -360,7 +366,7 @@ def kkt_residual_chain(model: nn.Module, theta: dict[str, torch.Tensor], x: torc
                     residual = residual + (b - d.sum(0)).pow(2).sum()
             if i > first:
                 d = d @ w
-        elif isinstance(m, Activation):
+        elif _is_activation(m):
             d = d * k
         elif isinstance(m, nn.AvgPool2d):
             d = _avg_pool2_back(d, k)
