@@ -28,11 +28,15 @@ if _WORKERS > 1:
 
 
 def pytest_collection_modifyitems(config, items):
-    """The Ray tests (`sweep`) first, the benchmarks' among them last, the files' order kept otherwise:
-    pytest-xdist hands the tests out in this order, and the sweeps are the slowest (one to three minutes
-    each); handed out last, as the files' order has most of them, one of them would keep a worker busy
-    after the others had finished."""
-    items.sort(key=lambda item: (item.get_closest_marker("sweep") is None, item.path.name == "test_benchmarks.py"))
+    """pytest-xdist hands the tests out in collection order: the Ray sweeps of test_sweep.py and
+    test_two_nodes.py (one to three minutes each) go right after the benchmarks' smoke runs, which the
+    files' order puts first, instead of near the end, where one of them would keep a worker busy after
+    the others had finished. The files' order is kept otherwise."""
+    def rank(item) -> int:
+        if item.path.name == "test_benchmarks.py":
+            return 0
+        return 1 if item.get_closest_marker("sweep") is not None else 2
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -116,7 +120,10 @@ def ray_address(session_cache, tmp_path_factory):
     # short: Ray's socket paths under it must stay within the 107 bytes of a Unix socket address
     # (pytest's own temp folders, one level deeper per xdist worker, come close to that)
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # no default workers prestarted for the first driver: the harness's trials run in workers with its
+    # runtime environment (the data and cache settings), never in those
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_prestart_worker_first_driver="0")
     subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
                     "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=150000000",
                     "--disable-usage-stats", f"--temp-dir={temp}"],

@@ -124,7 +124,21 @@ def test_report_flags_confirmation_seeds_that_repeat_a_tuning_seed(store, tmp_pa
     assert "Confirmation seeds overlap the tuning seeds (0)" in text
 
 
-def test_load_study_finds_its_parent_beyond_the_newest_thousand_runs(tmp_path, fresh_store):
+@pytest.fixture
+def sqlite_without_fsync():
+    """SQLite connections opened during the test skip the fsync of each commit (PRAGMA synchronous = OFF):
+    the store is written and read back by this process alone, and writing it is 1,051 commits."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def no_fsync(connection, _record):
+        connection.execute("PRAGMA synchronous = OFF")
+    event.listen(Engine, "connect", no_fsync)
+    yield
+    event.remove(Engine, "connect", no_fsync)
+
+
+def test_load_study_finds_its_parent_beyond_the_newest_thousand_runs(tmp_path, fresh_store, sqlite_without_fsync):
     """A study with more trials than one search page: the parent is the oldest run."""
     uri = fresh_store(tmp_path / 'big.db')
     client = MlflowClient(uri)

@@ -21,7 +21,8 @@ from tests.conftest import REPO, TINY, free_port, stop_processes_of
 pytestmark = pytest.mark.sweep
 
 TRIALS = 4
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# (no default workers prestarted for the first driver: the trials run in workers with the harness's runtime env)
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_prestart_worker_first_driver": "0"}
 
 
 def ray_start(temp: str, *args: str) -> None:

@@ -280,10 +280,14 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
     storage = (out_dir / "ray").resolve()
     exp_name = f"{phase}-{variant}" if phase != "tune" else variant
     exp_path = storage / exp_name
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, checkpoint_epochs=checkpoint_epochs(sweep, max_epochs)), resources)
     parent_id, experiment_id, uri = tracking
     fixed = dict(enumerate(fixed_params)) if fixed_params is not None else None
+    # one trainable for a fresh run and its resumption: Tuner.restore refuses another function's name
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, checkpoint_epochs=checkpoint_epochs(sweep, max_epochs))
+        if fixed is None else
+        tune.with_parameters(_run_fixed, base=base, fixed=fixed, checkpoint_epochs=checkpoint_epochs(sweep, max_epochs)),
+        resources)
     objectives = sweep.objectives or {sweep.metric: sweep.mode}
     recorder = None
     if fixed_params is None and sweep.search:  # an Optuna search: persist its study trial by trial
@@ -317,8 +321,6 @@ def run_variant(sweep: SweepConfig, variant: str, settings: dict, out_dir: Path,
         concurrency = sweep.resources.max_concurrent
         if fixed_params is not None:
             param_space = {"__fixed__": tune.grid_search(list(range(len(fixed_params))))}
-            trainable = tune.with_resources(tune.with_parameters(
-                _run_fixed, base=base, fixed=fixed, checkpoint_epochs=checkpoint_epochs(sweep, max_epochs)), resources)
             tune_config = tune.TuneConfig(scheduler=scheduler, num_samples=1, reuse_actors=True,
                                           max_concurrent_trials=concurrency)
         elif sweep.search:
