@@ -28,14 +28,14 @@ if _WORKERS > 1:
 
 
 def pytest_collection_modifyitems(config, items):
-    """pytest-xdist hands the tests out in collection order: the Ray sweeps of test_sweep.py and
-    test_two_nodes.py (one to three minutes each) go right after the benchmarks' smoke runs, which the
-    files' order puts first, instead of near the end, where one of them would keep a worker busy after
-    the others had finished. The files' order is kept otherwise."""
+    """pytest-xdist hands the tests out in collection order: the report's study (the longest chain of
+    work, one worker's) first, then the other tests that run Ray trials, then the rest, so that no
+    minutes-long test starts when the others are nearly done. The files' order is kept otherwise."""
     def rank(item) -> int:
-        if item.path.name == "test_benchmarks.py":
+        if item.path.name == "test_report.py":
             return 0
-        return 1 if item.get_closest_marker("sweep") is not None else 2
+        uses_ray = item.get_closest_marker("sweep") is not None or "ray_address" in getattr(item, "fixturenames", ())
+        return 1 if uses_ray else 2
     items.sort(key=rank)
 
 
@@ -112,26 +112,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _session_root(tmp_path_factory) -> Path:
+    """The folder every process of this test session shares: the run's temp folder (each xdist
+    worker's own lies in it), or the session's own without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def ray_address(session_cache, tmp_path_factory):
-    """A real Ray head on loopback for the whole test session. 4 logical CPUs on this 2-core machine:
-    the tests' tiny trials spend most of their time starting up and writing, not computing."""
-    port = free_port()
-    # short: Ray's socket paths under it must stay within the 107 bytes of a Unix socket address
-    # (pytest's own temp folders, one level deeper per xdist worker, come close to that)
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    # no default workers prestarted for the first driver: the harness's trials run in workers with its
-    # runtime environment (the data and cache settings), never in those
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               RAY_prestart_worker_first_driver="0")
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
-                    "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=150000000",
-                    "--disable-usage-stats", f"--temp-dir={temp}"],
-                   check=True, env=env, capture_output=True, timeout=120)
-    address = f"127.0.0.1:{port}"
-    yield address
-    stop_processes_of(str(temp))
-    shutil.rmtree(temp, ignore_errors=True)
+    """One real Ray head on loopback for the whole test session, shared by its xdist workers: the
+    first worker that needs it starts it, the others connect, and the last one done stops it (a
+    count under a file lock). 6 logical CPUs on this 2-core machine: the tests' tiny trials spend
+    most of their time starting up and writing, not computing, and the CPUs cap how many of all the
+    workers' trials run at once."""
+    import fcntl
+    import json
+
+    root = _session_root(tmp_path_factory)
+    record = root / "ray_head.json"
+    with open(root / "ray_head.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        head = json.loads(record.read_text()) if record.exists() else None
+        if head is None:
+            port = free_port()
+            # short: Ray's socket paths under it must stay within the 107 bytes of a Unix socket address
+            # (pytest's own temp folders, one level deeper per xdist worker, come close to that)
+            temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+            # no default workers prestarted for the first driver: the harness's trials run in workers with
+            # its runtime environment (the data and cache settings), never in those
+            env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+                       RAY_prestart_worker_first_driver="0")
+            subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=6",
+                            "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=150000000",
+                            "--disable-usage-stats", f"--temp-dir={temp}"],
+                           check=True, env=env, capture_output=True, timeout=120)
+            head = {"address": f"127.0.0.1:{port}", "temp": temp, "users": 0}
+        head["users"] += 1
+        record.write_text(json.dumps(head))
+    yield head["address"]
+    with open(root / "ray_head.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        head = json.loads(record.read_text())
+        head["users"] -= 1
+        if head["users"] > 0:
+            record.write_text(json.dumps(head))
+            return
+        record.unlink()
+        stop_processes_of(head["temp"])
+        shutil.rmtree(head["temp"], ignore_errors=True)
 
 
 def stop_processes_of(temp: str) -> None:

@@ -271,3 +271,23 @@ def test_generator_step_benchmark(tmp_path):
         gap = case["relative_gap"]
         assert gap["kkt_term"] > 0 and gap["largest"] < 1e-5
         assert gap["value"] < 1e-5 and gap["generator_grad"] < 1e-5 and gap["multiplier_grad"] < 1e-5
+
+
+def test_peak_memory_sees_a_child_that_holds_a_known_amount():
+    """PeakMemory's known answer: a child process that writes 300 MiB and holds them. Its RSS and
+    the tree's PSS (the child's pages are its own) both reach 300 MiB; a PSS read only at growth
+    still finds it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from procmem import PeakMemory
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    mib = 2 ** 20
+    code = "import sys, time; b = bytearray(300 * 2 ** 20); b[::4096] = b'x' * len(b[::4096]); print('held', flush=True); time.sleep(3)"
+    with PeakMemory(interval=0.1, match="bytearray") as mem:  # the child alone
+        before = mem.peak_total_pss  # this process's own tree, read on entering
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "held"
+        child.wait(timeout=30)
+    assert mem.peak_process_rss >= 300 * mib
+    assert mem.peak_total_pss >= before + 0.95 * 300 * mib
