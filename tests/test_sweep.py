@@ -261,7 +261,7 @@ def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, 
     uri = f"sqlite:///{out / 'mlflow.db'}"
     # 1. Ctrl-C: the driver ends its runs as KILLED and exits non-zero
     driver = subprocess.Popen(sweep_cmd(file, out, ray_address), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_progress(out, 2, timeout=300)
+    _wait_for_progress(out, 2, timeout=600)
     driver.send_signal(signal.SIGINT)
     driver.communicate(timeout=300)
     assert driver.returncode == 130
@@ -293,7 +293,7 @@ def test_interrupted_then_killed_sweep_resumes_to_exactly_num_samples(tmp_path, 
     persisted_before = len(_persisted_trials(db))
     driver = subprocess.Popen(sweep_cmd(file, out, ray_address, "--resume"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while len(_persisted_trials(db)) <= persisted_before:
         assert time.time() < deadline and driver.poll() is None, "no trial reached the Optuna study while running"
         time.sleep(0.3)

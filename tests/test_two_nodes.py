@@ -95,7 +95,7 @@ def test_a_sweep_runs_on_two_nodes_and_records_every_trial_once(tmp_path, two_no
     assert not out.exists()
 
     before = set(cache.glob("classifier-*.pt"))
-    proc = subprocess.run(cmd + ["--shared-storage"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(cmd + ["--shared-storage"], capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     rows = json.loads((out / "summary.json").read_text())["variants"][0]["rows"]
