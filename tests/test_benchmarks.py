@@ -1,5 +1,10 @@
 """Every benchmark runs at a tiny size, prints its table and writes its figures (so none rots).
-No timing is asserted: the figures are checked for being measured, not for being fast."""
+No timing is asserted: the figures are checked for being measured, not for being fast.
+
+The benchmark runs (`bench`) are left out of the default run, which they would lengthen by about
+a third (each starts its own processes, three of them Ray sweeps): `python -m pytest -q -m bench`
+runs them, and should after any change to benchmarks/ or to what they call. The checks here that
+run no benchmark script (known answers, one-line errors) stay in the default run."""
 import json
 import subprocess
 import sys
@@ -18,6 +23,7 @@ def bench(name: str, tmp_path, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.bench
 def test_pretrain_benchmark(tmp_path):
     fig = bench("pretrain", tmp_path)
     for arm in ("reference", "harness", "harness_contiguous", "harness_channels_last"):
@@ -47,6 +53,7 @@ def test_channels_last_pretraining_returns_a_model_in_the_default_layout():
     assert not model.training
 
 
+@pytest.mark.bench
 def test_step_benchmark(tmp_path):
     fig = bench("step", tmp_path, "--terms", "tv,kkt")
     assert set(fig["per_term"]) == {"ce", "tv", "kkt"}
@@ -56,18 +63,21 @@ def test_step_benchmark(tmp_path):
     assert direct["candidates"] == 200 and direct["ms_per_candidate"] > 0 and direct["step_gflop"] > 0
 
 
+@pytest.mark.bench
 def test_metrics_benchmark(tmp_path):
     fig = bench("metrics", tmp_path)
     assert fig["exact_matches"] == fig["checked"]  # the prefilter finds the brute-force maximum
     assert fig["brute_extrapolated_s"] > 0 and fig["evaluation_s"] > 0
 
 
+@pytest.mark.bench
 def test_threads_benchmark(tmp_path):
     fig = bench("threads", tmp_path, "--cores", "2")
     assert fig["arms"]["disciplined"]["threads"] == 1 and fig["arms"]["oversubscribed"]["threads"] == 2
     assert all(len(a["ms_per_step"]) == a["procs"] for a in fig["arms"].values())
 
 
+@pytest.mark.bench
 @pytest.mark.sweep
 def test_sweep_overhead_benchmark(tmp_path, ray_address):
     fig = bench("sweep_overhead", tmp_path, "--address", ray_address)
@@ -76,6 +86,7 @@ def test_sweep_overhead_benchmark(tmp_path, ray_address):
     assert fig["peak_rss_ray_worker_mb"] > 100  # the sampler saw the Ray workers
 
 
+@pytest.mark.bench
 @pytest.mark.sweep
 def test_asha_benchmark(tmp_path, ray_address):
     fig = bench("asha", tmp_path, "--address", ray_address)
@@ -89,6 +100,7 @@ def test_asha_benchmark(tmp_path, ray_address):
     assert all(a["peak_rss_ray_worker_mb"] > 100 for a in arms.values())  # the sampler saw the Ray workers
 
 
+@pytest.mark.bench
 @pytest.mark.sweep
 def test_disk_benchmark(tmp_path, ray_address):
     fig = bench("disk", tmp_path, "--address", ray_address)
@@ -99,12 +111,14 @@ def test_disk_benchmark(tmp_path, ray_address):
     assert after["ray_peak_mb"] >= after["ray_mb"]
 
 
+@pytest.mark.bench
 def test_memory_benchmark(tmp_path):
     # the sweep half is the smoke sweep plus the sampler that test_sweep_overhead_benchmark runs
     fig = bench("memory", tmp_path, "--no-sweep")
     assert fig["one trial, tiny"]["peak_rss_mb"] > 100
 
 
+@pytest.mark.bench
 def test_levers_benchmark(tmp_path):
     fig = bench("levers", tmp_path, "--figure", str(tmp_path / "frontier.png"))
     arms = fig["arms"]
@@ -120,6 +134,7 @@ def test_levers_benchmark(tmp_path):
     assert (tmp_path / "again.png").stat().st_size > 0
 
 
+@pytest.mark.bench
 def test_gpu_check_dry_run_parses_every_command(tmp_path):
     # no GPU needed: each benchmark parses its arguments (--check-args), pytest collects the tests,
     # the positive control's configuration builds; the JSON is written with no figures. --long adds
@@ -194,6 +209,7 @@ def test_gpu_check_without_a_gpu_fails_with_one_line(tmp_path):
     assert not (tmp_path / "gpu_check.json").exists()
 
 
+@pytest.mark.bench
 def test_rescale_rules_benchmark(tmp_path):
     fig = bench("rescale_rules", tmp_path)
     (run,) = fig["runs"].values()
@@ -250,6 +266,7 @@ def test_rescale_rules_benchmark_on_a_hand_built_bank(tmp_path):
         assert m["top10_gap"] == pytest.approx(0.0, abs=1e-4)
 
 
+@pytest.mark.bench
 def test_kkt_step_benchmark(tmp_path):
     fig = bench("kkt_step", tmp_path)
     assert set(fig["cases"]) == {"MLP n=10", "CNN 1-block n=5", "CNN 2-block n=5"}
@@ -259,6 +276,7 @@ def test_kkt_step_benchmark(tmp_path):
         assert case["relative_gap_hooked"] < 1e-5 and case["relative_gap_now"] < 1e-5
 
 
+@pytest.mark.bench
 def test_generator_step_benchmark(tmp_path):
     fig = bench("generator_step", tmp_path, "--profile", "--top", "5")
     assert set(fig["cases"]) == {"MLP n=10", "CNN 1-block n=10"}
