@@ -44,7 +44,7 @@ def study(tmp_path_factory, ray_address):
     file.write_text(yaml.safe_dump(spec))
     out = tmp / "run"
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "ablate", str(file), "--seeds", "2", "--out", str(out),
-                           "--address", ray_address], capture_output=True, text=True, timeout=900)
+                           "--address", ray_address], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return f"sqlite:///{out / 'mlflow.db'}", tmp
 
