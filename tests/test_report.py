@@ -1,5 +1,6 @@
 """A tiny real study (`harness ablate` on the session's Ray head), then `harness report` and
 `harness compare` on its MLflow store."""
+import json
 import subprocess
 import sys
 
@@ -27,12 +28,16 @@ def study(tmp_path_factory, ray_address):
         "search": {"loss.tv": {"dist": "uniform", "low": 0.0, "high": 0.5},
                    "fault": {"dist": "choice", "values": ["none", "raise_once"]}},
         "budget": {"num_samples": 2},
-        "asha": {"grace_period": 1, "reduction_factor": 2},
+        # no ASHA: one trial at a time, it would stop the second trial at its first rung, before the
+        # fault drawn for it is raised at epoch 3 (the store must hold a FAILED run)
+        "asha": {"enabled": False},
         # tiny generators are collapsed: the stopper ends every surviving tuning trial at epoch 3 of 4,
         # so the store also holds KILLED (stopped early) runs, deterministically
         "stop": {"collapse_patience": 1, "collapse_min_epoch": 3},
         "max_failures": 0,
-        "resources": {"cpu": 1},
+        # one trial at a time: each phase's trials reuse one Ray actor (a trial actor's imports cost
+        # more than a tiny trial)
+        "resources": {"cpu": 1, "max_concurrent": 1},
         "tpe_startup_trials": 2,
         # the class-level control: the confirmation seeds' classifiers inverted directly, untuned
         "control": {"inverter": "direct", "direct": {"candidates_per_class": 2},
@@ -43,10 +48,33 @@ def study(tmp_path_factory, ray_address):
     file = tmp / "tiny.yaml"
     file.write_text(yaml.safe_dump(spec))
     out = tmp / "run"
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "ablate", str(file), "--seeds", "2", "--out", str(out),
-                           "--address", ray_address], capture_output=True, text=True, timeout=1800)
+    cmd = [sys.executable, "-m", "harness.cli", "ablate", str(file), "--seeds", "2", "--out", str(out),
+           "--address", ray_address]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return f"sqlite:///{out / 'mlflow.db'}", tmp
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    # the finished study resumed: every phase restored (the confirmation and control phases with the
+    # trainable they ran), nothing run again (test_a_finished_study_resumes_each_phase_without_running_it_again)
+    runs = sorted(r.info.run_id for r in _all_runs(uri))
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    (tmp / "resumed.json").write_text(json.dumps({"returncode": again.returncode, "stderr": again.stderr[-3000:],
+                                                  "before": runs, "after": sorted(r.info.run_id for r in _all_runs(uri))}))
+    return uri, tmp
+
+
+def _all_runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    return client.search_runs([client.get_experiment_by_name("tiny_pooling").experiment_id], max_results=1000)
+
+
+def test_a_finished_study_resumes_each_phase_without_running_it_again(study):
+    """`harness ablate --resume` restores every phase of a study, the confirmation and control phases'
+    fixed trials included (Tune refuses a restore with another trainable than the one the phase ran);
+    a study that had ended runs nothing again and writes no run twice."""
+    _, tmp = study
+    resumed = json.loads((tmp / "resumed.json").read_text())
+    assert resumed["returncode"] == 0, resumed["stderr"]
+    assert resumed["after"] == resumed["before"] and len(resumed["before"]) == 1 + 3 * 2 * 2
 
 
 def test_study_tracks_both_phases(study):

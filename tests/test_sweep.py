@@ -367,26 +367,3 @@ def test_workers_see_the_drivers_data_and_cache_settings(ray_address, tmp_path):
                    HARNESS_DATA_ROOT=str(tmp_path / "data"), HARNESS_CACHE_DIR=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-2:] == [str(tmp_path / "data"), str(tmp_path / "cache")]
-
-
-def test_a_finished_study_resumes_each_phase_without_running_it_again(tmp_path, ray_address):
-    """`harness ablate --resume` restores every phase of a study, the confirmation phase's fixed
-    trials included (Tune refuses a restore with another trainable than the one the phase ran); a
-    study that had ended runs nothing again and writes no run twice."""
-    spec = {"name": "resumed", "base": {**TINY, "train": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 20}},
-            "axes": {"classifier.pool": ["avg"]}, "metric": "ssim_nn_train_mean", "budget": {"num_samples": 1},
-            "confirm_seeds": 1, "resources": {"cpu": 1}, "stop": {"collapse_patience": 100}, "asha": {"enabled": False},
-            "claim": {"statement": "it scores above 0", "metric": "ssim_nn_train_mean", "greater": "pool=avg",
-                      "above": 0.0}}
-    file = tmp_path / "resumed.yaml"
-    file.write_text(yaml.safe_dump(spec))
-    out = tmp_path / "study"
-    cmd = [sys.executable, "-m", "harness.cli", "ablate", str(file), "--out", str(out), "--address", ray_address]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    kids, parents = children(f"sqlite:///{out / 'mlflow.db'}", "resumed")
-    assert sorted(k.data.tags["harness.phase"] for k in kids) == ["confirm", "tune"]
-    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert sorted(k.info.run_id for k in children(f"sqlite:///{out / 'mlflow.db'}", "resumed")[0]) == sorted(
-        k.info.run_id for k in kids)
