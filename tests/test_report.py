@@ -29,7 +29,8 @@ def study(tmp_path_factory, ray_address):
                    "fault": {"dist": "choice", "values": ["none", "raise_once"]}},
         "budget": {"num_samples": 2},
         # no ASHA: one trial at a time, it would stop the second trial at its first rung, before the
-        # fault drawn for it is raised at epoch 3 (the store must hold a FAILED run)
+        # fault drawn for it is raised at epoch 3 (the store must hold a FAILED run); and without rung
+        # checkpoints the errored trial has none before its fault (the resumption below retries it)
         "asha": {"enabled": False},
         # tiny generators are collapsed: the stopper ends every surviving tuning trial at epoch 3 of 4,
         # so the store also holds KILLED (stopped early) runs, deterministically
@@ -53,28 +54,40 @@ def study(tmp_path_factory, ray_address):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    # the finished study resumed: every phase restored (the confirmation and control phases with the
-    # trainable they ran), nothing run again (test_a_finished_study_resumes_each_phase_without_running_it_again)
-    runs = sorted(r.info.run_id for r in _all_runs(uri))
+    # the finished study resumed in its folder (test_a_finished_study_resumes_each_phase_without_running_it_again):
+    # the tests below then read the store a resumption left, which must be the study's as it ended. (A copy
+    # of the folder would not do: a resumption finds its parent run by the folder it was started in.)
+    before = _kids(uri)
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
     (tmp / "resumed.json").write_text(json.dumps({"returncode": again.returncode, "stderr": again.stderr[-3000:],
-                                                  "before": runs, "after": sorted(r.info.run_id for r in _all_runs(uri))}))
+                                                  "before": before, "after": _kids(uri)}))
     return uri, tmp
 
 
-def _all_runs(uri: str) -> list:
+def _kids(uri: str) -> dict[str, list]:
+    """run id -> [phase, status, end time] of every trial run of the study."""
     client = MlflowClient(uri)
-    return client.search_runs([client.get_experiment_by_name("tiny_pooling").experiment_id], max_results=1000)
+    runs = client.search_runs([client.get_experiment_by_name("tiny_pooling").experiment_id], max_results=1000)
+    return {r.info.run_id: [r.data.tags["harness.phase"], r.info.status, r.info.end_time] for r in runs
+            if "mlflow.parentRunId" in r.data.tags}
 
 
 def test_a_finished_study_resumes_each_phase_without_running_it_again(study):
     """`harness ablate --resume` restores every phase of a study, the confirmation and control phases'
-    fixed trials included (Tune refuses a restore with another trainable than the one the phase ran);
-    a study that had ended runs nothing again and writes no run twice."""
+    fixed trials included (Tune refuses a restore with another trainable than the one the phase ran).
+    On a study that had ended, no run that ended (finished or stopped) runs again and none is written
+    twice; a trial that errored is tried again (Tune's resume_errored): here it has no checkpoint before
+    its injected fault and fails again."""
     _, tmp = study
     resumed = json.loads((tmp / "resumed.json").read_text())
     assert resumed["returncode"] == 0, resumed["stderr"]
-    assert resumed["after"] == resumed["before"] and len(resumed["before"]) == 1 + 3 * 2 * 2
+    before, after = resumed["before"], resumed["after"]
+    assert sorted(after) == sorted(before) and len(before) == 3 * 2 * 2
+    assert {phase for phase, _, _ in before.values()} == {"tune", "confirm", "control"}
+    failed = {run for run, (_, status, _) in before.items() if status == "FAILED"}
+    assert failed and all(after[run][1] == "FAILED" for run in failed)
+    assert {run: after[run] for run in before if run not in failed} == \
+        {run: state for run, state in before.items() if run not in failed}
 
 
 def test_study_tracks_both_phases(study):

@@ -97,7 +97,14 @@ def test_sign_flip_p_known_answers():
     avg = np.float32([0.1, 0.15, 0.15, 0.1, 0.05, 0.05, 0.0, 0.1]).astype(float)
     mx = np.float32([0.05, 0.2, 0.1, 0.35, 0.0, 0.15, 0.05, 0.05]).astype(float)
     assert sign_flip_p(avg - mx) == pytest.approx(158 / 256)
-    assert sign_flip_p(np.round(avg - mx, 3)) == pytest.approx(158 / 256)  # as the index reads them
+    assert paired_difference(avg, mx).p == pytest.approx(158 / 256)
+    # the same ties on values near 500 (a Fréchet distance): float32 spaces them 3e-5 apart, so the
+    # rounding that splits a tie is set by the values, not by the differences
+    assert paired_difference(np.float32(avg + 500).astype(float), np.float32(mx + 500).astype(float)).p == \
+        pytest.approx(158 / 256)
+    # and differences far below 1 are not ties: 8 equal differences of 1e-7, all one sign, p = 2/256
+    assert sign_flip_p([1e-7] * 8) == pytest.approx(2 / 256)
+    assert paired_difference([2e-7] * 8, [1e-7] * 8).p == pytest.approx(2 / 256)
     # above 16 pairs a fixed-seed sample of 100,000 patterns: within Monte Carlo error of the exact p
     d = np.random.default_rng(3).normal(0.3, 1.0, 17)
     exact = sign_flip_p(d, exact_limit=17)

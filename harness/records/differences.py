@@ -48,25 +48,27 @@ def _flat(sd, scale):
     return np.asarray(sd) <= 1e-9 * np.maximum(np.asarray(scale), 1e-300)
 
 
-F32_EPS = 2.0 ** -23  # float32's spacing at 1
+F32_EPS = 2.0 ** -23  # twice float32's relative rounding (2^-24)
 
 
 def sign_flip_p(diffs, exact_limit: int = EXACT_SIGN_FLIPS, samples: int = SIGN_FLIP_SAMPLES,
-                seed: int = SIGN_FLIP_SEED):
+                seed: int = SIGN_FLIP_SEED, magnitude=None):
     """Two-sided permutation p of the paired differences (last axis): the share of sign patterns
     whose |sum| is at least the observed one. Every one of the 2^n patterns up to `exact_limit`
     pairs (4 pairs all of one sign: 2 of 16, p = 0.125); beyond, `samples` random patterns with a
-    fixed seed, p = (k + 1) / (samples + 1)."""
+    fixed seed, p = (k + 1) / (samples + 1).
+
+    Patterns that tie with the observed one count. The metrics are computed in float32, so a tie can
+    arrive split by float32's rounding of the values differenced (coverage 0.15 is logged as
+    0.15000000596): `magnitude`, the sum over pairs of |greater| + |lesser| (default: of |d|), bounds
+    that rounding, at most 2^-24 of each value, twice over for two patterns' sums."""
     d = np.asarray(diffs, dtype=float)
     n = d.shape[-1]
     if n == 0:
         return np.full(d.shape[:-1], np.nan)[()]
     observed = np.abs(d.sum(axis=-1))
-    # patterns that tie with the observed one count as at least as extreme. The metrics are computed in
-    # float32, so a tie arrives with float32's rounding of each side (coverage 0.15 is logged as
-    # 0.15000000596): a tolerance of float32's relative precision per pair (on values up to about 1)
-    # and of 1e-6 of the sum's scale, never of a real difference between two patterns' sums
-    tolerance = 1e-6 * np.abs(d).sum(axis=-1) + n * F32_EPS
+    spread = np.abs(d).sum(axis=-1)
+    tolerance = 1e-9 * spread + F32_EPS * (spread if magnitude is None else np.asarray(magnitude, dtype=float))
     if n <= exact_limit:
         codes = np.arange(2 ** n)[:, None] >> np.arange(n)[None, :] & 1
         signs = (1 - 2 * codes).astype(float)  # (2^n, n), the observed pattern (all +1) first
@@ -83,14 +85,16 @@ def paired_difference(greater, lesser, confidence: float = 1 - ALPHA) -> Differe
     same order on both sides): their mean, Student-t interval on n - 1 df, sign-flip p."""
     from scipy import stats
 
-    d = np.asarray(greater, dtype=float) - np.asarray(lesser, dtype=float)
+    g, l = np.asarray(greater, dtype=float), np.asarray(lesser, dtype=float)
+    d = g - l
+    magnitude = (np.abs(g) + np.abs(l)).sum(axis=-1)
     n = d.shape[-1]
     mean = d.mean(axis=-1)
     sd = d.std(axis=-1, ddof=1) if n > 1 else np.full(mean.shape, np.nan)
     se = sd / math.sqrt(n)
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * se if n > 1 else np.full(mean.shape, np.inf)
     flat = _flat(sd, np.abs(d).max(axis=-1)) if n > 1 else np.zeros(mean.shape, bool)
-    return Difference(PAIRED, mean[()], (mean - half)[()], (mean + half)[()], sign_flip_p(d), se[()],
+    return Difference(PAIRED, mean[()], (mean - half)[()], (mean + half)[()], sign_flip_p(d, magnitude=magnitude), se[()],
                       n - 1, sd[()], n, n, flat[()])
 
 
