@@ -403,3 +403,22 @@ def test_a_claim_above_a_value_compares_the_other_variants_without_a_verdict():
     assert "mean -0.225, 95% CI [-0.299, -0.151]" in lines[0] and "p = 0.008" in lines[0]
     assert "supported" not in lines[0]
     assert comparisons(PARAMS, values) == []  # a claim between two variants: the verdict is the comparison
+
+
+def test_a_leave_one_out_claim_compares_each_other_removal_with_the_full_set():
+    from harness.report.verdicts import comparisons
+    seeds = range(1000, 1008)
+    params = {"claim.statement": "kkt makes it leak", "claim.metric": "coverage_gap", "claim.greater": "full",
+              "claim.lesser": "no_kkt", "claim.reference": "None", "claim.above": "None"}
+    values = {"full": list(zip(seeds, (0.3, 0.5, 0.45, 0.3) * 2)), "no_kkt": list(zip(seeds, (0.0,) * 8)),
+              "no_ce": list(zip(seeds, (0.1, 0.2, 0.15, 0.2) * 2)), "no_tv": list(zip(seeds, (0.3, 0.5, 0.45, 0.3) * 2))}
+    lines = comparisons(params, values)
+    # the claim's two variants get the verdict, not a comparison; the others in name order
+    assert [line.split(",")[0] for line in lines] == ["Compared (no claim): coverage_gap no_ce against full",
+                                                       "Compared (no claim): coverage_gap no_tv against full"]
+    # no_ce − full per seed: -0.2, -0.3, -0.3, -0.1 twice: mean -0.225, 95% CI [-0.299, -0.151], p = 2/256
+    assert "mean -0.225, 95% CI [-0.299, -0.151]" in lines[0] and "p = 0.008" in lines[0]
+    # no_tv equals full at every seed: no difference, every sign pattern ties (p = 1)
+    assert "mean 0.000" in lines[1] and "p = 1.000" in lines[1]
+    reference = dict(params, **{"claim.lesser": "None", "claim.reference": "ref_blank_ssim"})
+    assert comparisons(reference, values) == []

@@ -122,14 +122,18 @@ def claim_verdict(params: dict, stats: dict[str, dict[str, MeanCI]], refs: dict[
 
 
 def comparisons(params: dict, values: dict[str, SeedValues]) -> list[str]:
-    """Where the claim puts one variant above a value (`claim.above`), how each other variant
-    compares with it on the claim's metric: the paired difference (Welch where the seeds differ)
-    with its interval and p, as a comparison, with no verdict attached."""
+    """How each variant the verdict leaves out compares with the claim's `greater` on its metric:
+    every other variant where the claim is against a value (`claim.above`), every variant but the
+    two of the claim where it is against `lesser` (a leave-one-out study's other removals). The
+    paired difference (Welch where the seeds differ) with its interval and p, as a comparison,
+    with no verdict attached; none where the claim is against a reference point."""
     metric, greater = params.get("claim.metric"), params.get("claim.greater")
-    if _number(params, "claim.above") is None or greater not in values:
+    lesser = params.get("claim.lesser")
+    lesser = None if lesser in (None, "", "None") else lesser
+    if greater not in values or (_number(params, "claim.above") is None and lesser is None):
         return []
     lines = []
-    for other in sorted(v for v in values if v != greater):
+    for other in sorted(v for v in values if v not in (greater, lesser)):
         diff = compare(values[other], values[greater])
         if diff is None:
             continue
