@@ -1,7 +1,7 @@
 """Benchmark: the generator's training step with the KKT term over its full bank, before and now,
 measured in the same run on the same generator and classifier (issue 30, item 2).
 
-The configuration of the generator's leakage tests (search_spaces/loss_design.yaml,
+The configuration of the generator's leakage tests (search_spaces/loss_design_fresh_latents.yaml,
 pooling_leakage_generator.yaml): ce 0.123 + pert 0.619 + kkt 2.06 + pixel 1, the KKT term over a bank
 of 2n fixed codes G(bank_z) (`kkt_codes_per_class_per_100: 20`), all parameters (`kkt_layers: 0`),
 the full estimator, margin `all`, batch 64, the classifier's ReLUs smoothed (relu_alpha 175 for the
