@@ -64,13 +64,13 @@ RAY_INTERNAL = {"should_checkpoint", "done", "training_iteration", "trial_id", "
 
 def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     out = tmp_path / "smoke"
-    # the shipped file with 4 trials, fewer steps and a smaller classifier and evaluator: what is
+    # the shipped file (6 trials) with fewer steps and a smaller classifier and evaluator: what is
     # checked is the sweep stack, not the images. One trial at a time: asynchronous ASHA's decisions
     # depend on the order in which trials reach a rung, and only a fixed order makes them known in
-    # advance (with 4 at once, one CI run ended with none stopped).
+    # advance from the scores (with 4 at once, one CI run ended with none stopped).
     # No collapse stopper: Ray asks it before ASHA, and a trial it stops never reaches ASHA's rung
     proc = subprocess.run(sweep_cmd(REPO / "search_spaces" / "smoke.yaml", out, ray_address,
-                                    "--set", "budget.num_samples=4", "--set", "base.train.steps_per_epoch=4",
+                                    "--set", "base.train.steps_per_epoch=4",
                                     "--set", "base.classifier.epochs=2", "--set", "base.evaluator.epochs=1",
                                     "--set", "resources.max_concurrent=1", "--set", "stop.collapse_patience=1000000"),
                           capture_output=True, text=True, timeout=600)
@@ -78,16 +78,20 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     assert "| variant | score |" in proc.stdout
     uri = f"sqlite:///{out / 'mlflow.db'}"
     kids, parents = children(uri, "smoke")
-    assert len(parents) == 1 and len(kids) == 4
+    assert len(parents) == 1 and len(kids) == 6
     parent = parents[0]
     assert all(k.data.tags["mlflow.parentRunId"] == parent.info.run_id for k in kids)
     assert {r.info.status for r in kids + parents} <= {"FINISHED", "KILLED"}
     pruned = [k for k in kids if k.info.status == "KILLED"]
     reasons = [k.data.tags["harness.stop_reason"] for k in pruned]
-    assert pruned and all(r.startswith("pruned by ASHA at epoch") for r in reasons), reasons
+    assert all(r.startswith("pruned by ASHA at epoch") for r in reasons), reasons
     # ASHA's rule worked out from the scores, trial by trial in the order they ran (grace 2, factor 2:
     # rungs at epochs 2 and 4): a trial stops at the first rung where its score is strictly below the
-    # median of the scores recorded there before it; the first trial is never stopped
+    # median of the scores recorded there before it; the first trial is never stopped. Which trials
+    # stop is known only once the scores are: a CI machine's scores once rose trial after trial and
+    # none stopped (scores that keep their rank from rung to rung do that one time in 8 with 4 trials,
+    # one in 36 with 6), so
+    # the test holds ASHA to its rule on whatever order came, stopped trials or none
     client = MlflowClient(tracking_uri=uri)
     recorded, expected = {2: [], 4: []}, {}
     for k in sorted(kids, key=lambda r: r.info.start_time):
@@ -128,7 +132,7 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     # the persisted Optuna study: full-length trials COMPLETE, stopped ones PRUNED with the
     # evaluations the scheduler saw, each linked both ways with its MLflow run
     study = optuna.load_study(study_name="smoke/all", storage=f"sqlite:///{out / 'optuna.db'}")
-    assert len(study.trials) == 4
+    assert len(study.trials) == 6
     by_run = {t.user_attrs["mlflow_run_id"]: t for t in study.trials}
     assert set(by_run) == {k.info.run_id for k in kids}
     for k in kids:
@@ -147,7 +151,7 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
 
     # the parent run carries the outcome; no Ray key on it either
     metrics = parent.data.metrics
-    assert metrics["trials_total"] == 4 and metrics["trials_finished"] == len(finished)
+    assert metrics["trials_total"] == 6 and metrics["trials_finished"] == len(finished)
     assert metrics["trials_pruned"] + metrics["trials_collapsed"] == len(pruned)
     assert metrics["trials_nonfinite"] == metrics["trials_failed"] == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -155,7 +159,7 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     assert metrics["best_score/all"] == pytest.approx(best["score"])
     assert client.get_run(best["run_id"]).data.metrics["score"] == pytest.approx(best["score"])
     assert "loss.tv=" in parent.data.tags["best_settings/all"]
-    assert parent.data.tags["mlflow.note.content"].startswith(f"4 tuning trials ({len(finished)} finished")
+    assert parent.data.tags["mlflow.note.content"].startswith(f"6 tuning trials ({len(finished)} finished")
     assert summary["counts"]["tune"]["finished"] == len(finished)
     assert not set(metrics) & RAY_INTERNAL
     assert {"summary.json", "optuna.db"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -166,7 +170,7 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     text = (report / "README.md").read_text()
     importance = text.split("### Loss-weight importance (Optuna, per variant)")[1]
     assert "Optuna state COMPLETE" in importance and "no Optuna study was found" not in importance
-    assert f"all {len(finished)}/4" in importance
+    assert f"all {len(finished)}/6" in importance
     assert ("importance.png" in importance) == (len(finished) >= 2)
 
 
