@@ -52,11 +52,10 @@ def arm_residual(arm: str):
         losses.kkt_residual = original
 
 
-def run_arm(arm: str, steps: int, extra: list[str], device: str) -> dict:
+def run_arm(arm: str, steps: int, per_epoch: int, extra: list[str], device: str) -> dict:
     from harness.config import build_config, load_yaml
     from harness.trial import Trial
 
-    per_epoch = 250 if steps >= 250 else steps
     cfg = build_config(load_yaml(CONFIG), [*extra, f"train.steps_per_epoch={per_epoch}",
                                      f"train.epochs={max(1, steps // per_epoch)}", f"device={device}"])
     start = time.perf_counter()
@@ -72,7 +71,7 @@ def run_arm(arm: str, steps: int, extra: list[str], device: str) -> dict:
     return {"arm": arm, "steps": trial.epoch * per_epoch, "setup_seconds": trial.setup_seconds,
             "train_seconds": trial.train_seconds, "ms_per_step": 1e3 * trial.train_seconds / (trial.epoch * per_epoch),
             "wall_seconds": wall, "evaluation_seconds": wall - trial.setup_seconds - trial.train_seconds,
-            "classifier_cache_hit": final.get("classifier_cache_hit"),
+            "classifier_cache_hit": float(trial.classifier_info["cache_hit"]),
             "final": {k: final[k] for k in SCORES if k in final}, "trajectory": trajectory}
 
 
@@ -89,7 +88,7 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     extra = [f"threads={args.threads}", *(TINY if args.tiny else [])]
-    steps, long_steps = (4, 8) if args.tiny else (args.steps, args.long_steps)
+    steps, long_steps, per_epoch = (4, 8, 4) if args.tiny else (args.steps, args.long_steps, 250)
     from harness.cache import cache_dir
 
     with tempfile.TemporaryDirectory(prefix="control_run_cache_") as cache:
@@ -101,8 +100,9 @@ def main(argv=None):
         previous = os.environ.get("HARNESS_CACHE_DIR")
         os.environ["HARNESS_CACHE_DIR"] = cache
         try:
-            arms = [run_arm("before", steps, extra, args.device), run_arm("now", steps, extra, args.device),
-                    run_arm("now", long_steps, extra, args.device)]
+            arms = [run_arm("before", steps, per_epoch, extra, args.device),
+                    run_arm("now", steps, per_epoch, extra, args.device),
+                    run_arm("now", long_steps, per_epoch, extra, args.device)]
         finally:
             if previous is None:
                 os.environ.pop("HARNESS_CACHE_DIR", None)

@@ -309,3 +309,22 @@ def test_peak_memory_sees_a_child_that_holds_a_known_amount():
         child.wait(timeout=30)
     assert mem.peak_process_rss >= 300 * mib
     assert mem.peak_total_pss >= before + 0.95 * 300 * mib
+
+
+@pytest.mark.bench
+def test_control_run_benchmark(tmp_path):
+    fig = bench("control_run", tmp_path)
+    before, now, long = fig["arms"]
+    assert [a["arm"] for a in fig["arms"]] == ["before", "now", "now_long"]
+    assert [a["steps"] for a in fig["arms"]] == [4, 4, 8]
+    # the classifier is trained in the first arm alone (a cold cache entry), loaded by the others
+    assert [a["classifier_cache_hit"] for a in fig["arms"]] == [0.0, 1.0, 1.0]
+    assert fig["classifier_and_setup_seconds_cold"] == before["setup_seconds"] > fig["setup_seconds_warm"]
+    for a in fig["arms"]:
+        assert a["ms_per_step"] == pytest.approx(1e3 * a["train_seconds"] / a["steps"])
+        assert a["whole_run_seconds_cold_cache"] == pytest.approx(
+            before["setup_seconds"] + a["train_seconds"] + a["evaluation_seconds"])
+        assert 0 <= a["final"]["train_top10"] <= 1 and a["final"]["heldout_coverage"] >= 0
+    # eval_every 1 in the tiny run: one evaluation per epoch of 4 steps
+    assert [t["step"] for t in long["trajectory"]] == [4, 8]
+    assert fig["speedup_step"] == pytest.approx(before["ms_per_step"] / now["ms_per_step"])
