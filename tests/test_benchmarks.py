@@ -316,6 +316,8 @@ def test_control_run_benchmark(tmp_path):
     fig = bench("control_run", tmp_path)
     before, now, long = fig["arms"]
     assert [a["arm"] for a in fig["arms"]] == ["before", "now", "now_long"]
+    # the before arm's reconstruction ran the residual before the hand-written backward pass
+    assert [a["residual"] for a in fig["arms"]] == ["kkt_residual_hooked", "kkt_residual", "kkt_residual"]
     assert [a["steps"] for a in fig["arms"]] == [4, 4, 8]
     # the classifier is trained in the first arm alone (a cold cache entry), loaded by the others
     assert [a["classifier_cache_hit"] for a in fig["arms"]] == [0.0, 1.0, 1.0]
@@ -328,3 +330,5 @@ def test_control_run_benchmark(tmp_path):
     # eval_every 1 in the tiny run: one evaluation per epoch of 4 steps
     assert [t["step"] for t in long["trajectory"]] == [4, 8]
     assert fig["speedup_step"] == pytest.approx(before["ms_per_step"] / now["ms_per_step"])
+    assert fig["speedup_whole_run"] == pytest.approx(
+        before["whole_run_seconds_cold_cache"] / now["whole_run_seconds_cold_cache"])

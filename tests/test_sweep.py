@@ -66,8 +66,8 @@ def test_smoke_sweep_prunes_and_tracks_every_trial(tmp_path, ray_address):
     out = tmp_path / "smoke"
     # the shipped file (6 trials) with fewer steps and a smaller classifier and evaluator: what is
     # checked is the sweep stack, not the images. One trial at a time: asynchronous ASHA's decisions
-    # depend on the order in which trials reach a rung, and only a fixed order makes them known in
-    # advance from the scores (with 4 at once, one CI run ended with none stopped).
+    # depend on the order in which trials reach a rung, and only a fixed order makes them known
+    # from the scores.
     # No collapse stopper: Ray asks it before ASHA, and a trial it stops never reaches ASHA's rung
     proc = subprocess.run(sweep_cmd(REPO / "search_spaces" / "smoke.yaml", out, ray_address,
                                     "--set", "base.train.steps_per_epoch=4",
