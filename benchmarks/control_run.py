@@ -29,31 +29,18 @@ once each, in this order (not alternated): the figures are for an idle machine.
 """
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from pathlib import Path
 
 from common import REPO, parser, report
+from generator_step import arm_residual  # before: losses.kkt_residual replaced by kkt_residual_hooked
 
 CONFIG = REPO / "search_spaces" / "trials" / "cnn_control_n20.yaml"
 TINY = ["data.train_size=10", "classifier.steps=40", "classifier.warmup_steps=5", "classifier.channels=[8]",
         "evaluator.epochs=1", "train.eval_every=1", "eval.reference_per_class=5"]
 SCORES = ("coverage_gap", "train_coverage", "train_coverage_strict", "heldout_coverage", "train_top10",
           "ssim_nn_train_side_mean", "ref_blank_ssim")
-
-
-@contextlib.contextmanager
-def arm_residual(arm: str):
-    """`before`: harness.science.losses' kkt_residual replaced by kkt_residual_hooked."""
-    from harness.science import kkt, losses
-
-    original = losses.kkt_residual
-    losses.kkt_residual = kkt.kkt_residual_hooked if arm == "before" else original
-    try:
-        yield
-    finally:
-        losses.kkt_residual = original
 
 
 def run_arm(arm: str, steps: int, per_epoch: int, extra: list[str], device: str) -> dict:
